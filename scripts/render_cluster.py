@@ -1,0 +1,43 @@
+"""Render a copy of cluster.yaml with another region, spot setting or worker instance types, and validate it
+against Ray's cluster-config schema.
+
+    python scripts/render_cluster.py --region eu-west-1 --no-spot --out my-cluster.yaml
+    ray up my-cluster.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from hbt_ray.cluster import load_cluster_config, render_cluster_config, validate_cluster_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default=str(Path(__file__).resolve().parents[1] / "cluster.yaml"))
+    parser.add_argument("--region", default=None, help="AWS region, e.g. eu-west-1 (zones follow: a, b, c)")
+    parser.add_argument("--spot", dest="spot", action="store_true", default=None, help="workers on spot")
+    parser.add_argument("--no-spot", dest="spot", action="store_false", help="workers on demand")
+    parser.add_argument("--max-workers", type=int, default=None)
+    parser.add_argument("--out", default="-", help="output file (default: stdout)")
+    args = parser.parse_args(argv)
+
+    config = render_cluster_config(
+        load_cluster_config(args.base), region=args.region, spot=args.spot, max_workers=args.max_workers
+    )
+    validate_cluster_config(config)
+    text = yaml.safe_dump(config, sort_keys=False)
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out} (validated against Ray's cluster schema)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
