@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from hbt_ray.tune_space import SpaceError, load_space, parse_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["ratio_temperature", "paper_grid", "quick"])
+def test_shipped_spaces_load(name):
+    space = load_space(ROOT / "tune_spaces" / f"{name}.yaml")
+    assert "sampler.alpha" in space.params
+    domains = space.param_space()
+    assert set(domains) == set(space.params)
+
+
+def test_paper_grid_has_both_baselines():
+    space = load_space(ROOT / "tune_spaces" / "paper_grid.yaml")
+    alphas = space.params["sampler.alpha"].values
+    assert alphas[0] == 0.0 and alphas[-1] == 1.0 and len(alphas) == 11
+    assert space.fixed["loss.temperature"] == 0.05
+
+
+def test_ratio_temperature_is_optuna_loguniform():
+    space = load_space(ROOT / "tune_spaces" / "ratio_temperature.yaml")
+    assert space.search == "optuna"
+    tau = space.params["loss.temperature"]
+    assert (tau.type, tau.low, tau.high) == ("loguniform", 0.01, 0.2)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("search: bayes\nparams: {a: {type: grid, values: [1]}}", r"search: 'bayes' is not one of"),
+        ("params: {sampler.alpha: {type: uniform, low: 1, high: 0}}\nsearch: random", r"params.sampler.alpha: low"),
+        ("search: random\nparams: {loss.temperature: {type: loguniform, low: 0, high: 1}}", r"loguniform needs low > 0"),
+        ("search: grid\nparams: {a: {type: uniform, low: 0, high: 1}}", r"params.a.type: search: grid"),
+        ("search: random\nparams: {a: {type: uniform, low: 0, hi: 1}}", r"params.a.hi: unknown field"),
+        ("search: grid\nnum_sample: 3\nparams: {a: {type: grid, values: [1]}}", r"num_sample: unknown key"),
+        ("search: grid\nparams: {a: {type: grid, values: []}}", r"params.a.values: expected a non-empty list"),
+        ("search: [grid", r"invalid YAML"),
+    ],
+)
+def test_bad_space_files_name_the_key(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SpaceError, match=match) as info:
+        load_space(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file():
+    with pytest.raises(SpaceError, match="no such search-space file"):
+        load_space("/nonexistent/space.yaml")
+
+
+def test_parse_space_docstring_example():
+    space = parse_space({"search": "grid", "params": {"x": {"type": "grid", "values": [0, 1]}}})
+    assert space.num_samples == 1 and space.scheduler == "none"
