@@ -2,6 +2,7 @@
 
 from hbt_ray.data.records import (
     PAIR_SCHEMA,
+    BadRecords,
     Candidate,
     DataError,
     EvalQuery,
@@ -13,6 +14,7 @@ from hbt_ray.data.records import (
 
 __all__ = [
     "PAIR_SCHEMA",
+    "BadRecords",
     "Candidate",
     "DataError",
     "EvalQuery",

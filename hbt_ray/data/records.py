@@ -16,7 +16,9 @@ candidates (in its own language) and a ``link`` id shared by the parallel querie
 from __future__ import annotations
 
 import os
+import random
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,19 +32,57 @@ LANG_RE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{2,8})?$")
 class DataError(ValueError):
     """Bad input data. The message names the file and the record."""
 
-    def __init__(self, message: str, path: str | os.PathLike | None = None, record: object = None):
+    def __init__(
+        self,
+        message: str,
+        path: str | os.PathLike | None = None,
+        record: object = None,
+        reason: str = "bad_record",
+    ):
         where = str(path) if path is not None else "<data>"
         if record is not None:
             where += f" [{record}]"
         super().__init__(f"{where}: {message}")
         self.path = str(path) if path is not None else None
         self.record = record
+        self.reason = reason  # short tag counted by BadRecords (e.g. "missing_field", "empty_text")
 
 
 def check_lang(lang: object, path: str | os.PathLike | None = None, record: object = None) -> str:
     if not isinstance(lang, str) or not LANG_RE.match(lang):
-        raise DataError(f"invalid language code {lang!r}", path, record)
+        raise DataError(f"invalid language code {lang!r}", path, record, reason="invalid_lang")
     return lang
+
+
+class BadRecords:
+    """What a reader does with a bad record: raise its DataError (default) or skip it and count it.
+
+    Readers call ``bad.handle(err)`` for every record-level problem; with ``skip=False`` that raises
+    ``err``, with ``skip=True`` it counts ``err.reason`` (kept in the shard manifest) and the reader
+    drops the record::
+
+        >>> bad = BadRecords(skip=True)
+        >>> bad.handle(DataError("empty text", "f.jsonl", "line 3", reason="empty_text"))
+        >>> dict(bad.counts), bad.examples
+        ({'empty_text': 1}, ['f.jsonl [line 3]: empty text'])
+    """
+
+    def __init__(self, skip: bool = False, max_examples: int = 20):
+        self.skip = skip
+        self.counts: Counter[str] = Counter()
+        self.examples: list[str] = []
+        self.max_examples = max_examples
+
+    def handle(self, err: DataError) -> None:
+        if not self.skip:
+            raise err
+        self.counts[err.reason] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(str(err))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
 
 @dataclass(frozen=True)
@@ -145,6 +185,90 @@ class EvalSet:
             {lang: self.candidates[lang] for lang in langs},
             dict(self.meta),
         )
+
+    def subset(self, max_paragraphs: int, seed: int | None = None) -> EvalSet:
+        """Keep ``max_paragraphs`` whole *parallel paragraphs*, with all their queries and candidates.
+
+        A parallel paragraph is a connected unit: the paragraphs (per language) whose queries share a
+        ``link``, plus the paragraphs of their relevant candidates. Every kept query therefore keeps
+        its relevant candidates and its parallel queries (with theirs) in every language. Candidates
+        that belong to no query's unit (e.g. unjudged corpus documents) are dropped. ``seed=None``
+        keeps the first units in file order; a seed draws a random (reproducible) sample.
+
+            >>> s = EvalSet("t", {"en": [EvalQuery("en:1", "q", "1", ("en:a",), "en:p1"),
+            ...                          EvalQuery("en:2", "q", "2", ("en:b",), "en:p2")]},
+            ...             {"en": [Candidate("en:a", "a", "en:p1"), Candidate("en:b", "b", "en:p2")]})
+            >>> s.subset(1).counts()
+            {'en': (1, 1)}
+        """
+        if max_paragraphs < 1:
+            raise ValueError(f"{self.name}: max_paragraphs must be >= 1, got {max_paragraphs}")
+        parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+        def find(node: tuple[str, str]) -> tuple[str, str]:
+            parent.setdefault(node, node)
+            root = node
+            while parent[root] != root:
+                root = parent[root]
+            while parent[node] != root:  # path compression
+                parent[node], node = root, parent[node]
+            return root
+
+        def union(a: tuple[str, str], b: tuple[str, str]) -> None:
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[rb] = ra
+
+        # A unit node is (lang, paragraph); a paragraph-less record is its own unit.
+        def query_node(lang: str, q: EvalQuery) -> tuple[str, str]:
+            return (lang, q.paragraph or f"query:{q.qid}")
+
+        def cand_node(lang: str, c: Candidate) -> tuple[str, str]:
+            return (lang, c.paragraph or f"cand:{c.cid}")
+
+        cand_nodes = {
+            lang: {c.cid: cand_node(lang, c) for c in self.candidates.get(lang, [])} for lang in self.langs
+        }
+        first_by_link: dict[str, tuple[str, str]] = {}
+        order: list[tuple[str, str]] = []  # query units in file order (languages sorted)
+        for lang in self.langs:
+            for q in self.queries[lang]:
+                node = query_node(lang, q)
+                if node not in parent:
+                    order.append(node)
+                find(node)
+                if q.link in first_by_link:
+                    union(first_by_link[q.link], node)
+                else:
+                    first_by_link[q.link] = node
+                for cid in q.relevant:
+                    if cid in cand_nodes[lang]:
+                        union(node, cand_nodes[lang][cid])
+        roots: list[tuple[str, str]] = []
+        seen: set[tuple[str, str]] = set()
+        for node in order:
+            root = find(node)
+            if root not in seen:
+                seen.add(root)
+                roots.append(root)
+        if seed is not None and len(roots) > max_paragraphs:
+            keep = set(random.Random(seed).sample(roots, max_paragraphs))
+        else:
+            keep = set(roots[:max_paragraphs])
+        queries = {
+            lang: [q for q in self.queries[lang] if find(query_node(lang, q)) in keep] for lang in self.langs
+        }
+        candidates = {
+            lang: [
+                c
+                for c in self.candidates.get(lang, [])
+                if cand_nodes[lang][c.cid] in parent and find(cand_nodes[lang][c.cid]) in keep
+            ]
+            for lang in self.langs
+        }
+        meta = dict(self.meta)
+        meta["subset"] = {"max_paragraphs": max_paragraphs, "seed": seed, "units": len(keep)}
+        return EvalSet(self.name, queries, candidates, meta)
 
 
 def data_dir() -> Path:

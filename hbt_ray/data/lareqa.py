@@ -1,0 +1,265 @@
+"""LAReQA retrieval sets (XQuAD-R, MLQA-R): SQuAD-style JSON with ``sentences`` + ``sentence_breaks``.
+
+One file per language (``<lang>.json``). The candidates are the sentences of every paragraph; a
+question's relevant candidate is the sentence whose break ``[start, end)`` contains its
+``answer_start``; questions with the same ``qas.id`` are parallel across languages.
+
+Ids (all prefixed with the language, so they are unique even in a pool of all languages):
+query ``"en:56beb4343aeaaa14008c925b"`` (link = the bare ``qas.id``), paragraph ``"en:p0.3"``
+(article 0, paragraph 3 of the file), candidate ``"en:p0.3.s2"`` (its sentence 2).
+
+    >>> from hbt_ray.data.records import data_dir
+    >>> s = read_lareqa_eval(data_dir() / "lareqa" / "xquad-r", langs=["en", "de"])
+    >>> s.counts()
+    {'de': (1190, 1276), 'en': (1190, 1180)}
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tqdm import tqdm
+
+from hbt_ray.data.files import read_json_file, require, require_text
+from hbt_ray.data.records import (
+    BadRecords,
+    Candidate,
+    DataError,
+    EvalQuery,
+    EvalSet,
+    Pair,
+    PairGroup,
+    check_lang,
+)
+
+#: Languages of the public LAReQA release.
+LAREQA_LANGS = {
+    "xquad-r": ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh"),
+    "mlqa-r": ("ar", "de", "en", "es", "hi", "vi", "zh"),
+}
+#: Public files (google-research-datasets/lareqa on GitHub).
+LAREQA_URL = "https://raw.githubusercontent.com/google-research-datasets/lareqa/master/{name}/{lang}.json"
+
+
+@dataclass
+class LareqaQuestion:
+    qid: str
+    link: str
+    text: str
+    sentences: tuple[int, ...]  # indices of the answer sentence(s) in its paragraph; [0] is the pair passage
+
+
+@dataclass
+class LareqaParagraph:
+    pid: str
+    context: str
+    sentences: list[str]
+    questions: list[LareqaQuestion]
+
+
+def parse_lareqa_file(
+    path: str | os.PathLike, lang: str | None = None, bad: BadRecords | None = None
+) -> list[LareqaParagraph]:
+    """Parse one ``<lang>.json`` file; bad records raise DataError (or are skipped into ``bad``)."""
+    path = Path(path)
+    bad = bad or BadRecords()
+    lang = check_lang(lang if lang is not None else path.name.split(".")[0], path, "file name")
+    doc = read_json_file(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise DataError("not a SQuAD-style file: no top-level 'data' list", path, reason="missing_field")
+    paragraphs: list[LareqaParagraph] = []
+    seen_questions: dict[str, tuple[str, str]] = {}  # qas.id -> (question text, where)
+    for a, article in enumerate(doc["data"]):
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+            bad.handle(DataError("missing field 'paragraphs'", path, f"data[{a}]", reason="missing_field"))
+            continue
+        for p, para in enumerate(article["paragraphs"]):
+            where = f"data[{a}].paragraphs[{p}]"
+            try:
+                paragraphs.append(
+                    _parse_paragraph(para, lang, f"{lang}:p{a}.{p}", path, where, bad, seen_questions)
+                )
+            except DataError as err:
+                bad.handle(err)
+    return paragraphs
+
+
+def _parse_paragraph(
+    para: object,
+    lang: str,
+    pid: str,
+    path: Path,
+    where: str,
+    bad: BadRecords,
+    seen_questions: dict[str, tuple[str, str]],
+) -> LareqaParagraph:
+    if not isinstance(para, dict):
+        raise DataError("paragraph is not an object", path, where, reason="wrong_type")
+    context = require(para, "context", path, where, str)
+    sentences = require(para, "sentences", path, where, list)
+    breaks = require(para, "sentence_breaks", path, where, list)
+    qas = require(para, "qas", path, where, list)
+    if len(sentences) != len(breaks):
+        raise DataError(
+            f"{len(sentences)} sentences but {len(breaks)} sentence_breaks", path, where, reason="bad_breaks"
+        )
+    for i, (sentence, brk) in enumerate(zip(sentences, breaks)):
+        if not isinstance(sentence, str) or not sentence.strip():
+            raise DataError(f"empty text in sentences[{i}]", path, where, reason="empty_text")
+        if not (isinstance(brk, list) and len(brk) == 2 and all(isinstance(x, int) for x in brk)):
+            raise DataError(
+                f"sentence_breaks[{i}] is not [start, end]: {brk!r}", path, where, reason="bad_breaks"
+            )
+    questions = []
+    for k, qa in enumerate(qas):
+        qwhere = f"{where}.qas[{k}]"
+        try:
+            if not isinstance(qa, dict):
+                raise DataError("question is not an object", path, qwhere, reason="wrong_type")
+            link = str(require(qa, "id", path, qwhere, (str, int)))
+            qwhere = f"{qwhere} id={link}"
+            text = require_text(qa, "question", path, qwhere)
+            answers = require(qa, "answers", path, qwhere, list)
+            if not answers:
+                raise DataError("no answers", path, qwhere, reason="missing_field")
+            starts = [
+                require(ans, "answer_start", path, qwhere, int) for ans in answers if isinstance(ans, dict)
+            ]
+            if len(starts) != len(answers):
+                raise DataError("an answer is not an object", path, qwhere, reason="wrong_type")
+            hits = sorted({i for s in starts for i, (b, e) in enumerate(breaks) if b <= s < e})
+            if not hits:
+                raise DataError(
+                    f"answer_start {starts} is outside every sentence break",
+                    path,
+                    qwhere,
+                    reason="answer_outside",
+                )
+            if link in seen_questions:
+                prev_text, prev_where = seen_questions[link]
+                if prev_text != text:
+                    raise DataError(
+                        f"duplicate question id {link!r} with conflicting text (first at {prev_where}: "
+                        f"{prev_text!r}, here: {text!r})",
+                        path,
+                        qwhere,
+                        reason="duplicate_conflict",
+                    )
+                continue  # an identical repeat adds nothing
+            seen_questions[link] = (text, qwhere)
+        except DataError as err:
+            bad.handle(err)
+            continue
+        # Answers in two sentences (never in XQuAD-R / MLQA-R): both relevant, the first is the pair passage.
+        questions.append(LareqaQuestion(f"{lang}:{link}", link, text, tuple(hits)))
+    return LareqaParagraph(pid, context, list(sentences), questions)
+
+
+def lareqa_files(
+    path: str | os.PathLike | None, langs: Sequence[str] | None = None, name: str | None = None
+) -> dict[str, Path]:
+    """``{lang: file}`` for a directory of ``<lang>.json``, a single file, or (path None) the public release."""
+    if path is None:
+        if name not in LAREQA_LANGS:
+            raise ValueError(f"give a path, or name one of {sorted(LAREQA_LANGS)} to download (got {name!r})")
+        return download_lareqa(name, langs)
+    path = Path(path)
+    if path.is_file():
+        files = {path.name.split(".")[0]: path}
+    elif path.is_dir():
+        files = {
+            f.name.split(".")[0]: f for f in sorted(path.iterdir()) if f.name.endswith((".json", ".json.gz"))
+        }
+        if not files:
+            raise DataError("no <lang>.json files in this directory", path)
+    else:
+        raise DataError("no such file or directory", path)
+    if langs is not None:
+        missing = [lang for lang in langs if lang not in files]
+        if missing:
+            raise DataError(f"no file for language(s) {missing} (has {sorted(files)})", path)
+        files = {lang: files[lang] for lang in langs}
+    return files
+
+
+def download_lareqa(
+    name: str, langs: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None
+) -> dict[str, Path]:
+    """Fetch the public ``<name>/<lang>.json`` files once into ``cache_dir`` (default ~/.cache/hbt_ray)."""
+    cache = (
+        Path(cache_dir or os.environ.get("HBT_CACHE_DIR", Path.home() / ".cache" / "hbt_ray"))
+        / "lareqa"
+        / name
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for lang in langs or LAREQA_LANGS[name]:
+        target = cache / f"{lang}.json"
+        if not target.exists():
+            url = LAREQA_URL.format(name=name, lang=lang)
+            tmp = target.with_suffix(".part")
+            with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
+                out.write(resp.read())
+            tmp.rename(target)
+        files[lang] = target
+    return files
+
+
+def read_lareqa_eval(
+    path: str | os.PathLike | None,
+    langs: Sequence[str] | None = None,
+    name: str | None = None,
+    bad: BadRecords | None = None,
+) -> EvalSet:
+    """LAReQA files → EvalSet (every sentence a candidate, relevant = the answer sentence)."""
+    files = lareqa_files(path, langs, name)
+    name = name or (Path(path).name if path is not None else "lareqa")
+    queries: dict[str, list[EvalQuery]] = {}
+    candidates: dict[str, list[Candidate]] = {}
+    paragraphs_per_lang = {}
+    for lang, file in tqdm(files.items(), desc=f"read {name}", unit="lang", leave=False):
+        paragraphs = parse_lareqa_file(file, lang, bad)
+        paragraphs_per_lang[lang] = len(paragraphs)
+        queries[lang], candidates[lang] = [], []
+        for para in paragraphs:
+            cids = [f"{para.pid}.s{i}" for i in range(len(para.sentences))]
+            candidates[lang].extend(Candidate(cid, text, para.pid) for cid, text in zip(cids, para.sentences))
+            for q in para.questions:
+                relevant = tuple(cids[i] for i in q.sentences)
+                queries[lang].append(EvalQuery(q.qid, q.text, q.link, relevant, para.pid))
+    meta = {
+        "source": str(path) if path is not None else f"download:{name}",
+        "paragraphs": paragraphs_per_lang,
+    }
+    return EvalSet(name, queries, candidates, meta)
+
+
+def read_lareqa_pairs(
+    path: str | os.PathLike | None,
+    langs: Sequence[str] | None = None,
+    passage: Literal["sentence", "paragraph"] = "sentence",
+    name: str | None = None,
+    bad: BadRecords | None = None,
+) -> Iterator[PairGroup]:
+    """LAReQA files → one PairGroup per ``qas.id`` (query = question, passage = answer sentence or paragraph).
+
+    Groups come in order of first appearance (languages sorted); a question present in one language
+    only gives a one-language group.
+    """
+    if passage not in ("sentence", "paragraph"):
+        raise ValueError(f"passage must be 'sentence' or 'paragraph', got {passage!r}")
+    files = lareqa_files(path, langs, name)
+    source = name or (Path(path).name if path is not None else "lareqa")
+    groups: dict[str, dict[str, Pair]] = {}
+    for lang, file in sorted(files.items()):
+        for para in parse_lareqa_file(file, lang, bad):
+            for q in para.questions:
+                text = para.sentences[q.sentences[0]] if passage == "sentence" else para.context
+                groups.setdefault(q.link, {})[lang] = Pair(q.text, text)
+    for link, pairs in groups.items():
+        yield PairGroup(link, source, pairs)

@@ -1,0 +1,246 @@
+"""Pair shards: PairGroups as Parquet files with :data:`PAIR_SCHEMA` (one row per group) + ``manifest.json``.
+
+    >>> import tempfile
+    >>> from hbt_ray.data.records import Pair, PairGroup
+    >>> out = tempfile.mkdtemp()
+    >>> groups = [PairGroup(f"g{i}", "demo", {"en": Pair("q", "p"), "de": Pair("f", "t")}) for i in range(5)]
+    >>> m = write_shards(groups, out, rows_per_shard=2, progress=False)
+    >>> m.groups, len(m.shards), m.pairs_per_lang, m.langs_per_group
+    (5, 3, {'de': 5, 'en': 5}, {'2': 5})
+    >>> [g.group_id for g in iter_shard_groups(out)]
+    ['g0', 'g1', 'g2', 'g3', 'g4']
+
+``read_shards(out)`` gives the same rows as a ``ray.data.Dataset``; ``rows_to_groups`` turns rows or
+batches of it back into PairGroups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from hbt_ray.data.records import PAIR_SCHEMA, DataError, PairGroup, check_lang
+
+MANIFEST = "manifest.json"
+SHARD_PATTERN = "shard-{:05d}.parquet"
+
+
+@dataclass
+class Manifest:
+    """What a shard directory holds. ``langs_per_group`` maps "number of languages" → groups."""
+
+    groups: int = 0
+    pairs: int = 0
+    pairs_per_lang: dict[str, int] = field(default_factory=dict)
+    langs_per_group: dict[str, int] = field(default_factory=dict)
+    groups_per_source: dict[str, int] = field(default_factory=dict)
+    shards: list[dict[str, Any]] = field(default_factory=list)  # {"file": name, "rows": n}
+    skipped: dict[str, int] = field(default_factory=dict)  # reason → records skipped (--skip-bad)
+    skipped_examples: list[str] = field(default_factory=list)
+    rows_per_shard: int = 0
+    source: str = ""
+    format_version: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False, sort_keys=False)
+
+    def summary_table(self) -> str:
+        """A plain-text table: pairs per language, then the languages-per-group histogram."""
+        lines = [f"{self.groups} groups, {self.pairs} pairs, {len(self.shards)} shards ({self.source})"]
+        lines.append(f"{'lang':<8}{'pairs':>10}")
+        for lang, n in sorted(self.pairs_per_lang.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"{lang:<8}{n:>10}")
+        lines.append(f"{'langs/group':<12}{'groups':>10}")
+        for k, n in sorted(self.langs_per_group.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"{k:<12}{n:>10}")
+        if self.skipped:
+            lines.append("skipped: " + ", ".join(f"{r}={n}" for r, n in sorted(self.skipped.items())))
+        return "\n".join(lines)
+
+
+def groups_to_table(groups: list[PairGroup]) -> pa.Table:
+    return pa.Table.from_pylist([g.to_row() for g in groups], schema=PAIR_SCHEMA)
+
+
+def write_shards(
+    groups: Iterable[PairGroup],
+    out_dir: str | os.PathLike,
+    rows_per_shard: int = 10_000,
+    skipped: Mapping[str, int] | None = None,
+    skipped_examples: list[str] | None = None,
+    source: str = "",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Write groups to ``out_dir/shard-NNNNN.parquet`` (``rows_per_shard`` groups each) + ``manifest.json``.
+
+    ``skipped`` may be a live counter (``BadRecords.counts``): it is read after the last group, so
+    records a lazy reader skips while being consumed are counted. Duplicate group ids, groups without
+    pairs and invalid language codes raise DataError. An existing shard directory is refused unless
+    ``overwrite``.
+    """
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    old = sorted(out.glob("shard-*.parquet")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
+    if old:
+        if not overwrite:
+            raise DataError(
+                f"already holds shards ({len(old)} files); pass overwrite=True / --overwrite", out
+            )
+        for f in old:
+            f.unlink()
+    manifest = Manifest(rows_per_shard=rows_per_shard, source=source)
+    pairs_per_lang: Counter[str] = Counter()
+    langs_per_group: Counter[int] = Counter()
+    per_source: Counter[str] = Counter()
+    seen: set[str] = set()
+    buffer: list[PairGroup] = []
+
+    def flush() -> None:
+        name = SHARD_PATTERN.format(len(manifest.shards))
+        tmp = out / (name + ".tmp")
+        pq.write_table(groups_to_table(buffer), tmp, compression="zstd")
+        tmp.rename(out / name)
+        manifest.shards.append({"file": name, "rows": len(buffer)})
+        buffer.clear()
+
+    bar = tqdm(desc=f"write {out.name}", unit="groups", disable=not progress, leave=False)
+    for group in groups:
+        if group.group_id in seen:
+            raise DataError("duplicate group id in the input stream", out, f"group {group.group_id}")
+        if not group.pairs:
+            raise DataError("group has no pairs", out, f"group {group.group_id}")
+        seen.add(group.group_id)
+        for lang in group.pairs:
+            check_lang(lang, out, f"group {group.group_id}")
+            pairs_per_lang[lang] += 1
+        langs_per_group[len(group.pairs)] += 1
+        per_source[group.source] += 1
+        buffer.append(group)
+        bar.update(1)
+        if len(buffer) >= rows_per_shard:
+            flush()
+    if buffer:
+        flush()
+    bar.close()
+    manifest.groups = len(seen)
+    manifest.pairs = sum(pairs_per_lang.values())
+    manifest.pairs_per_lang = dict(sorted(pairs_per_lang.items()))
+    manifest.langs_per_group = {str(k): v for k, v in sorted(langs_per_group.items())}
+    manifest.groups_per_source = dict(sorted(per_source.items()))
+    manifest.skipped = dict(sorted((skipped or {}).items()))
+    manifest.skipped_examples = list(skipped_examples or [])
+    (out / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest
+
+
+def read_manifest(shard_dir: str | os.PathLike) -> Manifest:
+    path = Path(shard_dir) / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(
+            "no manifest.json: not a shard directory (write it with write_shards)", path
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"invalid manifest: {err}", path) from None
+    known = set(Manifest.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DataError(f"unknown manifest key {unknown[0]!r}", path)
+    return Manifest(**data)
+
+
+def shard_paths(shard_dir: str | os.PathLike, validate: bool = True) -> list[Path]:
+    """The shard files the manifest lists, each checked against PAIR_SCHEMA (footer only, cheap)."""
+    root = Path(shard_dir)
+    manifest = read_manifest(root)
+    paths = [root / s["file"] for s in manifest.shards]
+    for path, info in zip(paths, manifest.shards):
+        if not path.exists():
+            raise DataError("shard listed in manifest.json is missing", path)
+        if validate:
+            check_shard_schema(path, expected_rows=info.get("rows"))
+    return paths
+
+
+def check_shard_schema(path: str | os.PathLike, expected_rows: int | None = None) -> None:
+    try:
+        meta = pq.read_metadata(path)
+        schema = meta.schema.to_arrow_schema()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"not a readable Parquet file: {err}", path) from None
+    got = [(f.name, f.type) for f in schema]
+    want = [(f.name, f.type) for f in PAIR_SCHEMA]
+    if got != want:
+        diff = [f"{n}: {t}" for n, t in got if (n, t) not in want] or [
+            "columns " + ", ".join(n for n, _ in got)
+        ]
+        raise DataError(
+            f"shard schema does not match PAIR_SCHEMA (unexpected {'; '.join(diff)}; expected "
+            f"{', '.join(f'{n}: {t}' for n, t in want)})",
+            path,
+            reason="wrong_schema",
+        )
+    if expected_rows is not None and meta.num_rows != expected_rows:
+        raise DataError(f"shard has {meta.num_rows} rows, manifest says {expected_rows}", path)
+
+
+def read_shards(shard_dir: str | os.PathLike, validate: bool = True, **read_parquet_kwargs: Any):
+    """The shards as a ``ray.data.Dataset`` (rows = PAIR_SCHEMA dicts), schema-checked first.
+
+    Needs Ray initialised (``ray.init()``) or starts a local one, as ``ray.data`` does.
+    """
+    import ray.data
+
+    paths = shard_paths(shard_dir, validate=validate)
+    if not paths:
+        raise DataError("manifest lists no shards (empty input?)", Path(shard_dir) / MANIFEST)
+    return ray.data.read_parquet([str(p) for p in paths], schema=PAIR_SCHEMA, **read_parquet_kwargs)
+
+
+def iter_shard_groups(shard_dir: str | os.PathLike, validate: bool = True) -> Iterator[PairGroup]:
+    """The shards as PairGroups, in order, without Ray (pyarrow only)."""
+    for path in shard_paths(shard_dir, validate=validate):
+        table = pq.read_table(path, schema=PAIR_SCHEMA)
+        yield from rows_to_groups(table)
+
+
+def rows_to_groups(rows: Any) -> list[PairGroup]:
+    """PAIR_SCHEMA rows → PairGroups.
+
+    Accepts what Ray Data hands out: a list of row dicts (``take``, ``iter_rows``), a column batch
+    (dict of lists / numpy arrays from ``iter_batches``), a ``pyarrow.Table`` or a pandas DataFrame.
+    """
+    if isinstance(rows, pa.Table):
+        return [PairGroup.from_row(r) for r in rows.to_pylist()]
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # pandas
+        rows = rows.to_dict(orient="list")
+    if isinstance(rows, Mapping):
+        columns = {k: list(v) for k, v in rows.items()}
+        n = len(columns["group_id"])
+        rows = [{k: columns[k][i] for k in columns} for i in range(n)]
+    return [PairGroup.from_row(_plain_row(r)) for r in rows]
+
+
+def _plain_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """numpy arrays (Ray's numpy batches) → lists of str."""
+    out = {"group_id": str(row["group_id"]), "source": str(row["source"])}
+    for key in ("langs", "queries", "passages"):
+        out[key] = [str(x) for x in row[key]]
+    negatives = row.get("negatives")
+    out["negatives"] = (
+        None if negatives is None else [[str(x) for x in (n if n is not None else [])] for n in negatives]
+    )
+    return out
