@@ -1,0 +1,68 @@
+"""Data-layer throughput on the DDTP pairs (groups/s): read only, read + write shards, Ray Data read-back.
+
+    .venv/bin/python scripts/bench_data.py [--limit N] [--rows-per-shard N]
+
+Read-only is the baseline; the other rows print their ratio to it. The last line is the result the
+issue asks for: groups/s of read + write shards (the `prepare` path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from hbt_ray.data.records import data_dir
+from hbt_ray.data.shards import read_shards, write_shards
+from hbt_ray.data.sources import iter_pair_groups
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=None, help="groups (default: all 49,790)")
+    parser.add_argument("--rows-per-shard", type=int, default=10_000)
+    args = parser.parse_args()
+    print(f"DDTP pairs: {data_dir() / 'ddtp' / 'pairs.jsonl.gz'}")
+
+    t0 = time.perf_counter()
+    n_read = sum(1 for _ in iter_pair_groups("ddtp", limit=args.limit, progress=True))
+    t_read = time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ddtp"
+        t0 = time.perf_counter()
+        m = write_shards(iter_pair_groups("ddtp", limit=args.limit, progress=True), out, args.rows_per_shard)
+        t_write = time.perf_counter() - t0
+        size = sum(p.stat().st_size for p in out.glob("*.parquet"))
+
+        import ray
+
+        ray.init(
+            num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024 * 1024, log_to_driver=False
+        )
+        try:
+            t0 = time.perf_counter()
+            n_back = sum(len(b["group_id"]) for b in read_shards(out).iter_batches(batch_size=4096))
+            t_ray = time.perf_counter() - t0
+        finally:
+            ray.shutdown()
+    assert n_read == m.groups == n_back, (n_read, m.groups, n_back)
+
+    rows = [
+        ("read jsonl.gz -> PairGroups (baseline)", n_read, t_read),
+        ("read + write Parquet shards", m.groups, t_write),
+        ("ray.data.read_parquet read-back", n_back, t_ray),
+    ]
+    base = n_read / t_read
+    print(f"\n{'stage':<42}{'groups':>8}{'s':>8}{'groups/s':>11}{'vs base':>9}")
+    for name, n, t in rows:
+        print(f"{name:<42}{n:>8}{t:>8.2f}{n / t:>11.0f}{(n / t) / base:>8.2f}x")
+    print(
+        f"shards: {len(m.shards)} files, {size / 1e6:.1f} MB, {m.pairs} pairs, {len(m.pairs_per_lang)} languages"
+    )
+    print(f"RESULT groups_per_s={m.groups / t_write:.0f}")
+
+
+if __name__ == "__main__":
+    main()
