@@ -187,7 +187,9 @@ def _load(
             if (root / f"miracl-v1.0-{lang}" / "topics" / f"topics.miracl-v1.0-{lang}-{split}.tsv").exists()
         ]
         if not chosen:
-            raise DataError(f"no language has a {split!r} split (topics.miracl-v1.0-<lang>-{split}.tsv)", path)
+            raise DataError(
+                f"no language has a {split!r} split (topics.miracl-v1.0-<lang>-{split}.tsv)", path
+            )
     else:
         chosen = list(langs)
     missing = [lang for lang in chosen if lang not in available]
