@@ -1,0 +1,477 @@
+"""Hybrid batch sampler on real pair groups (DDTP, MLQA-R), in memory and streamed from Ray Data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hbt_ray.config import ConfigError, load_config
+from hbt_ray.data.records import PAIR_SCHEMA, DataError
+from hbt_ray.sampler import (
+    HybridBatchSampler,
+    SamplerConfig,
+    count_pairs,
+    count_pairs_dataset,
+    lang_weights,
+    parse_lang_pair,
+    shard_streams,
+)
+
+# ---------------------------------------------------------------------------- real data as rows
+
+
+def _read_ddtp(path: Path) -> list[dict]:
+    """DDTP records (adjacent per group) → PAIR_SCHEMA rows."""
+    rows: list[dict] = []
+    cur: dict | None = None
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if cur is None or cur["group_id"] != rec["group_id"]:
+                cur = {
+                    "group_id": rec["group_id"],
+                    "source": "ddtp",
+                    "langs": [],
+                    "queries": [],
+                    "passages": [],
+                }
+                cur["negatives"] = []
+                rows.append(cur)
+            cur["langs"].append(rec["lang"])
+            cur["queries"].append(rec["query"])
+            cur["passages"].append(rec["passage"])
+            cur["negatives"].append([])
+    return rows
+
+
+def _read_mlqa(root: Path) -> list[dict]:
+    """MLQA-R: one group per question id; per language (question, answer sentence); the other
+    sentences of the paragraph are the hard negatives."""
+    groups: dict[str, dict] = {}
+    for path in sorted(root.glob("*.json")):
+        lang = path.stem
+        for article in json.loads(path.read_text(encoding="utf-8"))["data"]:
+            for para in article["paragraphs"]:
+                sents, breaks = para["sentences"], para["sentence_breaks"]
+                for qa in para["qas"]:
+                    start = qa["answers"][0]["answer_start"]
+                    hit = next((i for i, (a, b) in enumerate(breaks) if a <= start < b), None)
+                    if hit is None:
+                        continue
+                    g = groups.setdefault(
+                        qa["id"],
+                        {
+                            "group_id": qa["id"],
+                            "source": "mlqa-r",
+                            "langs": [],
+                            "queries": [],
+                            "passages": [],
+                        },
+                    )
+                    g.setdefault("negatives", [])
+                    g["langs"].append(lang)
+                    g["queries"].append(qa["question"])
+                    g["passages"].append(sents[hit])
+                    g["negatives"].append([s for i, s in enumerate(sents) if i != hit])
+    return list(groups.values())
+
+
+@pytest.fixture(scope="module")
+def ddtp_rows(shared_data) -> list[dict]:
+    return _read_ddtp(shared_data / "ddtp" / "pairs.jsonl.gz")
+
+
+@pytest.fixture(scope="module")
+def mlqa_rows(shared_data) -> list[dict]:
+    return _read_mlqa(shared_data / "lareqa" / "mlqa-r")
+
+
+def _split(rows: list[dict], world_size: int, weights: list[float] | None = None) -> list[list[dict]]:
+    """Disjoint splits by a hash of group_id (optionally uneven)."""
+    cuts = np.cumsum(weights or [1.0] * world_size) / sum(weights or [1.0] * world_size)
+    parts: list[list[dict]] = [[] for _ in range(world_size)]
+    for row in rows:
+        u = (zlib.crc32(row["group_id"].encode()) % 10_000) / 10_000
+        parts[int(np.searchsorted(cuts, u, side="right"))].append(row)
+    return parts
+
+
+def _sampler(rows, cfg, rank=0, world_size=1, counts_rows=None):
+    counts, n = count_pairs(counts_rows if counts_rows is not None else rows)
+    return HybridBatchSampler(cfg, lambda n_pass: iter(rows), rank, world_size, counts, num_groups=n)
+
+
+def _check_batch(batch, per_rank):
+    assert len(batch.queries) == len(batch.passages) == len(batch.group_ids) == per_rank
+    assert len(batch.query_langs) == len(batch.passage_langs) == len(batch.negatives) == per_rank
+    assert len(set(batch.group_ids)) == per_rank, "a group twice in one batch"
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_config_errors_name_the_key():
+    cfg = load_config(SamplerConfig, None, ["alpha=0.25", "lang_pairs=en-de,de>pt-br:2", "strategy=x-y"])
+    assert cfg.alpha == 0.25 and cfg.lang_pairs == ["en-de", "de>pt-br:2"]
+    with pytest.raises(ConfigError, match="alpha"):
+        load_config(SamplerConfig, None, ["alpha=1.5"])
+    with pytest.raises(ConfigError, match="strategy"):
+        load_config(SamplerConfig, None, ["strategy=mono"])
+    with pytest.raises(ConfigError, match="ambiguous"):
+        load_config(SamplerConfig, None, ["lang_pairs=en-pt-br"])
+    with pytest.raises(ConfigError, match="lang_temperature"):
+        load_config(SamplerConfig, None, ["lang_temperature=0"])
+    assert parse_lang_pair("en>pt-br:2") == ("en", "pt-br", 2.0)
+    assert parse_lang_pair("zh-tw>en") == ("zh-tw", "en", 1.0)
+    with pytest.raises(ConfigError, match="not a cross-lingual"):
+        parse_lang_pair("en-en")
+    with pytest.raises(ConfigError, match="batch_size"):
+        HybridBatchSampler(SamplerConfig(batch_size=10), lambda n: iter([]), 0, 3, {"en": 1}, num_groups=1)
+    with pytest.raises(ConfigError, match="steps_per_epoch"):
+        HybridBatchSampler(SamplerConfig(), lambda n: iter([]), 0, 1, {"en": 1})
+    with pytest.raises(ConfigError, match="languages"):
+        HybridBatchSampler(SamplerConfig(languages=["xx"]), lambda n: iter([]), 0, 1, {"en": 1}, num_groups=1)
+
+
+def test_lang_weights_temperature():
+    p1 = lang_weights({"en": 900, "de": 100}, 1.0)
+    assert p1 == pytest.approx({"en": 0.9, "de": 0.1})
+    p2 = lang_weights({"en": 900, "de": 100}, 2.0)
+    assert p2 == pytest.approx({"en": 0.75, "de": 0.25})
+    big = lang_weights({"en": 900, "de": 100}, 1e6)
+    assert big["en"] == pytest.approx(0.5, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- statistics on DDTP
+
+
+def test_hybrid_alpha_and_language_shares_over_10k_batches(ddtp_rows):
+    alpha = 0.3
+    cfg = SamplerConfig(strategy="hybrid", alpha=alpha, batch_size=16, lang_temperature=2.0, seed=7)
+    sampler = _sampler(ddtp_rows, cfg)
+    kinds = Counter()
+    for batch in sampler.batches(10_000):
+        _check_batch(batch, 16)
+        kinds[batch.strategy] += 1
+        if batch.strategy == "mono":
+            main = [q == p == batch.lang for q, p in zip(batch.query_langs, batch.passage_langs)]
+            assert sum(main) == 16 - batch.fallback_pairs
+            assert all(q == p for q, p in zip(batch.query_langs, batch.passage_langs))
+        else:
+            assert batch.strategy == "cross"
+            assert all(q != p for q, p in zip(batch.query_langs, batch.passage_langs))
+    st = sampler.stats()
+    assert st["steps"] == 10_000 and kinds["mono"] == st["steps_by_strategy"]["mono"]
+    assert abs(st["mono_step_share"] - alpha) < 0.02
+    n_mono = st["steps_by_strategy"]["mono"]
+    p = st["lang_p"]
+    counts, _ = count_pairs(ddtp_rows)
+    expected = lang_weights(counts, 2.0)
+    assert p == pytest.approx(expected)
+    for lang, p_lang in p.items():
+        share = st["mono_steps_by_lang"].get(lang, 0) / n_mono
+        assert abs(share - p_lang) < 4 * np.sqrt(p_lang * (1 - p_lang) / n_mono) + 1e-3, lang
+    assert st["pairs"] == 160_000
+    assert sum(st["pairs_by_lang_pair"].values()) == 160_000
+    # fallbacks happened for rare languages with a 4096-group buffer, and are all counted
+    assert (
+        st["fallback_pairs"] == sum(st["mono_fallback_pairs_by_lang"].values()) + st["cross_fallback_pairs"]
+    )
+    assert st["stream_passes"] >= 2  # 160k groups drawn from 49,790: the stream was re-opened
+    table = sampler.format_stats()
+    assert "mono step share" in table and "\nen " in table
+
+
+def test_lang_pairs_restrict_and_weight(ddtp_rows):
+    cfg = SamplerConfig(strategy="x-y", batch_size=32, lang_pairs=["en-de", "de-en:3"], lang_temperature=1.0)
+    sampler = _sampler(ddtp_rows, cfg)
+    for batch in sampler.batches(300):
+        _check_batch(batch, 32)
+        assert {f"{q}-{p}" for q, p in zip(batch.query_langs, batch.passage_langs)} <= {"en-de", "de-en"}
+    st = sampler.stats()
+    en_de, de_en = st["pairs_by_lang_pair"]["en-de"], st["pairs_by_lang_pair"]["de-en"]
+    assert en_de + de_en == 300 * 32
+    assert 0.70 < de_en / (en_de + de_en) < 0.80  # weight 3:1
+
+
+def test_x_x_and_hybrid_sample_per_pair(ddtp_rows):
+    xx = _sampler(ddtp_rows, SamplerConfig(strategy="x-x", batch_size=32, lang_temperature=1e6))
+    langs_seen = Counter()
+    for batch in xx.batches(200):
+        _check_batch(batch, 32)
+        assert batch.strategy == "x-x" and all(q == p for q, p in zip(batch.query_langs, batch.passage_langs))
+        langs_seen.update(batch.query_langs)
+    assert len(langs_seen) > 20  # languages mixed within batches (uniform weights over the group's languages)
+
+    alpha = 0.4
+    hs = _sampler(ddtp_rows, SamplerConfig(strategy="hybrid-sample", alpha=alpha, batch_size=64, seed=3))
+    for batch in hs.batches(500):
+        _check_batch(batch, 64)
+        assert batch.strategy == "mixed"
+    st = hs.stats()
+    assert st["steps_by_strategy"] == {"mono": 0, "cross": 0, "x-x": 0, "mixed": 500}
+    assert abs(st["mono_pair_share"] - alpha) < 0.02
+
+
+# ---------------------------------------------------------------------------- distribution
+
+
+def test_ranks_agree_and_global_batches_are_unique(ddtp_rows):
+    world = 4
+    splits = _split(ddtp_rows, world, weights=[0.4, 0.2, 0.2, 0.2])  # uneven splits
+    counts, n = count_pairs(ddtp_rows)
+    cfg = SamplerConfig(strategy="hybrid", alpha=0.5, batch_size=128, buffer_groups=1024, steps_per_epoch=150)
+    samplers = [
+        HybridBatchSampler(cfg, (lambda n_pass, r=r: iter(splits[r])), r, world, counts, num_groups=n)
+        for r in range(world)
+    ]
+    for epoch in range(2):
+        per_rank = [list(s) for s in samplers]  # one epoch each
+        assert [len(b) for b in per_rank] == [150] * world  # every rank runs the same number of steps
+        for slices in zip(*per_rank):
+            assert len({(b.step, b.epoch, b.strategy, b.lang) for b in slices}) == 1
+            assert slices[0].epoch == epoch
+            union = [g for b in slices for g in b.group_ids]
+            assert len(union) == 128 and len(set(union)) == 128
+    passes = [s.stats()["stream_passes"] for s in samplers]
+    # 300 steps × 32 groups per rank + a 1,024 buffer: the small splits (~9,960 groups) were re-opened,
+    # the big one (~19,900) is still in its first pass; all ran the same steps
+    assert passes[0] == 0 and all(p >= 1 for p in passes[1:]), passes
+
+
+def test_shortage_fallback_policies(mlqa_rows):
+    # tiny buffer: a rank holds 40 groups; MLQA-R groups have 1–7 languages; ask for 32 per step
+    base = dict(strategy="x-x-mono", batch_size=32, buffer_groups=40, seed=1, lang_temperature=1e6)
+    s = _sampler(mlqa_rows, SamplerConfig(**base, on_short="next-lang"))
+    for batch in s.batches(200):
+        _check_batch(batch, 32)
+        assert all(q == p for q, p in zip(batch.query_langs, batch.passage_langs))
+        assert sum(q == batch.lang for q in batch.query_langs) == 32 - batch.fallback_pairs
+    st = s.stats()
+    assert st["fallback_pairs"] > 0 and st["short_steps"] > 0
+    assert st["fallback_pairs"] == sum(b[3] for b in s.step_log())
+
+    s = _sampler(mlqa_rows, SamplerConfig(**base, on_short="x-x"))
+    for batch in s.batches(50):
+        _check_batch(batch, 32)
+    assert s.stats()["fallback_pairs"] > 0
+
+    s = _sampler(mlqa_rows, SamplerConfig(**base, on_short="error"))
+    with pytest.raises(DataError, match="too few groups"):
+        for _ in s.batches(200):
+            pass
+
+    # cross steps short of multilingual groups fall back to x-x pairs, counted
+    mono_only = [
+        dict(r, langs=r["langs"][:1], queries=r["queries"][:1], passages=r["passages"][:1]) for r in mlqa_rows
+    ]
+    mixed = [r if i % 20 == 0 else m for i, (r, m) in enumerate(zip(mlqa_rows, mono_only))]
+    s = _sampler(mixed, SamplerConfig(strategy="x-y", batch_size=16, buffer_groups=64))
+    for batch in s.batches(50):
+        _check_batch(batch, 16)
+    assert s.stats()["cross_fallback_pairs"] > 0
+
+
+def test_negatives_from_the_group(mlqa_rows):
+    s = _sampler(mlqa_rows, SamplerConfig(strategy="x-y", batch_size=8, max_negatives=2))
+    batch = s.next_batch()
+    by_id = {r["group_id"]: r for r in mlqa_rows}
+    for gid, plang, passage, negs in zip(
+        batch.group_ids, batch.passage_langs, batch.passages, batch.negatives
+    ):
+        row = by_id[gid]
+        i = row["langs"].index(plang)
+        assert passage == row["passages"][i]
+        assert negs == row["negatives"][i][:2] and passage not in negs
+
+
+# ---------------------------------------------------------------------------- determinism and resume
+
+
+@pytest.mark.parametrize("strategy", ["hybrid", "hybrid-sample"])
+def test_same_seed_same_stream_and_exact_resume(mlqa_rows, strategy):
+    cfg = SamplerConfig(strategy=strategy, alpha=0.5, batch_size=32, buffer_groups=256, seed=11)
+
+    def key(b):
+        return (b.step, b.epoch, b.strategy, b.lang, b.group_ids, b.query_langs, b.passage_langs, b.queries)
+
+    full = _sampler(mlqa_rows, cfg)
+    reference = [key(b) for b in full.batches(400)]  # 12,800 groups > 1 pass of MLQA-R (~1,150)
+    assert full.stats()["stream_passes"] >= 2
+    again = _sampler(mlqa_rows, cfg)
+    assert [key(b) for b in again.batches(400)] == reference
+    other = _sampler(mlqa_rows, SamplerConfig(**{**cfg.__dict__, "seed": 12}))
+    assert [key(b) for b in other.batches(20)] != reference[:20]
+
+    for k in (0, 37, 250):
+        first = _sampler(mlqa_rows, cfg)
+        for _ in first.batches(k):
+            pass
+        state = pickle.loads(pickle.dumps(first.state_dict()))
+        resumed = _sampler(mlqa_rows, cfg)
+        resumed.load_state_dict(state)
+        assert [key(b) for b in resumed.batches(400 - k)] == reference[k:]
+        assert resumed.stats()["steps"] == full.stats()["steps"]
+        assert resumed.stats()["pairs_by_lang_pair"] == full.stats()["pairs_by_lang_pair"]
+
+    with pytest.raises(ValueError, match="seed"):
+        _sampler(mlqa_rows, SamplerConfig(**{**cfg.__dict__, "seed": 5})).load_state_dict(state)
+
+
+def test_unshuffled_is_fifo(mlqa_rows):
+    s = _sampler(mlqa_rows, SamplerConfig(strategy="x-x", batch_size=8, buffer_groups=8, shuffle=False))
+    ids = [g for b in s.batches(10) for g in b.group_ids]
+    assert ids == [r["group_id"] for r in mlqa_rows[:80]]
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_rows_fail_naming_the_group():
+    good = {
+        "group_id": "g1",
+        "source": "t",
+        "langs": ["en", "de"],
+        "queries": ["a", "b"],
+        "passages": ["c", "d"],
+    }
+    bad = dict(good, group_id="g2", passages=["c"])
+    cfg = SamplerConfig(strategy="x-y", batch_size=1, buffer_groups=4, steps_per_epoch=5)
+    s = HybridBatchSampler(cfg, lambda n: iter([good, bad]), 0, 1, {"en": 2, "de": 2})
+    with pytest.raises(DataError, match="g2.*differ in length"):
+        s.next_batch()
+    unknown = dict(good, group_id="g3", langs=["en", "xx"])
+    s = HybridBatchSampler(cfg, lambda n: iter([unknown]), 0, 1, {"en": 2, "de": 2})
+    with pytest.raises(DataError, match=r"g3.*'xx' is not in lang_counts"):
+        s.next_batch()
+    s = HybridBatchSampler(cfg, lambda n: iter([]), 0, 1, {"en": 2, "de": 2})
+    with pytest.raises(DataError, match="stream of rank 0.*yielded no groups"):
+        s.next_batch()
+    # a split smaller than one per-rank batch: the group would repeat → clear error, no hang
+    cfg2 = SamplerConfig(strategy="x-y", batch_size=2, buffer_groups=4, steps_per_epoch=5)
+    s = HybridBatchSampler(cfg2, lambda n: iter([good]), 0, 1, {"en": 2, "de": 2})
+    with pytest.raises(DataError, match="only 1 distinct groups"):
+        s.next_batch()
+    # allow-list: groups with no allowed language are skipped and counted
+    only_fr = dict(good, group_id="g4", langs=["fr"], queries=["x"], passages=["y"])
+    cfg3 = SamplerConfig(
+        strategy="x-y", batch_size=1, buffer_groups=2, steps_per_epoch=5, languages=["en", "de"]
+    )
+    s = HybridBatchSampler(cfg3, lambda n: iter([only_fr, good]), 0, 1, {"en": 2, "de": 2, "fr": 1})
+    assert s.next_batch().group_ids == ["g1"]
+    assert s.stats()["groups_skipped_no_language"] >= 1
+
+
+# ---------------------------------------------------------------------------- Ray Data
+
+
+def _write_shards(rows: list[dict], out: Path, rows_per_shard: int) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(0, len(rows), rows_per_shard):
+        path = out / f"part-{i // rows_per_shard:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows[i : i + rows_per_shard], schema=PAIR_SCHEMA), path)
+        paths.append(path)
+    return paths
+
+
+def test_ray_data_shards_two_ranks_disjoint_over_passes_and_resume(ray_local, ddtp_rows, tmp_path):
+    rows = ddtp_rows[::8]  # 6,224 groups, still every language
+    _write_shards(rows, tmp_path / "shards", rows_per_shard=400)  # 16 files
+    import ray
+
+    counts, n = count_pairs_dataset(ray.data.read_parquet(str(tmp_path / "shards")))
+    assert (counts, n) == count_pairs(rows)
+    world, batch_size = 2, 64
+    cfg = SamplerConfig(strategy="hybrid", alpha=0.5, batch_size=batch_size, buffer_groups=512, seed=2)
+
+    def make(rank):
+        stream = shard_streams(tmp_path / "shards", rank, world, seed=cfg.seed)
+        return HybridBatchSampler(cfg, stream, rank, world, counts, num_groups=n)
+
+    samplers = [make(r) for r in range(world)]
+    steps = n // batch_size
+    results = [[list(samplers[0]) for _ in range(2)]]  # rank 0: two epochs
+    k = steps + steps // 2  # rank 1: checkpoint in the middle of its second pass
+    head = list(samplers[1].batches(k))
+    state = pickle.loads(pickle.dumps(samplers[1].state_dict()))
+    tail = list(samplers[1].batches(2 * steps - k))
+    results.append([head[:steps], head[steps:] + tail])
+    by_id = {r["group_id"]: r for r in rows}
+    for epoch in range(2):
+        assert len(results[0][epoch]) == len(results[1][epoch]) == steps
+        for b0, b1 in zip(results[0][epoch], results[1][epoch]):
+            assert (b0.step, b0.epoch, b0.strategy, b0.lang) == (b1.step, epoch, b1.strategy, b1.lang)
+            union = b0.group_ids + b1.group_ids
+            assert len(set(union)) == batch_size  # disjoint across ranks, also across pass boundaries
+            for gid, ql, q in zip(b0.group_ids, b0.query_langs, b0.queries):
+                assert by_id[gid]["queries"][list(by_id[gid]["langs"]).index(ql)] == q
+    assert all(s.stats()["stream_passes"] >= 1 for s in samplers)
+    resumed = make(1)
+    resumed.load_state_dict(state)
+    again = list(resumed.batches(20))
+    assert [b.group_ids for b in again] == [b.group_ids for b in tail[:20]]
+    assert [b.passages for b in again] == [b.passages for b in tail[:20]]
+
+
+def test_shard_streams_fewer_files_than_ranks(ray_local, mlqa_rows, tmp_path):
+    _write_shards(mlqa_rows, tmp_path / "one", rows_per_shard=10_000)  # a single file, 3 ranks
+    seen = [[row["group_id"] for row in shard_streams(tmp_path / "one", r, 3)(0)] for r in range(3)]
+    assert sorted(g for ids in seen for g in ids) == sorted(r["group_id"] for r in mlqa_rows)
+    assert all(ids for ids in seen)
+    with pytest.raises(DataError, match="no such pair shard"):
+        shard_streams(tmp_path / "does-not-exist", 0, 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .parquet"):
+        shard_streams(tmp_path / "empty", 0, 1)
+
+
+def test_stream_of_1m_generated_groups_bounded_memory(ray_local):
+    import psutil
+    import ray
+
+    langs = ["en", "de", "fr", "es", "ja", "zh"]
+
+    def make_groups(batch: dict) -> dict:
+        ids = batch["id"]
+        out = {"group_id": [], "source": [], "langs": [], "queries": [], "passages": [], "negatives": []}
+        for i in ids.tolist():
+            k = 2 + i % 4
+            ls = [langs[(i + j) % 6] for j in range(k)]
+            out["group_id"].append(f"g{i}")
+            out["source"].append("gen")
+            out["langs"].append(ls)
+            out["queries"].append([f"q{i}-{lang}" for lang in ls])
+            out["passages"].append([f"passage {i} in {lang} " * 8 for lang in ls])
+            out["negatives"].append([[] for _ in ls])
+        return out
+
+    total = 1_000_000
+    ds = ray.data.range(total, override_num_blocks=200).map_batches(make_groups, batch_size=1000)
+    lang_counts = {lang: total * 7 // 12 for lang in langs}  # any positive counts work (T weighting)
+    cfg = SamplerConfig(strategy="hybrid", alpha=0.5, batch_size=32, buffer_groups=2048)
+    sampler = HybridBatchSampler(cfg, lambda n: ds.iter_rows(), 0, 1, lang_counts, num_groups=total)
+    assert len(sampler) == total // 32
+    proc = psutil.Process()
+    it = sampler.batches(3000)
+    for _ in range(200):
+        next(it)
+    rss0 = proc.memory_info().rss
+    seen = 0
+    for batch in it:
+        seen += len(batch)
+        assert sampler.stats()["buffer_groups"] <= 2048 if batch.step % 500 == 0 else True
+    growth = proc.memory_info().rss - rss0
+    st = sampler.stats()
+    assert seen == 2800 * 32
+    assert st["groups_read"] <= 3000 * 32 + 2048 + 1 and st["stream_passes"] == 0
+    assert growth < 150 * 2**20, f"RSS grew {growth / 2**20:.0f} MiB"
