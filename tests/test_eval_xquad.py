@@ -16,6 +16,7 @@ from hbt_ray.evaluator import (
     evaluate,
     evaluate_embeddings,
     model_fingerprint,
+    spec_fingerprint,
 )
 from hbt_ray.model import ModelConfig, load_dual_encoder
 
@@ -47,9 +48,25 @@ def test_ray_data_encoding_matches_in_process_and_is_cached(ray_local, xquad_sli
     np.save(cached[0], planted)
     again = encode_eval_set_ray("tiny", xquad_slice, cfg)
     assert np.all(again.queries["en"] == 0.5)
-    # a different text set (another subset) gets another cache entry
-    encode_eval_set_ray("tiny", xquad_slice.select_langs(["en"]), cfg)
+    # in process, an encoder that names its weights (the same spec) hits the same cache entry
+    tiny.fingerprint = spec_fingerprint("tiny")
+    try:
+        reread = encode_eval_set(tiny, xquad_slice, cache_dir=str(tmp_path / "cache"), show_progress=False)
+    finally:
+        del tiny.fingerprint
+    assert len(list((tmp_path / "cache").glob("emb-*.npy"))) == 1
+    assert np.all(reread.candidates["de"] == 0.5)
+    # other texts (a language subset) → another entry, freshly encoded
+    only_en = encode_eval_set(tiny, xquad_slice.select_langs(["en"]), show_progress=False)
+    tiny.fingerprint = spec_fingerprint("tiny")
+    try:
+        fresh = encode_eval_set(
+            tiny, xquad_slice.select_langs(["en"]), cache_dir=str(tmp_path / "cache"), show_progress=False
+        )
+    finally:
+        del tiny.fingerprint
     assert len(list((tmp_path / "cache").glob("emb-*.npy"))) == 2
+    np.testing.assert_allclose(fresh.queries["en"], only_en.queries["en"], atol=1e-6)
 
 
 def test_float16_embeddings_give_the_same_ranking_quality(xquad_slice, tiny):
