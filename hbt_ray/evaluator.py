@@ -342,26 +342,30 @@ def encode_texts_ray(
     if not ray.is_initialized():
         ray.init(include_dashboard=False, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = show_progress
-    items = [{"row": i, "text": t, "kind": k} for i, (t, k) in enumerate(zip(texts, kinds))]
-    # Blocks of ~batch_size rows so the actors can work in parallel even on small sets.
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
-    gpus = _auto_num_gpus(num_gpus)
-    ds = ds.map_batches(
-        EncoderActor,
-        fn_constructor_kwargs={"model": str(model), "batch_size": batch_size, "float16": float16},
-        batch_size=batch_size,
-        concurrency=concurrency,
-        num_gpus=gpus,
-        num_cpus=0 if gpus > 0 else 1,
-        batch_format="numpy",
-    )
+    progress_before, ctx.enable_progress_bars = ctx.enable_progress_bars, show_progress
     out: np.ndarray | None = None
-    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        emb = batch["embedding"]
-        if out is None:
-            out = np.empty((len(texts), emb.shape[1]), dtype=emb.dtype)
-        out[batch["row"]] = emb
+    try:
+        items = [{"row": i, "text": t, "kind": k} for i, (t, k) in enumerate(zip(texts, kinds))]
+        # Blocks of ~batch_size rows (at most 2000) so the actors work in parallel even on small sets.
+        blocks = max(1, min(2000, math.ceil(len(items) / batch_size)))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        gpus = _auto_num_gpus(num_gpus)
+        ds = ds.map_batches(
+            EncoderActor,
+            fn_constructor_kwargs={"model": str(model), "batch_size": batch_size, "float16": float16},
+            batch_size=batch_size,
+            concurrency=concurrency,
+            num_gpus=gpus,
+            num_cpus=0 if gpus > 0 else 1,
+            batch_format="numpy",
+        )
+        for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+            emb = batch["embedding"]
+            if out is None:
+                out = np.empty((len(texts), emb.shape[1]), dtype=emb.dtype)
+            out[batch["row"]] = emb
+    finally:
+        ctx.enable_progress_bars = progress_before
     if out is None:
         raise ValueError("nothing to encode")
     return out
