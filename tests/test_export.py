@@ -1,0 +1,115 @@
+"""Export: SentenceTransformer(path), AutoModel.from_pretrained(path) and load_dual_encoder round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hbt_ray.model import HBT_CONFIG_FILE, ModelConfig, export_from_state_dict, load_dual_encoder
+
+QUERIES = ["GNU grep, egrep and fgrep", "Werkzeug zur Textsuche", "文本搜索工具"]
+PASSAGES = [
+    "'grep' is a utility to search for text in files; it can be used from the command line or in scripts.",
+    "Утилита для поиска текста в файлах; её можно использовать из командной строки.",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hbt_cache"))
+
+
+def _trained(cfg: ModelConfig):
+    """A tiny encoder after a few optimizer steps, so the export is not just the seeded init."""
+    enc = load_dual_encoder(cfg)
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = -(enc.embed(QUERIES[:2], "query") * enc.embed(PASSAGES, "passage")).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return enc
+
+
+@pytest.mark.parametrize(("pooling", "normalize"), [("mean", True), ("cls", False)])
+def test_exported_model_loads_everywhere_with_the_same_embeddings(
+    tmp_path, cache_dir, shared_data, pooling, normalize
+):
+    cfg = ModelConfig(
+        name="tiny", cache_dir=cache_dir, pooling=pooling, normalize=normalize,
+        query_prefix="query: ", passage_prefix="passage: ", gradient_checkpointing=True,
+    )  # fmt: skip
+    enc = _trained(cfg)
+    out = tmp_path / "export"
+    enc.save_pretrained(out)
+    want_q, want_p = enc.encode(QUERIES, "query"), enc.encode(PASSAGES, "passage")
+    fresh = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir, pooling=pooling))
+    assert not np.allclose(fresh.encode(QUERIES, "query"), want_q, atol=1e-3)  # training changed the weights
+
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "modules.json", "sentence_bert_config.json",
+                 "1_Pooling/config.json", "config_sentence_transformers.json", HBT_CONFIG_FILE):  # fmt: skip
+        assert name in files, name
+    assert (out / "2_Normalize").is_dir() == normalize
+    saved = json.loads((out / HBT_CONFIG_FILE).read_text())
+    assert (saved["pooling"], saved["normalize"], saved["query_prefix"]) == (pooling, normalize, "query: ")
+
+    # 1. our loader: the round trip restores weights, pooling and prefixes from the export
+    again = load_dual_encoder(ModelConfig(name=str(out), normalize=normalize))
+    assert (again.cfg.pooling, again.cfg.query_prefix, again.cfg.passage_prefix) == (
+        pooling,
+        "query: ",
+        "passage: ",
+    )
+    np.testing.assert_allclose(again.encode(QUERIES, "query"), want_q, atol=1e-5)
+    np.testing.assert_allclose(again.encode(PASSAGES, "passage"), want_p, atol=1e-5)
+
+    # 2. sentence-transformers with the stored prompts
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(st.encode(QUERIES, prompt_name="query"), want_q, atol=1e-5)
+    np.testing.assert_allclose(st.encode(PASSAGES, prompt_name="passage"), want_p, atol=1e-5)
+
+    # 3. plain transformers
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(str(out)).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    batch = tok(["query: " + q for q in QUERIES], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    if pooling == "mean":
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        vecs = (hidden * mask).sum(1) / mask.sum(1)
+    else:
+        vecs = hidden[:, 0]
+    if normalize:
+        vecs = torch.nn.functional.normalize(vecs, dim=-1)
+    np.testing.assert_allclose(vecs.numpy(), want_q, atol=1e-5)
+
+
+def test_export_from_state_dict_like_the_trainer(tmp_path, cache_dir, shared_data):
+    cfg = ModelConfig(name="tiny", cache_dir=cache_dir)
+    enc = _trained(cfg)
+    # what a consolidated ZeRO-3 checkpoint of a wrapper (encoder + learnable τ) looks like
+    state = {f"backbone.{k}": v.clone() for k, v in enc.backbone.state_dict().items()}
+    state["temperature.log_tau"] = torch.tensor(-3.0)
+    out = export_from_state_dict(cfg, state, tmp_path / "from_state")
+    again = load_dual_encoder(ModelConfig(name=str(out)))
+    np.testing.assert_allclose(again.encode(PASSAGES, "passage"), enc.encode(PASSAGES, "passage"), atol=1e-5)
+    # bare backbone keys work too
+    out2 = export_from_state_dict(cfg, enc.backbone.state_dict(), tmp_path / "bare")
+    np.testing.assert_allclose(
+        load_dual_encoder(ModelConfig(name=str(out2))).encode(QUERIES, "query"),
+        enc.encode(QUERIES, "query"),
+        atol=1e-5,
+    )
+    # a state dict of another architecture is refused, naming the keys
+    bad = dict(enc.backbone.state_dict())
+    bad.pop("encoder.layer.1.output.dense.weight")
+    with pytest.raises(ValueError, match="missing.*encoder.layer.1.output.dense.weight"):
+        export_from_state_dict(cfg, bad, tmp_path / "bad")
