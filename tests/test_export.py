@@ -113,3 +113,34 @@ def test_export_from_state_dict_like_the_trainer(tmp_path, cache_dir, shared_dat
     bad.pop("encoder.layer.1.output.dense.weight")
     with pytest.raises(ValueError, match="missing.*encoder.layer.1.output.dense.weight"):
         export_from_state_dict(cfg, bad, tmp_path / "bad")
+
+
+def test_plain_hf_and_sentence_transformers_dirs_get_sensible_defaults(tmp_path, cache_dir, shared_data):
+    """Dirs not written by us: e5-named → mean + e5 prefixes; an ST dir's pooling config is honoured."""
+    enc = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir))
+    hf_dir = tmp_path / "my-multilingual-e5-small"
+    enc.backbone.save_pretrained(hf_dir)
+    enc.tokenizer.save_pretrained(hf_dir)
+    e5_like = load_dual_encoder(ModelConfig(name=str(hf_dir)))
+    assert (e5_like.cfg.pooling, e5_like.cfg.query_prefix, e5_like.cfg.passage_prefix) == (
+        "mean",
+        "query: ",
+        "passage: ",
+    )
+    np.testing.assert_allclose(
+        e5_like.encode(["grep"], "passage"),
+        load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir, passage_prefix="passage: ")).encode(
+            ["grep"], "passage"
+        ),
+        atol=1e-5,
+    )
+    # an ST export with CLS pooling (as LaBSE ships), no hbt_ray_model.json
+    st_dir = tmp_path / "some-st-model"
+    enc.backbone.save_pretrained(st_dir)
+    enc.tokenizer.save_pretrained(st_dir)
+    (st_dir / "1_Pooling").mkdir()
+    (st_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    st_like = load_dual_encoder(ModelConfig(name=str(st_dir)))
+    assert (st_like.cfg.pooling, st_like.cfg.query_prefix) == ("cls", "")
+    # an explicit setting wins over what the dir says
+    assert load_dual_encoder(ModelConfig(name=str(st_dir), pooling="mean")).cfg.pooling == "mean"
