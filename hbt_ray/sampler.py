@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -234,13 +235,17 @@ def shard_streams(
     *,
     seed: int = 0,
     shuffle_files: bool = True,
+    prefetch_next_pass: bool = True,
+    block_bytes: int = 16 * 2**20,
 ) -> StreamFactory:
     """This rank's stream factory over Parquet pair shards (PAIR_SCHEMA), read lazily by Ray Data.
 
     Rank r reads the files ``r::world_size`` (fewer files than ranks: every rank reads all of them and
     keeps the groups with ``crc32(group_id) % world_size == r``), so the ranks' streams are disjoint in
     **every** pass. Pass n reads the files in an order shuffled by ``(seed, rank, n)`` and keeps row
-    order within it (``preserve_order``), so a pass is reproducible and resume is exact.
+    order within it (``preserve_order``), so a pass is reproducible and resume is exact. Blocks are
+    at most ``block_bytes``; with ``prefetch_next_pass`` pass n+1 starts when pass n is opened
+    (:class:`PrefetchingPasses`).
 
         >>> factory = shard_streams("shards/", rank, world_size, seed=cfg.seed)  # doctest: +SKIP
         >>> rows = factory(0)  # a ray.data iterator of pair rows, one pass
@@ -266,21 +271,89 @@ def shard_streams(
         mask = [zlib.crc32(gid.encode("utf-8")) % world_size == rank for gid in ids]
         return table.filter(pa.array(mask, type=pa.bool_()))
 
-    def factory(n_pass: int) -> Iterator[dict[str, Any]]:
+    def read_pass(n_pass: int) -> Iterator[dict[str, Any]]:
         import ray
 
         order = list(mine)
         if shuffle_files:
             perm = np.random.default_rng([seed, rank, n_pass]).permutation(len(order))
             order = [order[i] for i in perm]
-        ds = ray.data.read_parquet([str(p) for p in order], schema=PAIR_SCHEMA)
+        ds = ray.data.read_parquet(
+            [str(p) for p in order], schema=PAIR_SCHEMA, override_num_blocks=len(order)
+        )
         ds.context.execution_options.preserve_order = True
+        ds.context.target_max_block_size = block_bytes  # bounded blocks: memory independent of data size
         if by_hash:
             ds = ds.map_batches(keep_mine, batch_format="pyarrow", batch_size=None)
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             yield from table.to_pylist()  # plain dicts and lists: cheap to index and to checkpoint
 
-    return factory
+    return PrefetchingPasses(read_pass) if prefetch_next_pass else read_pass
+
+
+class PrefetchingPasses:
+    """A stream factory that starts pass n+1 in a background thread when pass n is opened.
+
+    A Ray Data pipeline takes seconds to deliver its first row; started early, the next pass is ready
+    when the sampler wraps around, so no rank stalls at a pass boundary (bounded: one primed row plus
+    Ray Data's own backpressured blocks).
+    """
+
+    def __init__(self, read_pass: Callable[[int], Iterator[Any]]):
+        self._read_pass = read_pass
+        self._primed: tuple[int, threading.Thread, list] | None = None
+
+    def _prime(self, n_pass: int) -> None:
+        box: list = []
+
+        def run() -> None:
+            it = iter(self._read_pass(n_pass))
+            try:
+                box.append((it, [next(it)]))
+            except StopIteration:
+                box.append((it, []))
+            except BaseException as err:  # surfaced when the pass is used
+                box.append((it, err))
+
+        thread = threading.Thread(target=run, name=f"prefetch-pass-{n_pass}", daemon=True)
+        thread.start()
+        self._primed = (n_pass, thread, box)
+
+    def __call__(self, n_pass: int) -> Iterator[Any]:
+        primed, self._primed = self._primed, None
+        if primed is not None and primed[0] == n_pass:
+            primed[1].join()
+            it, head = primed[2][0]
+            if isinstance(head, BaseException):
+                raise head
+        else:
+            if primed is not None:
+                _close_primed(primed)
+            it, head = iter(self._read_pass(n_pass)), []
+        self._prime(n_pass + 1)
+        return _chain_closeable(head, it)
+
+    def close(self) -> None:
+        primed, self._primed = self._primed, None
+        if primed is not None:
+            _close_primed(primed)
+
+
+def _close_primed(primed: tuple[int, threading.Thread, list]) -> None:
+    primed[1].join()
+    close = getattr(primed[2][0][0], "close", None)
+    if close is not None:
+        close()
+
+
+def _chain_closeable(head: list, it: Iterator[Any]) -> Iterator[Any]:
+    try:
+        yield from head
+        yield from it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 def _plain(value: Any) -> Any:
@@ -365,6 +438,7 @@ class HybridBatchSampler:
         self._in_buffer: set[str] = set()
         self._arrivals = 0
         self._deferred: list[Any] = []  # stream rows whose group was still in the buffer
+        self._plans: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._stream: Iterator[Any] | None = None
         self._stream_pass = 0
         self._stream_pos = 0  # rows read from the current pass
@@ -385,6 +459,14 @@ class HybridBatchSampler:
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+    def close(self) -> None:
+        """Close the open stream pass (and a prefetched one): Ray Data iterators hold resources."""
+        for obj in (self._stream, self._stream_factory):
+            close = getattr(obj, "close", None)
+            if close is not None:
+                close()
+        self._stream = None
 
     def batches(self, num_steps: int) -> Iterator[Batch]:
         """``num_steps`` batches from the current position, across epoch boundaries."""
@@ -596,17 +678,40 @@ class HybridBatchSampler:
             self._pass_rows += 1
             return row
 
-    def _admit(self) -> Any:
-        """The next row for the buffer: a deferred row whose group has left the buffer, else the next
-        stream row. A stream row whose group is still in the buffer (the stream wrapped around) is
-        deferred; with more than ``buffer_groups`` deferred rows (split smaller than the buffer) reading
-        stops and None is returned."""
+    def _lang_plan(self, langs: Any, gid: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(language indices, positions in the row lists) of a row's usable languages, cached per tuple."""
+        key = tuple(langs)
+        plan = self._plans.get(key)
+        if plan is None:
+            cols, poss = [], []
+            for i, lang in enumerate(key):
+                j = self.lang_index.get(lang)
+                if j is not None:
+                    cols.append(j)
+                    poss.append(i)
+                elif self.cfg.languages is None and lang not in self._all_data_langs:
+                    raise DataError(
+                        f"language {lang!r} is not in lang_counts {sorted(self._all_data_langs)}",
+                        f"stream of rank {self.rank}",
+                        f"group {gid}",
+                    )
+            if len(self._plans) > 100_000:
+                self._plans.clear()
+            plan = self._plans[key] = (tuple(cols), tuple(poss))
+        return plan
+
+    def _admit(self) -> tuple[Any, tuple[tuple[int, ...], tuple[int, ...]]] | None:
+        """The next (row, language plan) for the buffer: a deferred row whose group has left the buffer,
+        else the next stream row. A stream row whose group is still in the buffer (the stream wrapped
+        around) is deferred; with more than ``buffer_groups`` deferred rows (split smaller than the
+        buffer) reading stops and None is returned."""
         deferred = self._deferred
+        in_buffer = self._in_buffer
         if deferred:
             for i, row in enumerate(deferred):
-                if row["group_id"] not in self._in_buffer:
+                if row["group_id"] not in in_buffer:
                     del deferred[i]
-                    return row
+                    return row, self._lang_plan(row["langs"], row["group_id"])
         while len(deferred) <= self.cfg.buffer_groups:
             row = self._next_row()
             if isinstance(row, PairGroup):
@@ -629,53 +734,43 @@ class HybridBatchSampler:
                     f"group {gid}",
                 )
             self._groups_read += 1
-            usable = False
-            for lang in langs:
-                if lang in self.lang_index:
-                    usable = True
-                elif self.cfg.languages is None and lang not in self._all_data_langs:
-                    raise DataError(
-                        f"language {lang!r} is not in lang_counts {sorted(self._all_data_langs)}",
-                        f"stream of rank {self.rank}",
-                        f"group {gid}",
-                    )
-            if not usable:
+            plan = self._lang_plan(langs, gid)
+            if not plan[0]:
                 self._groups_skipped += 1  # no allowed language: skip the group
                 continue
-            if gid in self._in_buffer:
+            if gid in in_buffer:
                 deferred.append(row)
                 self._stream_waits += 1
                 continue
-            return row
+            return row, plan
         return None
 
     def _refill(self) -> None:
         free = np.flatnonzero(~self._alive)
         if len(free) == 0:
             return
-        rows_idx: list[int] = []
+        counts: list[int] = []
         cols: list[int] = []
         poss: list[int] = []
         filled: list[int] = []
-        lang_index = self.lang_index
+        rows, ids, in_buffer = self._rows, self._ids, self._in_buffer
         for slot in free.tolist():
-            row = self._admit()
-            if row is None:
+            admitted = self._admit()
+            if admitted is None:
                 break
-            for i, lang in enumerate(row["langs"]):
-                j = lang_index.get(lang)
-                if j is not None:
-                    rows_idx.append(slot)
-                    cols.append(j)
-                    poss.append(i)
+            row, (row_cols, row_poss) = admitted
+            counts.append(len(row_cols))
+            cols.extend(row_cols)
+            poss.extend(row_poss)
             gid = row["group_id"]
-            self._rows[slot] = row
-            self._ids[slot] = gid
-            self._in_buffer.add(gid)
-            self._arrival[slot] = self._arrivals
-            self._arrivals += 1
+            rows[slot] = row
+            ids[slot] = gid
+            in_buffer.add(gid)
             filled.append(slot)
-        self._index_slots(filled, rows_idx, cols, poss)
+        if filled:
+            self._arrival[filled] = np.arange(self._arrivals, self._arrivals + len(filled))
+            self._arrivals += len(filled)
+            self._index_slots(filled, np.repeat(filled, counts).tolist(), cols, poss)
 
     def _index_slots(self, filled: list[int], rows_idx: list[int], cols: list[int], poss: list[int]) -> None:
         if not filled:
@@ -835,6 +930,9 @@ class HybridBatchSampler:
         self._release(np.arange(self._alive.shape[0]))
         self._in_buffer.clear()
         self.step = int(state["step"])
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
         self._stream = None
         self._stream_pass = int(state["stream_pass"])
         self._stream_pos = int(state["stream_pos"])
@@ -883,5 +981,6 @@ __all__ = [
     "expected_mono_share",
     "lang_weights",
     "parse_lang_pair",
+    "PrefetchingPasses",
     "shard_streams",
 ]

@@ -421,11 +421,14 @@ def test_ray_data_shards_two_ranks_disjoint_over_passes_and_resume(ray_local, dd
     again = list(resumed.batches(20))
     assert [b.group_ids for b in again] == [b.group_ids for b in tail[:20]]
     assert [b.passages for b in again] == [b.passages for b in tail[:20]]
+    for s in [*samplers, resumed]:
+        s.close()
 
 
 def test_shard_streams_fewer_files_than_ranks(ray_local, mlqa_rows, tmp_path):
     _write_shards(mlqa_rows, tmp_path / "one", rows_per_shard=10_000)  # a single file, 3 ranks
-    seen = [[row["group_id"] for row in shard_streams(tmp_path / "one", r, 3)(0)] for r in range(3)]
+    factories = [shard_streams(tmp_path / "one", r, 3, prefetch_next_pass=False) for r in range(3)]
+    seen = [[row["group_id"] for row in factory(0)] for factory in factories]
     assert sorted(g for ids in seen for g in ids) == sorted(r["group_id"] for r in mlqa_rows)
     assert all(ids for ids in seen)
     with pytest.raises(DataError, match="no such pair shard"):

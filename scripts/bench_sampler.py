@@ -1,0 +1,187 @@
+"""Throughput of the hybrid batch sampler: alone (in-memory DDTP rows) and fed by Ray Data shards.
+
+Side by side with baselines: a naive pure-Python buffer sampler (scan the buffer per step) for the
+sampler alone, and the bare Ray Data row stream (no sampler) for the streamed case.
+
+    python scripts/bench_sampler.py [--steps 5000] [--batch-size 64] [--stream-groups 49790]
+
+Ends with ``RESULT sampler_pairs_per_s=<n> stream_pairs_per_s=<n>``. The sampler-alone rate is pairs per
+second of this process's CPU time (one core: the sampler is single-threaded; CPU time is what counts
+on a shared machine); the stream rate is wall-clock (Ray Data runs in worker processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from hbt_ray.data.records import PAIR_SCHEMA, data_dir
+from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs, shard_streams
+
+
+def read_ddtp_rows(path: Path) -> list[dict]:
+    rows: list[dict] = []
+    cur: dict | None = None
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in tqdm(f, desc="read DDTP", unit=" rec", mininterval=2):
+            rec = json.loads(line)
+            if cur is None or cur["group_id"] != rec["group_id"]:
+                cur = {
+                    "group_id": rec["group_id"],
+                    "source": "ddtp",
+                    "langs": [],
+                    "queries": [],
+                    "passages": [],
+                }
+                cur["negatives"] = []
+                rows.append(cur)
+            cur["langs"].append(rec["lang"])
+            cur["queries"].append(rec["query"])
+            cur["passages"].append(rec["passage"])
+            cur["negatives"].append([])
+    return rows
+
+
+def naive_pairs(rows: list[dict], steps: int, batch_size: int, alpha: float, buffer_groups: int) -> int:
+    """The straightforward sampler: a list buffer scanned per step, random.sample, per-pair languages."""
+    rng = random.Random(0)
+    counts, _ = count_pairs(rows)
+    langs = sorted(counts)
+    weights = [counts[lang] for lang in langs]
+
+    def stream():
+        while True:
+            yield from rows
+
+    it = stream()
+    buffer = [next(it) for _ in range(buffer_groups)]
+    pairs = 0
+    for _ in range(steps):
+        if rng.random() < alpha:
+            lang = rng.choices(langs, weights)[0]
+            cands = [i for i, r in enumerate(buffer) if lang in r["langs"]]
+            chosen = rng.sample(cands, min(batch_size, len(cands)))
+            batch = []
+            for i in chosen:
+                r = buffer[i]
+                j = r["langs"].index(lang)
+                batch.append((r["queries"][j], r["passages"][j]))
+        else:
+            cands = [i for i, r in enumerate(buffer) if len(r["langs"]) >= 2]
+            chosen = rng.sample(cands, min(batch_size, len(cands)))
+            batch = []
+            for i in chosen:
+                r = buffer[i]
+                a, b = rng.sample(range(len(r["langs"])), 2)
+                batch.append((r["queries"][a], r["passages"][b]))
+        pairs += len(batch)
+        for i in chosen:
+            buffer[i] = next(it)
+    return pairs
+
+
+def time_cpu(fn) -> tuple[float, object]:
+    t0 = time.process_time()
+    out = fn()
+    return time.process_time() - t0, out
+
+
+def run_sampler(rows, cfg: SamplerConfig, steps: int) -> int:
+    counts, n = count_pairs(rows)
+    sampler = HybridBatchSampler(cfg, lambda n_pass: iter(rows), 0, 1, counts, num_groups=n)
+    for _ in sampler.batches(200):  # warm the buffer
+        pass
+    pairs = 0
+    for batch in tqdm(sampler.batches(steps), total=steps, desc=cfg.strategy, mininterval=2, leave=False):
+        pairs += len(batch)
+    return pairs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--buffer-groups", type=int, default=4096)
+    ap.add_argument(
+        "--stream-groups", type=int, default=49_790, help="groups written as shards for the stream run"
+    )
+    ap.add_argument("--stream-epochs", type=int, default=2)
+    ap.add_argument("--cpus", type=int, default=2)
+    args = ap.parse_args()
+
+    rows = read_ddtp_rows(data_dir() / "ddtp" / "pairs.jsonl.gz")
+    print(
+        f"DDTP: {len(rows)} groups; batch {args.batch_size}, buffer {args.buffer_groups}, {args.steps} steps"
+    )
+
+    sec, pairs = time_cpu(
+        lambda: naive_pairs(rows, args.steps, args.batch_size, args.alpha, args.buffer_groups)
+    )
+    naive_rate = pairs / sec
+    print(f"{'strategy':<14}{'pairs/s (CPU)':>16}{'naive baseline':>16}{'ratio':>8}")
+    sampler_rate = 0.0
+    for strategy in ["hybrid", "x-x-mono", "x-y", "x-x", "hybrid-sample"]:
+        cfg = SamplerConfig(
+            strategy=strategy, alpha=args.alpha, batch_size=args.batch_size, buffer_groups=args.buffer_groups
+        )
+        sec, pairs = time_cpu(lambda cfg=cfg: run_sampler(rows, cfg, args.steps))
+        rate = pairs / sec
+        if strategy == "hybrid":
+            sampler_rate = rate
+        print(f"{strategy:<14}{rate:>16,.0f}{naive_rate:>16,.0f}{rate / naive_rate:>8.1f}")
+
+    import ray
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            subset = rows[: args.stream_groups]
+            for i in range(0, len(subset), 2000):
+                table = pa.Table.from_pylist(subset[i : i + 2000], schema=PAIR_SCHEMA)
+                pq.write_table(table, Path(tmp) / f"part-{i // 2000:05d}.parquet")
+            counts, n = count_pairs(subset)
+            stream = shard_streams(tmp, 0, 1, seed=0)
+            t0 = time.perf_counter()
+            raw = sum(1 for _ in tqdm(stream(0), total=n, desc="raw stream", mininterval=2, leave=False))
+            raw_rate = raw / (time.perf_counter() - t0)
+            stream.close()  # drop the pass it prefetched
+            stream = shard_streams(tmp, 0, 1, seed=0)
+            cfg = SamplerConfig(
+                alpha=args.alpha, batch_size=args.batch_size, buffer_groups=args.buffer_groups
+            )
+            sampler = HybridBatchSampler(cfg, stream, 0, 1, counts, num_groups=n)
+            t0 = time.perf_counter()
+            batches = sampler.batches(args.stream_epochs * len(sampler))
+            first = len(next(batches))
+            t_first = time.perf_counter() - t0
+            rest = args.stream_epochs * len(sampler) - 1
+            pairs = first + sum(len(b) for b in tqdm(batches, total=rest, desc="on stream", mininterval=2))
+            total = time.perf_counter() - t0
+            sampler.close()
+            stream_rate = pairs / total
+            steady = (pairs - first) / (total - t_first)
+            print(
+                f"{args.stream_epochs} epochs on shards    pairs/s (wall)  after 1st batch  raw rows/s (1 pass)"
+            )
+            print(f"{'sampler + ray data':<22}{stream_rate:>16,.0f}{steady:>17,.0f}{raw_rate:>21,.0f}")
+            print(
+                f"first batch after {t_first:.1f} s (pipeline start + {args.buffer_groups} groups buffered)"
+            )
+            print(sampler.format_stats().splitlines()[0])
+    finally:
+        ray.shutdown()
+    print(f"RESULT sampler_pairs_per_s={sampler_rate:.0f} stream_pairs_per_s={stream_rate:.0f}")
+
+
+if __name__ == "__main__":
+    main()
