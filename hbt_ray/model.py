@@ -445,14 +445,26 @@ def _read_saved_config(path: Path) -> dict:
 
 
 def _pretrained_defaults(cfg: ModelConfig, path: Path | None) -> ModelConfig:
-    """Fill pooling/prefixes left at None from an exported dir's hbt_ray_model.json or its ST files."""
+    """Settings the caller left unset, from an exported dir's hbt_ray_model.json (or its ST files).
+
+    Pooling and prefixes left at None, and normalize / max lengths left at their defaults, take the
+    exported values, so ``load_dual_encoder(ModelConfig(name=export_dir))`` is the trained model.
+    """
     if path is None:
         return cfg
     updates: dict[str, object] = {}
     if (path / HBT_CONFIG_FILE).is_file():
         saved = _read_saved_config(path)
-        for key in ("pooling", "query_prefix", "passage_prefix"):
-            if getattr(cfg, key) is None and saved.get(key) is not None:
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+        for key in (
+            "pooling",
+            "query_prefix",
+            "passage_prefix",
+            "normalize",
+            "query_max_len",
+            "passage_max_len",
+        ):
+            if getattr(cfg, key) == defaults[key] and saved.get(key) is not None:
                 updates[key] = saved[key]
     elif cfg.pooling is None and (path / "1_Pooling" / "config.json").is_file():
         pooling = json.loads((path / "1_Pooling" / "config.json").read_text(encoding="utf-8"))

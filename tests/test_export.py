@@ -41,6 +41,7 @@ def test_exported_model_loads_everywhere_with_the_same_embeddings(
     cfg = ModelConfig(
         name="tiny", cache_dir=cache_dir, pooling=pooling, normalize=normalize,
         query_prefix="query: ", passage_prefix="passage: ", gradient_checkpointing=True,
+        query_max_len=24, passage_max_len=48,
     )  # fmt: skip
     enc = _trained(cfg)
     out = tmp_path / "export"
@@ -58,12 +59,13 @@ def test_exported_model_loads_everywhere_with_the_same_embeddings(
     assert (saved["pooling"], saved["normalize"], saved["query_prefix"]) == (pooling, normalize, "query: ")
 
     # 1. our loader: the round trip restores weights, pooling and prefixes from the export
-    again = load_dual_encoder(ModelConfig(name=str(out), normalize=normalize))
+    again = load_dual_encoder(ModelConfig(name=str(out)))
     assert (again.cfg.pooling, again.cfg.query_prefix, again.cfg.passage_prefix) == (
         pooling,
         "query: ",
         "passage: ",
     )
+    assert (again.cfg.normalize, again.cfg.query_max_len, again.cfg.passage_max_len) == (normalize, 24, 48)
     np.testing.assert_allclose(again.encode(QUERIES, "query"), want_q, atol=1e-5)
     np.testing.assert_allclose(again.encode(PASSAGES, "passage"), want_p, atol=1e-5)
 
