@@ -550,14 +550,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     f"non-finite loss at {where}: {skipped} steps skipped, more than "
                     f"run.max_skipped_steps={cfg.run.max_skipped_steps}"
                 )
-            if step < cfg.run.max_steps:
-                continue
         dt = time.perf_counter() - t0
         if losses:
             metrics = {
                 "step": step,
                 "loss": sum(losses) / len(losses),
                 "temperature": taus[-1],
+                # DeepSpeed's schedulers report the lr the update of this step used (warmup starts at 0)
                 "lr": float(scheduler.get_last_lr()[0]) if scheduler is not None else cfg.optim.lr,
                 "pairs_per_s": pairs / dt,
                 "step_time_s": dt,
@@ -569,7 +568,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {**metrics, "step": step, "skipped_steps": skipped}
         if rank == 0:
             with open(steps_log, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({**metrics, "batches": prints, "attempt": attempt}) + "\n")
+                record = {**metrics, "skipped": not losses, "batches": prints, "attempt": attempt}
+                fh.write(json.dumps(record) + "\n")
             if progress is not None:
                 progress.update(1)
                 if losses:
@@ -593,6 +593,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if progress is not None:
         progress.close()
+    close_sampler = getattr(sampler, "close", None)
+    if close_sampler is not None:
+        close_sampler()  # open Ray Data iterators hold resources
     if cfg.run.export:
         state_dict = _consolidated_state_dict(engine)  # collective under ZeRO-3
         if rank == 0:

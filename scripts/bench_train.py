@@ -1,0 +1,257 @@
+"""Training throughput side by side: same model, batches, lengths and optimizer (AdamW, same lr).
+
+(a) hbt_ray.train with 1 worker (Ray Train + DeepSpeed), (b) a bare PyTorch loop, (c) the
+sentence-transformers trainer with MultipleNegativesRankingLoss, (d) hbt_ray.train with 2 workers.
+Steady-state pairs/s = median over the steps after ``--warmup``. MFU = achieved FLOP/s of (a) over
+the fp32 matmul peak measured here with the same thread count (1 thread per worker).
+
+    python scripts/bench_train.py --steps 30 --batch 32
+
+Ends with ``RESULT overhead_vs_bare=<a/b> vs_sentence_transformers=<a/c> scaling_2w=<d/a> mfu=<x>``
+(goals: a/b >= 0.95, a/c >= 1.1, d/a >= 1.7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def matmul_peak_flops(threads: int, n: int = 1024, repeats: int = 20) -> float:
+    """Best fp32 matmul FLOP/s with ``threads`` torch threads."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(old)
+    return 2 * n**3 / best
+
+
+def draw_batches(shard_dir: Path, sampler_cfg, steps: int) -> list:
+    """The hybrid sampler's batches for one worker over the shards (what (a) draws as well)."""
+    from hbt_ray.data.shards import iter_shard_groups, read_manifest
+    from hbt_ray.sampler import HybridBatchSampler
+
+    rows = [g.to_row() for g in iter_shard_groups(shard_dir)]
+    manifest = read_manifest(shard_dir)
+    sampler = HybridBatchSampler(
+        sampler_cfg, lambda _n: iter(rows), 0, 1, manifest.pairs_per_lang, num_groups=manifest.groups
+    )
+    return [sampler.next_batch() for _ in range(steps)]
+
+
+def flops_per_step(encoder, batch) -> float:
+    """≈ 6·N·tokens (non-embedding params, fwd+bwd) + attention scores (fwd+bwd), padded tokens."""
+    cfg = encoder.backbone.config
+    n_params = sum(p.numel() for n, p in encoder.backbone.named_parameters() if "embeddings" not in n)
+    total = 0.0
+    for texts, kind in ((batch.queries, "query"), (batch.passages, "passage")):
+        ids = encoder.tokenize(list(texts), kind)["input_ids"]
+        b, s = ids.shape
+        total += 6 * n_params * b * s + 3 * 4 * cfg.num_hidden_layers * b * s * s * cfg.hidden_size
+    return total
+
+
+def bench_bare(model_cfg, texts, batches, lr: float, tau: float, warmup: int) -> tuple[float, float]:
+    """(b): tokenize → embed → InfoNCE → backward → clip → AdamW step; → (pairs/s, FLOPs/step)."""
+    import torch
+
+    from hbt_ray.loss import info_nce_loss
+    from hbt_ray.model import load_dual_encoder
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    encoder = load_dual_encoder(model_cfg, train_texts=texts)
+    encoder.train()
+    opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.01)
+    times = []
+    for batch in batches:
+        t0 = time.perf_counter()
+        q = encoder.embed(list(batch.queries), "query")
+        p = encoder.embed(list(batch.passages), "passage")
+        loss = info_nce_loss(q, p, tau)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    pairs = len(batches[0].queries)
+    flops = statistics.mean(flops_per_step(encoder, b) for b in batches)
+    return pairs / statistics.median(times[warmup:]), flops
+
+
+def bench_sentence_transformers(
+    model_cfg, texts, batches, lr: float, tau: float, warmup: int, out: Path
+) -> float:
+    """(c): SentenceTransformerTrainer + MultipleNegativesRankingLoss (scale = 1/τ) on the same pairs."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, losses
+    from sentence_transformers.training_args import BatchSamplers, SentenceTransformerTrainingArguments
+    from transformers import TrainerCallback
+
+    from hbt_ray.model import load_dual_encoder
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    init_dir = out / "st_init"
+    load_dual_encoder(model_cfg, train_texts=texts).save_pretrained(init_dir)
+    model = SentenceTransformer(str(init_dir), device="cpu")
+    pairs = {"anchor": [], "positive": []}
+    for batch in batches:
+        pairs["anchor"] += list(batch.queries)
+        pairs["positive"] += list(batch.passages)
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            times.append(time.perf_counter() - self.t0)
+
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out / "st_run"),
+        per_device_train_batch_size=len(batches[0].queries),
+        max_steps=len(batches),
+        learning_rate=lr,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        lr_scheduler_type="linear",
+        batch_sampler=BatchSamplers.BATCH_SAMPLER,
+        dataloader_drop_last=True,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict(pairs),
+        loss=losses.MultipleNegativesRankingLoss(model, scale=1.0 / tau),
+        callbacks=[StepTimer()],
+    )
+    trainer.train()
+    return len(batches[0].queries) / statistics.median(times[warmup:])
+
+
+def bench_hbt(
+    shard_dir: Path, out: Path, workers: int, steps: int, warmup: int, overrides: list[str]
+) -> float:
+    """(a)/(d): the real trainer; steady-state pairs/s from rank 0's step log (checkpoint steps excluded)."""
+    from hbt_ray.config import load_config
+    from hbt_ray.trainer import TrainConfig, train
+
+    cfg = load_config(
+        TrainConfig,
+        Path(__file__).resolve().parents[1] / "hbt_ray" / "configs" / "train_tiny.yaml",
+        [
+            f"run.name=bench_{workers}w",
+            f"run.storage_path={out}",
+            f"data.shard_dir={shard_dir}",
+            f"run.num_workers={workers}",
+            "run.cpus_per_worker=1",
+            f"run.max_steps={steps}",
+            "run.checkpoint_every=0",
+            "run.export=false",
+            "run.progress=false",
+            *overrides,
+        ],
+    )
+    result = train(cfg)
+    rates = [h["pairs_per_s"] for h in result.history if h["step"] > warmup and h["step"] < steps]
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32, help="global pairs per step")
+    parser.add_argument("--groups", type=int, default=2000, help="DDTP groups to train on")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out", default=None, help="work dir (default: a temp dir)")
+    parser.add_argument("--zero-stage", type=int, default=2)
+    args = parser.parse_args()
+
+    import ray
+
+    from hbt_ray.config import load_config
+    from hbt_ray.data.shards import write_shards
+    from hbt_ray.data.sources import iter_pair_groups
+    from hbt_ray.model import tiny_tokenizer
+    from hbt_ray.trainer import TrainConfig, tokenizer_texts
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_train_"))
+    shard_dir = out / "shards"
+    if not (shard_dir / "manifest.json").exists():
+        write_shards(
+            iter_pair_groups("ddtp", limit=args.groups), shard_dir, rows_per_shard=500, progress=False
+        )
+    overrides = [
+        f"sampler.batch_size={args.batch}",
+        f"optim.lr={args.lr}",
+        "optim.warmup_steps=0",
+        f"deepspeed.zero_stage={args.zero_stage}",
+    ]
+    cfg = load_config(
+        TrainConfig, Path(__file__).resolve().parents[1] / "hbt_ray/configs/train_tiny.yaml", overrides
+    )
+    texts = tokenizer_texts(shard_dir, cfg.model.tiny_sample_records)
+    tiny_tokenizer(cfg.model, texts)
+    batches = draw_batches(shard_dir, cfg.sampler, args.steps)
+    tau = cfg.loss.temperature
+
+    peak = matmul_peak_flops(1)
+    print(f"matmul peak (fp32, 1 thread): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    b_rate, step_flops = bench_bare(cfg.model, texts, batches, args.lr, tau, args.warmup)
+    print(f"(b) bare PyTorch          {b_rate:8.1f} pairs/s", flush=True)
+    c_rate = bench_sentence_transformers(cfg.model, texts, batches, args.lr, tau, args.warmup, out)
+    print(f"(c) sentence-transformers {c_rate:8.1f} pairs/s", flush=True)
+
+    # One logical CPU more than the workers use, for Ray Data's reads (mostly idle once buffered).
+    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        a_rate = bench_hbt(shard_dir, out, 1, args.steps, args.warmup, overrides)
+        print(f"(a) hbt_ray 1 worker      {a_rate:8.1f} pairs/s", flush=True)
+        d_rate = bench_hbt(shard_dir, out, 2, args.steps, args.warmup, overrides)
+        print(f"(d) hbt_ray 2 workers     {d_rate:8.1f} pairs/s", flush=True)
+    finally:
+        ray.shutdown()
+
+    mfu = a_rate / args.batch * step_flops / peak
+    print()
+    print(f"{'run':<28}{'pairs/s':>10}{'vs (a)':>10}")
+    for name, rate in (("(a) hbt_ray 1 worker", a_rate), ("(b) bare PyTorch", b_rate),
+                       ("(c) sentence-transformers", c_rate), ("(d) hbt_ray 2 workers", d_rate)):  # fmt: skip
+        print(f"{name:<28}{rate:>10.1f}{rate / a_rate:>10.2f}")
+    print(
+        f"FLOPs/step {step_flops / 1e9:.2f} GFLOP, batch {args.batch}, steps {args.steps} (warmup {args.warmup})"
+    )
+    print(
+        f"RESULT overhead_vs_bare={a_rate / b_rate:.3f} vs_sentence_transformers={a_rate / c_rate:.3f} "
+        f"scaling_2w={d_rate / a_rate:.3f} mfu={mfu:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Trainer: real Ray Train (2 CPU workers, gloo) + real DeepSpeed ZeRO on real DDTP pairs, tiny preset."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hbt_ray.config import ConfigError, load_config
+from hbt_ray.data.shards import write_shards
+from hbt_ray.data.sources import iter_pair_groups
+from hbt_ray.loss import info_nce_loss
+from hbt_ray.model import ModelConfig, load_dual_encoder
+from hbt_ray.trainer import TrainConfig, deepspeed_config, tokenizer_texts, train
+
+TINY_YAML = Path(__file__).resolve().parents[1] / "hbt_ray" / "configs" / "train_tiny.yaml"
+TRAIN_GROUPS = 2000
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, shared_data) -> Path:
+    out = tmp_path_factory.mktemp("ddtp_shards")
+    write_shards(iter_pair_groups("ddtp", limit=TRAIN_GROUPS), out, rows_per_shard=500, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def heldout_pairs(shared_data) -> list[tuple[str, str]]:
+    """256 DDTP pairs of groups the runs never see (groups 2000..2255), one language per group."""
+    groups = itertools.islice(iter_pair_groups("ddtp", limit=TRAIN_GROUPS + 256), TRAIN_GROUPS, None)
+    return [(g.pairs[g.langs[0]].query, g.pairs[g.langs[0]].passage) for g in groups]
+
+
+def heldout_loss(encoder, pairs: list[tuple[str, str]]) -> float:
+    encoder.eval()
+    losses = []
+    with torch.no_grad():
+        for i in range(0, len(pairs), 64):
+            chunk = pairs[i : i + 64]
+            q = encoder.embed([p[0] for p in chunk], "query")
+            p = encoder.embed([p[1] for p in chunk], "passage")
+            losses.append(float(info_nce_loss(q, p, 0.05)))
+    return float(np.mean(losses))
+
+
+def tiny_config(tmp_path: Path, shard_dir: Path, *overrides: str) -> TrainConfig:
+    return load_config(
+        TrainConfig,
+        TINY_YAML,
+        [f"run.storage_path={tmp_path}", f"data.shard_dir={shard_dir}", "run.progress=false", *overrides],
+    )
+
+
+def initial_model_loss(cfg: TrainConfig, shard_dir: Path, pairs) -> float:
+    texts = tokenizer_texts(shard_dir, cfg.model.tiny_sample_records)  # what train() gives the workers
+    return heldout_loss(load_dual_encoder(cfg.model, train_texts=texts), pairs)
+
+
+# ---------------------------------------------------------------------------------------- config
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown config key optim\.lrr"):
+        load_config(TrainConfig, TINY_YAML, ["optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage"):
+        load_config(TrainConfig, None, ["deepspeed.zero_stage=4"])
+    with pytest.raises(ConfigError, match=r"deepspeed\.offload_param"):
+        load_config(TrainConfig, None, ["deepspeed.offload_param=true", "deepspeed.zero_stage=2"])
+    with pytest.raises(ConfigError, match=r"run\.nan_policy"):
+        load_config(TrainConfig, None, ["run.nan_policy=ignore"])
+    with pytest.raises(ConfigError, match=r"sampler\.batch_size"):
+        load_config(TrainConfig, None, ["sampler.batch_size=33", "run.num_workers=2"])
+
+
+def test_cli_help_lists_keys_and_rejects_bad_key(capsys):
+    from hbt_ray.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for key in (
+        "deepspeed.zero_stage",
+        "optim.grad_accum",
+        "run.checkpoint_every",
+        "sampler.alpha",
+        "model.name",
+    ):
+        assert key in out
+    assert main(["--config", str(TINY_YAML), "run.max_stepz=3"]) == 2
+    assert "unknown config key run.max_stepz" in capsys.readouterr().err
+
+
+def test_deepspeed_config_follows_train_config():
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            "deepspeed.zero_stage=3",
+            "deepspeed.offload_optimizer=true",
+            "deepspeed.offload_param=true",
+            "deepspeed.precision=bf16",
+            "optim.schedule=cosine",
+            "optim.warmup_steps=7",
+            "optim.grad_accum=4",
+            "optim.grad_clip=0.5",
+            "run.max_steps=70",
+        ],
+    )
+    ds = deepspeed_config(cfg, micro_batch_per_worker=8, world_size=2)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["train_batch_size"] == 8 * 4 * 2 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["scheduler"]["type"] == "WarmupCosineLR"
+    assert ds["scheduler"]["params"] == {
+        **ds["scheduler"]["params"],
+        "total_num_steps": 70,
+        "warmup_num_steps": 7,
+    }
+    linear = deepspeed_config(load_config(TrainConfig, None, ["optim.lr=3e-4"]), 4, 1)["scheduler"]
+    assert linear["type"] == "WarmupDecayLR" and linear["params"]["warmup_max_lr"] == 3e-4
+
+
+# ---------------------------------------------------------------------------------------- runs
+def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard_dir, heldout_pairs):
+    cfg = tiny_config(
+        tmp_path,
+        shard_dir,
+        "run.name=zero2",
+        "deepspeed.zero_stage=2",
+        "run.max_steps=20",
+        "run.checkpoint_every=0",
+        "run.nan_policy=skip",
+        "run.debug_nan_at_step=4",
+    )
+    result = train(cfg)
+    assert result.steps == 20 and result.metrics["skipped_steps"] == 1
+    steps = [h["step"] for h in result.history]
+    assert steps == list(range(1, 21))
+    assert [h["step"] for h in result.history if h["skipped"]] == [4]  # the NaN step: no update
+    assert all(h["batches"] for h in result.history if not h["skipped"])
+    for h in result.history:
+        assert np.isfinite(h["loss"]) and h["pairs_per_s"] > 0 and h["langs"]
+        assert h["strategy"] in ("mono", "cross")
+    assert {h["strategy"] for h in result.history} == {"mono", "cross"}  # hybrid: both kinds of batch
+    lrs = [h["lr"] for h in result.history]  # linear warmup (5 updates, from 0) then linear decay
+    assert lrs[0] == 0 and max(lrs) == pytest.approx(cfg.optim.lr) and lrs[-1] < lrs[10] < max(lrs)
+
+    before = initial_model_loss(cfg, shard_dir, heldout_pairs)
+    trained = load_dual_encoder(ModelConfig(name=result.model_path))
+    after = heldout_loss(trained, heldout_pairs)
+    assert after < before - 0.2, (before, after)
+
+    # The exported dir is a sentence-transformers model with the trained encoder's embeddings.
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(result.model_path, device="cpu")
+    texts = [p[0] for p in heldout_pairs[:8]]
+    ours = trained.encode(texts, "query")
+    theirs = st.encode(texts, prompt=trained.prefix("query"), normalize_embeddings=True)
+    assert np.min(np.sum(ours * theirs, axis=1)) > 0.999
+
+
+def test_zero3_worker_killed_resumes_from_last_checkpoint(ray_local, tmp_path, shard_dir, heldout_pairs):
+    every, kill_at, max_steps = 6, 9, 16
+    cfg = tiny_config(
+        tmp_path,
+        shard_dir,
+        "run.name=zero3",
+        "deepspeed.zero_stage=3",
+        f"run.max_steps={max_steps}",
+        f"run.checkpoint_every={every}",
+        "run.keep_checkpoints=2",
+        "run.max_failures=1",
+        f"run.debug_kill_at_step={kill_at}",
+        "run.debug_kill_rank=1",
+    )
+    result = train(cfg)
+    assert (Path(result.run_dir) / ".debug_killed").exists()  # rank 1 really was SIGKILLed
+    assert result.steps == max_steps
+
+    attempts = list(dict.fromkeys(h["attempt"] for h in result.history))
+    assert len(attempts) == 2, attempts
+    first = [h for h in result.history if h["attempt"] == attempts[0]]
+    second = [h for h in result.history if h["attempt"] == attempts[1]]
+    assert [h["step"] for h in first] == list(range(1, kill_at + 1))
+    last_ckpt = kill_at // every * every
+    assert [h["step"] for h in second] == list(range(last_ckpt + 1, max_steps + 1))
+    repeated = Counter(h["step"] for h in result.history)
+    assert sum(n - 1 for n in repeated.values()) <= every  # at most one checkpoint interval repeated
+    # The batch stream continued where it stopped: repeated steps drew exactly the same batches.
+    by_step = {h["step"]: h["batches"] for h in first}
+    for h in second:
+        if h["step"] in by_step:
+            assert h["batches"] == by_step[h["step"]], h["step"]
+
+    before = initial_model_loss(cfg, shard_dir, heldout_pairs)
+    after = heldout_loss(load_dual_encoder(ModelConfig(name=result.model_path)), heldout_pairs)
+    assert after < before - 0.1, (before, after)
+
+
+def test_nan_loss_error_names_the_step(ray_local, tmp_path, shard_dir):
+    import ray.train
+
+    cfg = tiny_config(
+        tmp_path,
+        shard_dir,
+        "run.name=nan",
+        "run.num_workers=1",
+        "deepspeed.zero_stage=1",
+        "run.max_steps=5",
+        "run.max_failures=0",
+        "run.debug_nan_at_step=3",
+        "run.export=false",
+    )
+    with pytest.raises((ray.train.TrainingFailedError, RuntimeError), match=r"non-finite loss at step 3"):
+        train(cfg)
