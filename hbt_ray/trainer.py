@@ -649,10 +649,11 @@ def tokenizer_texts(shard_dir: Path, max_groups: int) -> list[str]:
     return texts
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     """Run training as configured; returns the last metrics, checkpoint and exported model path.
 
-    Callable from a driver or from inside a Ray task / Tune trial (uses the running Ray instance).
+    Callable from a driver or from inside a Ray task / Tune trial (uses the running Ray instance);
+    ``callbacks`` are Ray Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial.
     """
     import ray
     import ray.data
@@ -695,6 +696,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": read_shards(shard_dir)},
         dataset_config=ray.train.DataConfig(
