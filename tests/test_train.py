@@ -126,6 +126,7 @@ def test_deepspeed_config_follows_train_config():
 
 
 # ---------------------------------------------------------------------------------------- runs
+@pytest.mark.slow
 def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard_dir, heldout_pairs):
     cfg = tiny_config(
         tmp_path,
@@ -165,6 +166,7 @@ def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard
     assert np.min(np.sum(ours * theirs, axis=1)) > 0.999
 
 
+@pytest.mark.slow
 def test_zero3_worker_killed_resumes_from_last_checkpoint(ray_local, tmp_path, shard_dir, heldout_pairs):
     every, kill_at, max_steps = 6, 9, 16
     cfg = tiny_config(
@@ -203,6 +205,7 @@ def test_zero3_worker_killed_resumes_from_last_checkpoint(ray_local, tmp_path, s
     assert after < before - 0.1, (before, after)
 
 
+@pytest.mark.slow
 def test_nan_loss_error_names_the_step(ray_local, tmp_path, shard_dir):
     import ray.train
 
