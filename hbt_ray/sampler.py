@@ -643,10 +643,9 @@ class HybridBatchSampler:
 
     # ------------------------------------------------------------------ buffer
     def _release(self, slots: np.ndarray) -> None:
-        for s in slots.tolist():
-            self._in_buffer.discard(self._ids[s])
-            self._rows[s] = None
-            self._ids[s] = None
+        """Free slots (their rows stay referenced until overwritten: at most buffer_groups rows)."""
+        ids = self._ids
+        self._in_buffer.difference_update([ids[s] for s in slots.tolist()])
         self._alive[slots] = False
         self._cross_ok[slots] = False
         self._has[:, slots] = False
@@ -734,7 +733,7 @@ class HybridBatchSampler:
                     f"group {gid}",
                 )
             self._groups_read += 1
-            plan = self._lang_plan(langs, gid)
+            plan = self._plans.get(tuple(langs)) or self._lang_plan(langs, gid)
             if not plan[0]:
                 self._groups_skipped += 1  # no allowed language: skip the group
                 continue
@@ -967,18 +966,12 @@ class HybridBatchSampler:
         self._stats_passes = st["passes"]
 
 
-def expected_mono_share(cfg: SamplerConfig) -> float:
-    """Expected share of mono steps (hybrid / x-x-mono) — what ``stats()['mono_step_share']`` estimates."""
-    return {"x-x-mono": 1.0, "x-y": 0.0, "x-x": 0.0, "hybrid": cfg.alpha, "hybrid-sample": 0.0}[cfg.strategy]
-
-
 __all__ = [
     "Batch",
     "HybridBatchSampler",
     "SamplerConfig",
     "count_pairs",
     "count_pairs_dataset",
-    "expected_mono_share",
     "lang_weights",
     "parse_lang_pair",
     "PrefetchingPasses",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import pickle
 import zlib
@@ -10,12 +9,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from hbt_ray.config import ConfigError, load_config
-from hbt_ray.data.records import PAIR_SCHEMA, DataError
+from hbt_ray.data.lareqa import read_lareqa_pairs
+from hbt_ray.data.pairs import read_pairs
+from hbt_ray.data.records import DataError, PairGroup
+from hbt_ray.data.shards import Manifest, write_shards
 from hbt_ray.sampler import (
     HybridBatchSampler,
     SamplerConfig,
@@ -29,33 +29,9 @@ from hbt_ray.sampler import (
 # ---------------------------------------------------------------------------- real data as rows
 
 
-def _read_ddtp(path: Path) -> list[dict]:
-    """DDTP records (adjacent per group) → PAIR_SCHEMA rows."""
-    rows: list[dict] = []
-    cur: dict | None = None
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            if cur is None or cur["group_id"] != rec["group_id"]:
-                cur = {
-                    "group_id": rec["group_id"],
-                    "source": "ddtp",
-                    "langs": [],
-                    "queries": [],
-                    "passages": [],
-                }
-                cur["negatives"] = []
-                rows.append(cur)
-            cur["langs"].append(rec["lang"])
-            cur["queries"].append(rec["query"])
-            cur["passages"].append(rec["passage"])
-            cur["negatives"].append([])
-    return rows
-
-
-def _read_mlqa(root: Path) -> list[dict]:
-    """MLQA-R: one group per question id; per language (question, answer sentence); the other
-    sentences of the paragraph are the hard negatives."""
+def _mlqa_with_negatives(root: Path) -> list[dict]:
+    """MLQA-R rows like ``read_lareqa_pairs`` gives, plus hard negatives (the paragraph's other
+    sentences), which that reader does not produce."""
     groups: dict[str, dict] = {}
     for path in sorted(root.glob("*.json")):
         lang = path.stem
@@ -87,12 +63,18 @@ def _read_mlqa(root: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ddtp_rows(shared_data) -> list[dict]:
-    return _read_ddtp(shared_data / "ddtp" / "pairs.jsonl.gz")
+    groups = read_pairs(shared_data / "ddtp" / "pairs.jsonl.gz", progress=False)
+    return [g.to_row() for g in groups]
 
 
 @pytest.fixture(scope="module")
 def mlqa_rows(shared_data) -> list[dict]:
-    return _read_mlqa(shared_data / "lareqa" / "mlqa-r")
+    return [g.to_row() for g in read_lareqa_pairs(shared_data / "lareqa" / "mlqa-r")]
+
+
+@pytest.fixture(scope="module")
+def mlqa_negative_rows(shared_data) -> list[dict]:
+    return _mlqa_with_negatives(shared_data / "lareqa" / "mlqa-r")
 
 
 def _split(rows: list[dict], world_size: int, weights: list[float] | None = None) -> list[list[dict]]:
@@ -281,17 +263,18 @@ def test_shortage_fallback_policies(mlqa_rows):
     assert s.stats()["cross_fallback_pairs"] > 0
 
 
-def test_negatives_from_the_group(mlqa_rows):
-    s = _sampler(mlqa_rows, SamplerConfig(strategy="x-y", batch_size=8, max_negatives=2))
+def test_negatives_from_the_group(mlqa_negative_rows):
+    s = _sampler(mlqa_negative_rows, SamplerConfig(strategy="x-y", batch_size=8, max_negatives=2))
     batch = s.next_batch()
-    by_id = {r["group_id"]: r for r in mlqa_rows}
+    by_id = {r["group_id"]: r for r in mlqa_negative_rows}
     for gid, plang, passage, negs in zip(
         batch.group_ids, batch.passage_langs, batch.passages, batch.negatives
     ):
         row = by_id[gid]
         i = row["langs"].index(plang)
         assert passage == row["passages"][i]
-        assert negs == row["negatives"][i][:2] and passage not in negs
+        assert negs == row["negatives"][i][:2] and len(negs) == min(2, len(row["negatives"][i]))
+        assert passage not in negs
 
 
 # ---------------------------------------------------------------------------- determinism and resume
@@ -374,31 +357,26 @@ def test_bad_rows_fail_naming_the_group():
 # ---------------------------------------------------------------------------- Ray Data
 
 
-def _write_shards(rows: list[dict], out: Path, rows_per_shard: int) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(0, len(rows), rows_per_shard):
-        path = out / f"part-{i // rows_per_shard:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows[i : i + rows_per_shard], schema=PAIR_SCHEMA), path)
-        paths.append(path)
-    return paths
+def _write_shards(rows: list[dict], out: Path, rows_per_shard: int) -> Manifest:
+    return write_shards(
+        (PairGroup.from_row(r) for r in rows), out, rows_per_shard=rows_per_shard, progress=False
+    )
 
 
+@pytest.mark.slow
 def test_ray_data_shards_two_ranks_disjoint_over_passes_and_resume(ray_local, ddtp_rows, tmp_path):
-    rows = ddtp_rows[::8]  # 6,224 groups, still every language
-    _write_shards(rows, tmp_path / "shards", rows_per_shard=400)  # 16 files
-    import ray
-
-    counts, n = count_pairs_dataset(ray.data.read_parquet(str(tmp_path / "shards")))
+    rows = ddtp_rows[::16]  # 3,112 groups, still every language
+    manifest = _write_shards(rows, tmp_path / "shards", rows_per_shard=200)  # 16 files
+    counts, n = manifest.pairs_per_lang, manifest.groups  # the production path: counts from the manifest
     assert (counts, n) == count_pairs(rows)
     world, batch_size = 2, 64
-    cfg = SamplerConfig(strategy="hybrid", alpha=0.5, batch_size=batch_size, buffer_groups=512, seed=2)
+    cfg = SamplerConfig(strategy="hybrid", alpha=0.5, batch_size=batch_size, buffer_groups=256, seed=2)
 
-    def make(rank):
-        stream = shard_streams(tmp_path / "shards", rank, world, seed=cfg.seed)
+    def make(rank, prefetch):
+        stream = shard_streams(tmp_path / "shards", rank, world, seed=cfg.seed, prefetch_next_pass=prefetch)
         return HybridBatchSampler(cfg, stream, rank, world, counts, num_groups=n)
 
-    samplers = [make(r) for r in range(world)]
+    samplers = [make(0, False), make(1, True)]  # both stream kinds; each pass is a Ray Data pipeline
     steps = n // batch_size
     results = [[list(samplers[0]) for _ in range(2)]]  # rank 0: two epochs
     k = steps + steps // 2  # rank 1: checkpoint in the middle of its second pass
@@ -416,7 +394,7 @@ def test_ray_data_shards_two_ranks_disjoint_over_passes_and_resume(ray_local, dd
             for gid, ql, q in zip(b0.group_ids, b0.query_langs, b0.queries):
                 assert by_id[gid]["queries"][list(by_id[gid]["langs"]).index(ql)] == q
     assert all(s.stats()["stream_passes"] >= 1 for s in samplers)
-    resumed = make(1)
+    resumed = make(1, False)
     resumed.load_state_dict(state)
     again = list(resumed.batches(20))
     assert [b.group_ids for b in again] == [b.group_ids for b in tail[:20]]
@@ -426,10 +404,13 @@ def test_ray_data_shards_two_ranks_disjoint_over_passes_and_resume(ray_local, dd
 
 
 def test_shard_streams_fewer_files_than_ranks(ray_local, mlqa_rows, tmp_path):
-    _write_shards(mlqa_rows, tmp_path / "one", rows_per_shard=10_000)  # a single file, 3 ranks
-    factories = [shard_streams(tmp_path / "one", r, 3, prefetch_next_pass=False) for r in range(3)]
+    _write_shards(mlqa_rows, tmp_path / "one", rows_per_shard=10_000)  # a single file, 2 ranks
+    factories = [shard_streams(tmp_path / "one", r, 2, prefetch_next_pass=False) for r in range(2)]
     seen = [[row["group_id"] for row in factory(0)] for factory in factories]
     assert sorted(g for ids in seen for g in ids) == sorted(r["group_id"] for r in mlqa_rows)
+    import ray
+
+    assert count_pairs_dataset(ray.data.read_parquet(str(tmp_path / "one"))) == count_pairs(mlqa_rows)
     assert all(ids for ids in seen)
     with pytest.raises(DataError, match="no such pair shard"):
         shard_streams(tmp_path / "does-not-exist", 0, 1)
@@ -438,6 +419,7 @@ def test_shard_streams_fewer_files_than_ranks(ray_local, mlqa_rows, tmp_path):
         shard_streams(tmp_path / "empty", 0, 1)
 
 
+@pytest.mark.slow
 def test_stream_of_1m_generated_groups_bounded_memory(ray_local):
     import psutil
     import ray
