@@ -240,14 +240,17 @@ def deepspeed_config(cfg: TrainConfig, micro_batch_per_worker: int, world_size: 
         "wall_clock_breakdown": False,
     }
     total = max(cfg.run.max_steps, o.warmup_steps + 1)
+    # DeepSpeed's schedulers need warmup_num_steps >= 1: "no warmup" = one step that starts at the full lr
+    warmup = max(o.warmup_steps, 1)
+    warmup_start = o.lr if o.warmup_steps == 0 else 0.0
     if o.schedule == "linear":
         ds["scheduler"] = {
             "type": "WarmupDecayLR",
             "params": {
                 "total_num_steps": total,
-                "warmup_min_lr": 0.0,
+                "warmup_min_lr": warmup_start,
                 "warmup_max_lr": o.lr,
-                "warmup_num_steps": o.warmup_steps,
+                "warmup_num_steps": warmup,
                 "warmup_type": "linear",
             },
         }
@@ -256,8 +259,8 @@ def deepspeed_config(cfg: TrainConfig, micro_batch_per_worker: int, world_size: 
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": total,
-                "warmup_num_steps": o.warmup_steps,
-                "warmup_min_ratio": 0.0,
+                "warmup_num_steps": warmup,
+                "warmup_min_ratio": 1.0 if o.warmup_steps == 0 else 0.0,
                 "cos_min_ratio": o.min_lr_ratio,
                 "warmup_type": "linear",
             },
@@ -266,9 +269,9 @@ def deepspeed_config(cfg: TrainConfig, micro_batch_per_worker: int, world_size: 
         ds["scheduler"] = {
             "type": "WarmupLR",
             "params": {
-                "warmup_min_lr": 0.0,
+                "warmup_min_lr": warmup_start,
                 "warmup_max_lr": o.lr,
-                "warmup_num_steps": o.warmup_steps,
+                "warmup_num_steps": warmup,
                 "warmup_type": "linear",
             },
         }
