@@ -123,6 +123,8 @@ def test_deepspeed_config_follows_train_config():
     }
     linear = deepspeed_config(load_config(TrainConfig, None, ["optim.lr=3e-4"]), 4, 1)["scheduler"]
     assert linear["type"] == "WarmupDecayLR" and linear["params"]["warmup_max_lr"] == 3e-4
+    # no warmup: DeepSpeed still needs one warmup step; it must start at lr, not 0
+    assert linear["params"]["warmup_num_steps"] == 1 and linear["params"]["warmup_min_lr"] == 3e-4
 
 
 # ---------------------------------------------------------------------------------------- runs
