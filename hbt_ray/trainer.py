@@ -298,6 +298,9 @@ def _contrastive_module(encoder: Any, cfg: TrainConfig) -> Any:
                 min_value=cfg.loss.min_temperature,
                 max_value=cfg.loss.max_temperature,
             )
+            if cfg.loss.learnable_temperature:
+                # DeepSpeed's model broadcast cannot view a 0-dim bf16/fp16 parameter: keep τ as shape [1].
+                self.temperature.log_tau = torch.nn.Parameter(self.temperature.log_tau.detach().reshape(1))
 
         def forward(self, q_ids, q_mask, p_ids, p_mask, n_ids=None, n_mask=None):  # type: ignore[no-untyped-def]
             q = self.encoder(q_ids, q_mask)
