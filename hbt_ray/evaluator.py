@@ -84,6 +84,8 @@ class EvalConfig:
     shard_num_cpus: float = 1.0
     batch_size: int = 64  # encode batch size (rows per map_batches call)
     concurrency: int = 1  # encoder actors
+    cpus_per_actor: float = 1.0  # Ray CPUs each CPU encoder actor asks for
+    actor_threads: int = 0  # torch intra-op threads per encoder actor; 0 = what Ray sets (its CPUs)
     num_gpus: float | None = None  # per encoder actor; None = 1 if the cluster has GPUs, else 0
     float16: bool = False  # keep/transfer/cache embeddings as float16 (FAISS still searches float32)
     cache_dir: str | None = None  # on-disk embedding cache; None = no cache
@@ -321,8 +323,11 @@ def spec_fingerprint(model: ModelSpec) -> str:
 class EncoderActor:
     """A Ray Data ``map_batches`` worker: loads the model once, encodes ``text`` by ``kind``."""
 
-    def __init__(self, model: ModelSpec, batch_size: int = 64, float16: bool = False):
+    def __init__(self, model: ModelSpec, batch_size: int = 64, float16: bool = False, threads: int = 0):
         import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
 
         device = "cuda" if torch.cuda.is_available() else None
         self.encoder = load_encoder(model, device=device, float16=float16)
@@ -354,6 +359,8 @@ def encode_texts_ray(
     num_gpus: float | None = None,
     float16: bool = False,
     show_progress: bool = True,
+    cpus_per_actor: float = 1.0,
+    actor_threads: int = 0,
 ) -> np.ndarray:
     """Encode ``texts`` on Ray Data: ``map_batches`` over ``concurrency`` :class:`EncoderActor` s."""
     import ray
@@ -375,11 +382,12 @@ def encode_texts_ray(
                 "model": model_config(model),
                 "batch_size": batch_size,
                 "float16": float16,
+                "threads": actor_threads,
             },
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_gpus=gpus,
-            num_cpus=0 if gpus > 0 else 1,
+            num_cpus=0 if gpus > 0 else cpus_per_actor,
             batch_format="numpy",
         )
         for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
@@ -401,7 +409,16 @@ def encode_eval_set_ray(model: ModelSpec, eval_set: EvalSet, cfg: EvalConfig) ->
     matrix = _load_cached(path, len(texts))
     if matrix is None:
         matrix = encode_texts_ray(
-            model, texts, kinds, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.float16, cfg.show_progress
+            model,
+            texts,
+            kinds,
+            cfg.batch_size,
+            cfg.concurrency,
+            cfg.num_gpus,
+            cfg.float16,
+            cfg.show_progress,
+            cpus_per_actor=cfg.cpus_per_actor,
+            actor_threads=cfg.actor_threads,
         )
         _save_cached(path, matrix)
     return _unflatten(matrix, spans)

@@ -130,6 +130,8 @@ class RunSection:
     num_workers: int = 2
     use_gpu: Literal["auto", "true", "false"] = "auto"
     cpus_per_worker: float = 1.0  # leave CPUs for Ray Data: it streams the shards during training
+    #: Ray placement of the workers' bundles; STRICT_SPREAD = one worker per node (multi-node runs)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_steps: int = 100
     checkpoint_every: int = 50  # 0 = only the final checkpoint
     keep_checkpoints: int = 2
@@ -144,6 +146,9 @@ class RunSection:
     eval_max_paragraphs: int | None = 50
     export: bool = True  # write the consolidated model to <run dir>/model
     progress: bool = True  # tqdm bar on rank 0
+    #: intra-op threads per worker; 0 = what Ray sets (OMP_NUM_THREADS = the worker's CPUs, at least 1).
+    #: On a small CPU box give the workers fractional CPUs (so Ray Data and evaluators fit) and the real threads here.
+    torch_threads: int = 0
     # Debug switches for the failure tests (off by default).
     debug_kill_at_step: int | None = None  # SIGKILL rank debug_kill_rank after this step, first attempt only
     debug_kill_rank: int = 1
@@ -430,6 +435,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    if cfg.run.torch_threads > 0:
+        torch.set_num_threads(cfg.run.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir = Path(config["run_dir"])
@@ -461,6 +468,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config["lang_counts"],
         num_groups=config["num_groups"],
     )
+
+    # Where each rank runs (Ray node ids, rank order), logged in steps.jsonl: shows the placement.
+    node_ids = [ray.get_runtime_context().get_node_id()]
+    if dist.is_available() and dist.is_initialized() and world > 1:
+        node_ids = [None] * world
+        dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
 
     step, skipped = 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -510,7 +523,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metrics: dict[str, Any] = {}
     while step < cfg.run.max_steps:
         t0 = time.perf_counter()
-        losses, taus, langs, strategies, prints = [], [], set(), [], []
+        losses, taus, langs, strategies, prints, candidates = [], [], set(), [], [], []
         pairs = 0
         nonfinite_at = 0
         for micro_index in range(cfg.optim.grad_accum):
@@ -526,8 +539,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss, tau = engine(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask)
             if cfg.run.debug_nan_at_step is not None and step + 1 == cfg.run.debug_nan_at_step:
                 loss = loss * float("nan")
-            # All ranks must take the same decision: act on the mean loss over ranks.
-            mean_loss = _all_reduce_mean([float(loss.detach())])[0]
+            # All ranks must take the same decision: act on the mean loss over ranks. The same
+            # all-reduce sums the candidates each query is scored against (passages + negatives of
+            # every rank when loss.gather, else this rank's).
+            n_local = len(batch.passages) + len(negatives)
+            mean_loss, mean_candidates = _all_reduce_mean([float(loss.detach()), float(n_local)])
+            candidates.append(round(mean_candidates * world) if cfg.loss.gather else n_local)
             if not math.isfinite(mean_loss):
                 nonfinite_at = micro_index + 1
                 break
@@ -569,12 +586,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "strategy": ",".join(sorted(set(strategies))),
                 "langs": ",".join(sorted(langs)),
                 "skipped_steps": skipped,
+                "candidates": max(candidates),
             }
         else:
             metrics = {**metrics, "step": step, "skipped_steps": skipped}
         if rank == 0:
             with open(steps_log, "a", encoding="utf-8") as fh:
-                record = {**metrics, "skipped": not losses, "batches": prints, "attempt": attempt}
+                record = {
+                    **metrics, "skipped": not losses, "batches": prints, "attempt": attempt, "node_ids": node_ids,
+                }  # fmt: skip
                 fh.write(json.dumps(record) + "\n")
             if progress is not None:
                 progress.update(1)
@@ -696,6 +716,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             num_workers=cfg.run.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=cfg.run.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,

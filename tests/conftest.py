@@ -30,6 +30,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always a fresh instance: never join a cluster another process started
             num_cpus=int(os.environ.get("HBT_TEST_CPUS", "2")),
             object_store_memory=512 * 1024 * 1024,
             include_dashboard=False,

