@@ -77,6 +77,9 @@ class TuneConfig:
     evaluate_untuned: bool = True
     export_best: bool = True
     seed: int = 0
+    #: Ray to use: "" = $RAY_ADDRESS (set by `ray job submit`) else a new local instance; "auto" = the
+    #: cluster this machine belongs to (e.g. on a `ray up` head node); or an explicit address
+    ray_address: str = ""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     #: testing aid: make the trial with this index (0-based, in start order) raise
     inject_failure_trial: int = -1
@@ -479,7 +482,8 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
         json.dumps(scrub_secrets({**to_dict(cfg), "train": to_dict(base), "space_file": space.source}), indent=2)
     )
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
 
     check_trial_fits(cfg, base, ray.cluster_resources())
     untuned = None
