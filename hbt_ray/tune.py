@@ -19,7 +19,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from hbt_ray.config import ConfigError, load_config, read_yaml
+from hbt_ray.config import load_config, read_yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tune_default.yaml"
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             base["train"]["model"]["name"] = "tiny"
     try:
         cfg = load_config(TuneConfig, path, overrides, base=base)
-    except (ConfigError, ValueError) as err:
+    except ValueError as err:  # ConfigError included
         parser.error(str(err))
 
     summary = run_sweep(cfg)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hbt_ray.config import _build, _merge, to_dict
+from hbt_ray.config import _build, _merge, _set_dotted, to_dict
 from hbt_ray.evaluator import EvalConfig
 from hbt_ray.trainer import TrainConfig
 from hbt_ray.tune_report import (
@@ -119,11 +119,7 @@ def trial_train_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig
     """The base training config with a trial's dotted-key parameters applied (type-checked)."""
     tree: dict[str, Any] = {}
     for key, value in params.items():
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        _set_dotted(tree, key, value)
     return _build(TrainConfig, _merge(to_dict(base), tree))
 
 
@@ -255,13 +251,13 @@ def _cell(value: Any) -> Any:
     return value if _scalar(value) else json.dumps(value, default=str)
 
 
-def make_tune_callback(logger: WandbSweepLogger, params_of: dict[str, dict[str, Any]]):
+def make_tune_callback(logger: WandbSweepLogger, swept_keys: list[str]):
     """A Tune callback that mirrors trial starts, results and ends into ``logger``."""
     from ray import tune
 
     class _WandbCallback(tune.Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            params = {k: trial.config.get(k) for k in params_of.get("__keys__", [])}
+            params = {k: trial.config.get(k) for k in swept_keys}
             logger.start_trial(trial.trial_id, params)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -493,7 +489,7 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
         (out_dir / "untuned.json").write_text(json.dumps(untuned, indent=2, default=str))
 
     wandb_logger = WandbSweepLogger(cfg.wandb, name, out_dir, {"train": to_dict(base)})
-    callbacks = [make_tune_callback(wandb_logger, {"__keys__": space.swept_keys})]
+    callbacks = [make_tune_callback(wandb_logger, space.swept_keys)]
     tuned_cfg = copy.deepcopy(cfg)
     tuned_cfg.train = base
     trainable = tune.with_resources(
