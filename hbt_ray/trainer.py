@@ -602,6 +602,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with open(steps_log, "a", encoding="utf-8") as fh:
                 record = {
                     **metrics, "skipped": not losses, "batches": prints, "attempt": attempt, "node_ids": node_ids,
+                    "t_end": time.time(),  # wall clock: the gaps include reporting and logging too
                 }  # fmt: skip
                 fh.write(json.dumps(record) + "\n")
             if progress is not None:
