@@ -137,7 +137,12 @@ class RunSection:
     keep_checkpoints: int = 2
     max_failures: int = 1
     seed: int = 0
-    log_every: int = 1  # ray.train.report metrics every N steps
+    log_every: int = 1  # ray.train.report metrics every N steps, but at most once per report_every_s
+    #: Ray Train V2 hands a worker's reports to its controller through a queue of one, drained at every
+    #: health check (2 s): a report per step blocks each step for up to that long. Reports are made at
+    #: most this often (rank 0 decides, every rank follows); checkpoints, evaluations and the last step
+    #: are always reported. Every step is still in <run dir>/steps.jsonl.
+    report_every_s: float = 5.0
     nan_policy: Literal["error", "skip"] = "error"
     max_skipped_steps: int = 10  # nan_policy=skip: give up after this many
     eval_every: int = 0  # 0 = no intermediate evaluation
@@ -158,7 +163,7 @@ class RunSection:
         for key in ("num_workers", "max_steps", "keep_checkpoints", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"run.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("checkpoint_every", "max_failures", "eval_every"):
+        for key in ("checkpoint_every", "max_failures", "eval_every", "report_every_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"run.{key}: must be >= 0, got {getattr(self, key)}")
         if self.eval_every and not self.eval:
@@ -521,6 +526,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     metrics: dict[str, Any] = {}
+    last_report, report_now = time.perf_counter(), False  # report_now: due, held until a log_every step
     while step < cfg.run.max_steps:
         t0 = time.perf_counter()
         losses, taus, langs, strategies, prints, candidates = [], [], set(), [], [], []
@@ -547,7 +553,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # all-reduce sums the candidates each query is scored against (passages + negatives of
             # every rank when loss.gather, else this rank's).
             n_local = len(batch.passages) + len(negatives)
-            mean_loss, mean_candidates = _all_reduce_mean([float(loss.detach()), float(n_local)])
+            report_due = rank == 0 and time.perf_counter() - last_report >= cfg.run.report_every_s
+            mean_loss, mean_candidates, mean_due = _all_reduce_mean(
+                [float(loss.detach()), float(n_local), float(report_due)]
+            )
+            report_now = report_now or mean_due > 0  # rank 0's decision, on every rank
             candidates.append(round(mean_candidates * world) if cfg.loss.gather else n_local)
             t_phase = _add_time(phase, "sync", t_phase)
             if not math.isfinite(mean_loss):
@@ -615,8 +625,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.update(_intermediate_eval(encoder, eval_set, cfg))
         if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.max_steps:
             save_and_report(metrics)
-        elif step % cfg.run.log_every == 0:
+            last_report, report_now = time.perf_counter(), False
+        elif (report_now and step % cfg.run.log_every == 0) or (
+            eval_set is not None and step % cfg.run.eval_every == 0
+        ):
             ray.train.report(metrics)
+            last_report, report_now = time.perf_counter(), False
         if (
             cfg.run.debug_kill_at_step is not None
             and step == cfg.run.debug_kill_at_step
