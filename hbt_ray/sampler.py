@@ -412,6 +412,7 @@ class HybridBatchSampler:
             raise ConfigError("sampler.languages: no language with pairs left")
         self._all_data_langs = set(lang_counts)
         self.lang_index = {lang: i for i, lang in enumerate(self.langs)}
+        self._langs_arr = np.array(self.langs, dtype=object)
         weights = lang_weights({lang: counts[lang] for lang in self.langs}, cfg.lang_temperature)
         self.p = np.array([weights[lang] for lang in self.langs])
         self._p_cum = np.cumsum(self.p)
@@ -438,6 +439,9 @@ class HybridBatchSampler:
         self._in_buffer: set[str] = set()
         self._arrivals = 0
         self._deferred: list[Any] = []  # stream rows whose group was still in the buffer
+        self._pending: Any = None  # a row read by the fast path of _refill, handed to _admit
+        self._qs: list[Any] = [None] * size  # per slot: the row's queries / passages lists
+        self._ps: list[Any] = [None] * size
         self._plans: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._stream: Iterator[Any] | None = None
         self._stream_pass = 0
@@ -552,10 +556,16 @@ class HybridBatchSampler:
         return candidates
 
     def _draw_lang(
-        self, rng: np.random.Generator, slots: np.ndarray, exclude: np.ndarray | None = None
+        self,
+        rng: np.random.Generator,
+        slots: np.ndarray,
+        exclude: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Per slot a language ∝ p among the group's languages (minus ``exclude``)."""
-        weights = (self._lang_pos[slots] >= 0) * self.p[None, :]
+        """Per slot a language ∝ p among the group's languages (minus ``exclude``); ``weights``: the
+        slots' ``(languages present) * p`` if already computed (modified when excluding)."""
+        if weights is None:
+            weights = (self._lang_pos[slots] >= 0) * self.p[None, :]
         if exclude is not None:
             weights[np.arange(len(slots)), exclude] = 0.0
         cum = np.cumsum(weights, axis=1)
@@ -572,8 +582,9 @@ class HybridBatchSampler:
     ) -> list[tuple[np.ndarray, ...]]:
         slots = self._pick(rng, self._cross_ok, k, taken)
         if self._pair_w is None:
-            qlang = self._draw_lang(rng, slots)
-            plang = self._draw_lang(rng, slots, exclude=qlang)
+            weights = (self._lang_pos[slots] >= 0) * self.p[None, :]
+            qlang = self._draw_lang(rng, slots, weights=weights.copy())
+            plang = self._draw_lang(rng, slots, exclude=qlang, weights=weights)
         else:
             has = (self._lang_pos[slots] >= 0).astype(float)
             weights = (has[:, :, None] * has[:, None, :] * self._pair_w[None]).reshape(len(slots), -1)
@@ -612,12 +623,12 @@ class HybridBatchSampler:
         return parts
 
     def _make_batch(self, step, epoch, kind, lang, slots, qlang, plang, fallback) -> Batch:
-        rows, lang_pos, langs = self._rows, self._lang_pos, self.langs
+        rows, ids, qs, ps, lang_pos, langs = self._rows, self._ids, self._qs, self._ps, self._lang_pos, self.langs
         qpos = lang_pos[slots, qlang].tolist()
         ppos = lang_pos[slots, plang].tolist()
         slot_list = slots.tolist()
-        queries = [rows[s]["queries"][i] for s, i in zip(slot_list, qpos)]
-        passages = [rows[s]["passages"][i] for s, i in zip(slot_list, ppos)]
+        queries = [qs[s][i] for s, i in zip(slot_list, qpos)]
+        passages = [ps[s][i] for s, i in zip(slot_list, ppos)]
         max_neg = self.cfg.max_negatives
         if max_neg:
             negatives = []
@@ -634,9 +645,9 @@ class HybridBatchSampler:
             queries=queries,
             passages=passages,
             negatives=negatives,
-            query_langs=[langs[i] for i in qlang.tolist()],
-            passage_langs=[langs[i] for i in plang.tolist()],
-            group_ids=[self._ids[s] for s in slot_list],
+            query_langs=self._langs_arr[qlang].tolist(),
+            passage_langs=self._langs_arr[plang].tolist(),
+            group_ids=[ids[s] for s in slot_list],
             rank=self.rank,
             fallback_pairs=fallback,
         )
@@ -663,19 +674,22 @@ class HybridBatchSampler:
             try:
                 row = next(self._stream)
             except StopIteration:
-                if self._pass_rows == 0:
-                    raise DataError(
-                        f"rank {self.rank}: stream pass {self._stream_pass} yielded no groups",
-                        f"stream of rank {self.rank}",
-                    ) from None
-                self._stream = None
-                self._stream_pass += 1
-                self._stream_pos = 0
-                self._stats_passes += 1
+                self._end_pass()
                 continue
             self._stream_pos += 1
             self._pass_rows += 1
             return row
+
+    def _end_pass(self) -> None:
+        if self._pass_rows == 0:
+            raise DataError(
+                f"rank {self.rank}: stream pass {self._stream_pass} yielded no groups",
+                f"stream of rank {self.rank}",
+            )
+        self._stream = None
+        self._stream_pass += 1
+        self._stream_pos = 0
+        self._stats_passes += 1
 
     def _lang_plan(self, langs: Any, gid: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(language indices, positions in the row lists) of a row's usable languages, cached per tuple."""
@@ -712,7 +726,9 @@ class HybridBatchSampler:
                     del deferred[i]
                     return row, self._lang_plan(row["langs"], row["group_id"])
         while len(deferred) <= self.cfg.buffer_groups:
-            row = self._next_row()
+            row, self._pending = self._pending, None
+            if row is None:
+                row = self._next_row()
             if isinstance(row, PairGroup):
                 row = row.to_row()
             try:
@@ -745,6 +761,9 @@ class HybridBatchSampler:
         return None
 
     def _refill(self) -> None:
+        """Fill the free slots. Hot loop (one iteration per group read): the common case (no deferred
+        rows, a known language tuple, a group not in the buffer) stays inline; the rest goes through
+        :meth:`_admit`."""
         free = np.flatnonzero(~self._alive)
         if len(free) == 0:
             return
@@ -752,37 +771,87 @@ class HybridBatchSampler:
         cols: list[int] = []
         poss: list[int] = []
         filled: list[int] = []
-        rows, ids, in_buffer = self._rows, self._ids, self._in_buffer
+        rows, ids, qs, ps, in_buffer = self._rows, self._ids, self._qs, self._ps, self._in_buffer
+        plans, deferred = self._plans, self._deferred
+        fast = 0  # rows taken by the fast path (stream position and counters updated after the loop)
         for slot in free.tolist():
-            admitted = self._admit()
-            if admitted is None:
-                break
-            row, (row_cols, row_poss) = admitted
+            row = None
+            stream = self._stream
+            if not deferred and stream is not None:
+                try:
+                    row = next(stream)
+                except StopIteration:
+                    self._sync_fast(fast)
+                    fast = 0
+                    self._end_pass()  # _admit opens the next one
+                if row is not None:
+                    try:
+                        gid = row["group_id"]
+                        langs = row["langs"]
+                        queries = row["queries"]
+                        passages = row["passages"]
+                        plan = plans.get(tuple(langs))
+                        ok = (
+                            plan is not None
+                            and plan[0]
+                            and gid not in in_buffer
+                            and len(queries) == len(langs) == len(passages)
+                        )
+                    except (KeyError, TypeError):
+                        ok = False
+                    if ok:
+                        fast += 1
+                    else:
+                        self._sync_fast(fast)
+                        fast = 0
+                        self._stream_pos += 1
+                        self._pass_rows += 1
+                        self._pending = row  # the slow path checks and reports it
+                        row = None
+            if row is None:
+                admitted = self._admit()
+                if admitted is None:
+                    break
+                row, (row_cols, row_poss) = admitted
+                gid, queries, passages = row["group_id"], row["queries"], row["passages"]
+            else:
+                row_cols, row_poss = plan
             counts.append(len(row_cols))
             cols.extend(row_cols)
             poss.extend(row_poss)
-            gid = row["group_id"]
             rows[slot] = row
             ids[slot] = gid
+            qs[slot] = queries
+            ps[slot] = passages
             in_buffer.add(gid)
             filled.append(slot)
+        self._sync_fast(fast)
         if filled:
             self._arrival[filled] = np.arange(self._arrivals, self._arrivals + len(filled))
             self._arrivals += len(filled)
-            self._index_slots(filled, np.repeat(filled, counts).tolist(), cols, poss)
+            self._index_slots(filled, counts, cols, poss)
 
-    def _index_slots(self, filled: list[int], rows_idx: list[int], cols: list[int], poss: list[int]) -> None:
+    def _sync_fast(self, n: int) -> None:
+        self._stream_pos += n
+        self._pass_rows += n
+        self._groups_read += n
+
+    def _index_slots(self, filled: list[int], counts: list[int], cols: list[int], poss: list[int]) -> None:
+        """Index newly filled slots: slot ``filled[i]`` has ``counts[i]`` usable languages, whose
+        (language index, position in the row lists) are the next ``counts[i]`` items of cols / poss."""
         if not filled:
             return
-        filled_arr = np.array(filled)
-        self._lang_pos[rows_idx, cols] = poss
-        self._has[cols, rows_idx] = True
+        filled_arr = np.array(filled, dtype=np.intp)
+        counts_arr = np.array(counts, dtype=np.intp)
+        rows_idx = np.repeat(filled_arr, counts_arr)
+        cols_arr = np.array(cols, dtype=np.intp)
+        self._lang_pos[rows_idx, cols_arr] = poss
+        self._has[cols_arr, rows_idx] = True
         self._alive[filled_arr] = True
-        has = self._lang_pos[filled_arr] >= 0
         if self._pair_w is None:
-            self._cross_ok[filled_arr] = has.sum(axis=1) >= 2
+            self._cross_ok[filled_arr] = counts_arr >= 2
         else:
-            hf = has.astype(float)
+            hf = (self._lang_pos[filled_arr] >= 0).astype(float)
             self._cross_ok[filled_arr] = ((hf @ self._pair_w) * hf).sum(axis=1) > 0
 
     # ------------------------------------------------------------------ statistics
@@ -936,23 +1005,24 @@ class HybridBatchSampler:
         self._stream_pass = int(state["stream_pass"])
         self._stream_pos = int(state["stream_pos"])
         self._deferred = list(state["deferred"])
+        self._pending = None
         saved_reads = state["stats"]["groups_read"]
         self._reset_stats()
-        rows_idx, cols, poss, filled = [], [], [], []
+        counts, cols, poss, filled = [], [], [], []
         for slot, arrival, row in state["buffer"]:
-            for i, lang in enumerate(row["langs"]):
-                j = self.lang_index.get(lang)
-                if j is not None:
-                    rows_idx.append(slot)
-                    cols.append(j)
-                    poss.append(i)
+            row_cols, row_poss = self._lang_plan(row["langs"], row["group_id"])
+            counts.append(len(row_cols))
+            cols.extend(row_cols)
+            poss.extend(row_poss)
             self._rows[slot] = row
             self._ids[slot] = row["group_id"]
+            self._qs[slot] = row["queries"]
+            self._ps[slot] = row["passages"]
             self._in_buffer.add(row["group_id"])
             self._arrival[slot] = arrival
             filled.append(slot)
         self._arrivals = int(state["arrivals"])
-        self._index_slots(filled, rows_idx, cols, poss)
+        self._index_slots(filled, counts, cols, poss)
         st = state["stats"]
         self._steps_by_kind = dict(st["steps_by_kind"])
         self._mono_steps = np.array(st["mono_steps"], dtype=np.int64)

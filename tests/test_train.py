@@ -149,6 +149,9 @@ def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard
     for h in result.history:
         assert np.isfinite(h["loss"]) and h["pairs_per_s"] > 0 and h["langs"]
         assert h["strategy"] in ("mono", "cross")
+        if not h["skipped"]:  # where the step's time went
+            phases = [h[f"time_{k}_s"] for k in ("data", "forward", "sync", "backward", "optimizer")]
+            assert min(phases) >= 0 and h["time_forward_s"] > 0 and sum(phases) <= h["step_time_s"]
     assert {h["strategy"] for h in result.history} == {"mono", "cross"}  # hybrid: both kinds of batch
     lrs = [h["lr"] for h in result.history]  # linear warmup (5 updates, from 0) then linear decay
     assert lrs[0] == 0 and max(lrs) == pytest.approx(cfg.optim.lr) and lrs[-1] < lrs[10] < max(lrs)

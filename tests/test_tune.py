@@ -127,3 +127,18 @@ def test_trials_that_starve_ray_data_fail_fast():
     ok = load_config(TuneConfig, None, ["train.run.num_workers=1", "train.run.cpus_per_worker=0.5"])
     check_trial_fits(ok, ok.train, {"CPU": 2.0})
     check_trial_fits(cfg, cfg.train, {"CPU": 2.0, "GPU": 1.0})
+
+
+def test_asha_rungs_count_training_steps():
+    """Reports are time-throttled, so ASHA's clock is the training step: the first rung is after two
+    evaluations, the last at max_steps; without intermediate evaluations ASHA is refused."""
+    from hbt_ray.tune_space import load_space
+    from hbt_ray.tuner import _scheduler, resolve_space_path
+
+    space = load_space(resolve_space_path("ratio_temperature"))
+    cfg = load_config(TuneConfig, None, ["train.run.eval_every=10", "train.run.eval=xquad-r", "train.run.max_steps=100"])
+    asha = _scheduler(space, cfg)
+    assert asha._time_attr == "step" and asha._max_t == 100
+    assert min(milestone for milestone, _ in asha._brackets[0]._rungs) == 20
+    with pytest.raises(ValueError, match="eval_every"):
+        _scheduler(space, load_config(TuneConfig, None, ["train.run.eval_every=0"]))
