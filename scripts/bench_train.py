@@ -186,6 +186,9 @@ def bench_hbt(
     )
     result = train(cfg)
     steady = [h for h in result.history if warmup < h["step"] < steps]
+    threads = {h["torch_threads"] for h in steady}
+    if threads != {1}:  # (b), (c) and the matmul peak use 1 thread per process
+        raise SystemExit(f"hbt_ray workers ran with {threads} torch threads, not 1: not comparable")
     phases = {k: statistics.median(h[f"time_{k}_s"] for h in steady) for k in PHASES}
     phases["step"] = statistics.median(h["step_time_s"] for h in steady)
     # Wall clock from one step's end to the next: the step plus everything around it (ray.train.report,

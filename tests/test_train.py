@@ -127,6 +127,67 @@ def test_deepspeed_config_follows_train_config():
     assert linear["params"]["warmup_num_steps"] == 1 and linear["params"]["warmup_min_lr"] == 3e-4
 
 
+def _ddtp_sampler(n_groups: int = 400):
+    from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs
+
+    rows = [g.to_row() for g in itertools.islice(iter_pair_groups("ddtp"), n_groups)]
+    counts, n = count_pairs(rows)
+    cfg = SamplerConfig(batch_size=16, buffer_groups=64, alpha=0.5, seed=3)
+    return HybridBatchSampler(cfg, lambda _pass: iter(rows), 0, 1, counts, num_groups=n)
+
+
+def test_contrastive_module_trains_with_dropout(tmp_path):
+    """A from_pretrained encoder arrives in eval mode; the module DeepSpeed trains must be in train mode
+    (dropout on), whatever the encoder was loaded from."""
+    from hbt_ray.trainer import _contrastive_module
+
+    tiny = load_dual_encoder(ModelConfig(name="tiny"))
+    tiny.save_pretrained(tmp_path / "exported")
+    loaded = load_dual_encoder(ModelConfig(name=str(tmp_path / "exported")))
+    assert not loaded.backbone.training  # from_pretrained: eval mode
+    module = _contrastive_module(loaded, load_config(TrainConfig, None, []))
+    assert all(m.training for m in module.modules())
+
+
+def test_prefetched_batches_keep_order_and_resume_exactly(shared_data):
+    """Batches drawn ahead in a thread come in the sampler's order; a checkpoint taken while batches are
+    prefetched resumes with exactly the batches a plain sampler would have drawn next."""
+    from hbt_ray.trainer import PrefetchedBatches
+
+    plain = _ddtp_sampler()
+    expected = [plain.next_batch().group_ids for _ in range(12)]
+    prepared_sizes = []
+    first = PrefetchedBatches(_ddtp_sampler(), lambda b: len(b.queries), depth=3)
+    got = []
+    for _ in range(5):
+        batch, prepared = first.next()
+        got.append(batch.group_ids)
+        prepared_sizes.append(prepared)
+    state = first.state_dict()  # the sampler is ahead: the prefetched batches travel in the state
+    first.close()
+    assert state["pending"] and state["sampler"]["step"] == 5 + len(state["pending"])
+    second = PrefetchedBatches(_ddtp_sampler(), lambda b: len(b.queries), depth=3)
+    second.load_state_dict(state)
+    got += [second.next()[0].group_ids for _ in range(7)]
+    second.close()
+    assert got == expected and prepared_sizes == [16] * 5
+
+
+def test_prefetched_batches_raise_the_preparation_error(shared_data):
+    from hbt_ray.trainer import PrefetchedBatches
+
+    def prepare(batch):
+        if batch.step == 2:
+            raise ValueError("cannot tokenize step 2")
+        return None
+
+    batches = PrefetchedBatches(_ddtp_sampler(), prepare)
+    assert [batches.next()[0].step for _ in range(2)] == [0, 1]
+    with pytest.raises(ValueError, match="step 2"):
+        batches.next()
+    batches.close()
+
+
 # ---------------------------------------------------------------------------------------- runs
 @pytest.mark.slow
 def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard_dir, heldout_pairs):
