@@ -630,6 +630,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     metrics: dict[str, Any] = {}
     last_report, report_now = time.perf_counter(), False  # report_now: due, held until a log_every step
+    confirm_checkpoint = False
     while step < cfg.run.max_steps:
         t0 = time.perf_counter()
         losses, taus, langs, strategies, prints, candidates = [], [], set(), [], [], []
@@ -722,12 +723,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics.update(_intermediate_eval(encoder, eval_set, cfg))
         if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.max_steps:
             save_and_report(metrics)
-            last_report, report_now = time.perf_counter(), False
-        elif (report_now and step % cfg.run.log_every == 0) or (
-            eval_set is not None and step % cfg.run.eval_every == 0
+            # The controller registers a reported checkpoint when it drains the worker's result queue
+            # (every 2 s); a crash before that loses it. The next step's report blocks until the queue
+            # is drained, so from then on the checkpoint is safe.
+            last_report, report_now, confirm_checkpoint = time.perf_counter(), False, True
+        elif (
+            (report_now and step % cfg.run.log_every == 0)
+            or (eval_set is not None and step % cfg.run.eval_every == 0)
+            or confirm_checkpoint
         ):
             ray.train.report(metrics)
-            last_report, report_now = time.perf_counter(), False
+            last_report, report_now, confirm_checkpoint = time.perf_counter(), False, False
         if (
             cfg.run.debug_kill_at_step is not None
             and step == cfg.run.debug_kill_at_step
