@@ -110,6 +110,15 @@ def test_deepspeed_config_follows_train_config():
     )
     ds = deepspeed_config(cfg, micro_batch_per_worker=8, world_size=2)
     assert ds["zero_optimization"]["stage"] == 3
+    # one worker: the configured stage with offload (ZeRO-Offload on one GPU), stage 0 without
+    assert deepspeed_config(cfg, 8, 1)["zero_optimization"]["stage"] == 3
+    plain = load_config(TrainConfig, None, ["deepspeed.zero_stage=2"])
+    assert deepspeed_config(plain, 8, 1)["zero_optimization"]["stage"] == 0
+    assert deepspeed_config(plain, 8, 2)["zero_optimization"]["stage"] == 2
+    kept = load_config(TrainConfig, None, ["deepspeed.zero_stage=2", "deepspeed.single_worker_stage=null"])
+    assert deepspeed_config(kept, 8, 1)["zero_optimization"]["stage"] == 2
+    with pytest.raises(ConfigError, match="deepspeed.single_worker_stage"):
+        load_config(TrainConfig, None, ["deepspeed.single_worker_stage=5"])
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
