@@ -773,7 +773,6 @@ class HybridBatchSampler:
         filled: list[int] = []
         rows, ids, qs, ps, in_buffer = self._rows, self._ids, self._qs, self._ps, self._in_buffer
         plans, deferred = self._plans, self._deferred
-        fast = 0  # rows taken by the fast path (stream position and counters updated after the loop)
         for slot in free.tolist():
             row = None
             stream = self._stream
@@ -781,10 +780,10 @@ class HybridBatchSampler:
                 try:
                     row = next(stream)
                 except StopIteration:
-                    self._sync_fast(fast)
-                    fast = 0
                     self._end_pass()  # _admit opens the next one
                 if row is not None:
+                    self._stream_pos += 1
+                    self._pass_rows += 1
                     try:
                         gid = row["group_id"]
                         langs = row["langs"]
@@ -800,12 +799,8 @@ class HybridBatchSampler:
                     except (KeyError, TypeError):
                         ok = False
                     if ok:
-                        fast += 1
+                        self._groups_read += 1
                     else:
-                        self._sync_fast(fast)
-                        fast = 0
-                        self._stream_pos += 1
-                        self._pass_rows += 1
                         self._pending = row  # the slow path checks and reports it
                         row = None
             if row is None:
@@ -825,16 +820,10 @@ class HybridBatchSampler:
             ps[slot] = passages
             in_buffer.add(gid)
             filled.append(slot)
-        self._sync_fast(fast)
         if filled:
             self._arrival[filled] = np.arange(self._arrivals, self._arrivals + len(filled))
             self._arrivals += len(filled)
             self._index_slots(filled, counts, cols, poss)
-
-    def _sync_fast(self, n: int) -> None:
-        self._stream_pos += n
-        self._pass_rows += n
-        self._groups_read += n
 
     def _index_slots(self, filled: list[int], counts: list[int], cols: list[int], poss: list[int]) -> None:
         """Index newly filled slots: slot ``filled[i]`` has ``counts[i]`` usable languages, whose
