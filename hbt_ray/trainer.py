@@ -522,11 +522,9 @@ class PrefetchedBatches:
             return {"sampler": self.sampler.state_dict(), "pending": pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (before the first :meth:`next`); a bare sampler state works too."""
+        """Restore :meth:`state_dict` (before the first :meth:`next`)."""
         if self._thread is not None:
             raise RuntimeError("load_state_dict after batches were drawn")
-        if "pending" not in state:
-            state = {"sampler": state, "pending": []}
         self.sampler.load_state_dict(state["sampler"])
         self._ready = deque((b, self.prepare(b)) for b in state["pending"])
 
@@ -565,9 +563,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     encoder = load_dual_encoder(cfg.model, train_texts=tokenizer_texts)  # gradient checkpointing: cfg.model
     module = _contrastive_module(encoder, cfg)
     micro = cfg.sampler.batch_size // world
-    if rank == 0 and zero_stage(cfg, world) != cfg.deepspeed.zero_stage:
+    stage = zero_stage(cfg, world)
+    if rank == 0 and stage != cfg.deepspeed.zero_stage:
         print(
-            f"[hbt_ray.train] one worker, no offload: ZeRO stage {zero_stage(cfg, world)} instead of "
+            f"[hbt_ray.train] one worker, no offload: ZeRO stage {stage} instead of "
             f"{cfg.deepspeed.zero_stage} (deepspeed.single_worker_stage)",
             flush=True,
         )
