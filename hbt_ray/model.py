@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hbt_ray.packed import packed_forward_supported, packed_hidden_states, packed_pool
+
 Kind = Literal["query", "passage"]
 
 #: The file :meth:`DualEncoder.save_pretrained` writes with our ModelConfig (resolved pooling/prefixes).
@@ -55,6 +57,7 @@ class ModelConfig:
     query_max_len: int = 64
     passage_max_len: int = 256
     gradient_checkpointing: bool = False
+    unpad: bool = True  # dense layers on real tokens only (BERT/XLM-R layouts; see hbt_ray.packed)
     freeze_word_embeddings: bool = False  # e5-small's 96M-param embedding table, frozen on CPU
     seed: int = 0
     cache_dir: str = ""  # "" → $HBT_CACHE_DIR or ~/.cache/hbt_ray
@@ -261,6 +264,8 @@ class DualEncoder(torch.nn.Module):
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.freeze_word_embeddings:
             backbone.get_input_embeddings().weight.requires_grad_(False)
+        #: True when forward skips pad tokens (:mod:`hbt_ray.packed`); else the backbone runs padded.
+        self.packed = cfg.unpad and packed_forward_supported(backbone)
 
     @property
     def dim(self) -> int:
@@ -290,6 +295,10 @@ class DualEncoder(torch.nn.Module):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            hidden, rows = packed_hidden_states(self.backbone, input_ids, attention_mask)
+            pooled = packed_pool(hidden, rows, input_ids.shape[0], self.cfg.pooling)
+            return F.normalize(pooled, dim=-1) if self.cfg.normalize else pooled
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.cfg.pooling == "cls":
             pooled = hidden[:, 0]

@@ -2,8 +2,10 @@
 
 (a) hbt_ray.train with 1 worker (Ray Train + DeepSpeed), (b) a bare PyTorch loop, (c) the
 sentence-transformers trainer with MultipleNegativesRankingLoss, (d) hbt_ray.train with 2 workers.
-Steady-state pairs/s = median over the steps after ``--warmup``. MFU = achieved FLOP/s of (a) over
-the fp32 matmul peak measured here with the same thread count (1 thread per worker).
+Steady-state pairs/s = median over the steps after ``--warmup``. MFU = model FLOP/s of (a) (real
+tokens only) over the fp32 matmul peak measured here with the same thread count (1 thread per
+worker). (a), (b) and (d) run the dual encoder as configured (``model.unpad=true``: dense layers on
+real tokens only); (c) runs the sentence-transformers stack, padded.
 
     python scripts/bench_train.py --steps 30 --batch 32                       # tiny preset
     python scripts/bench_train.py --steps 12 --warmup 2 \
@@ -61,14 +63,15 @@ def draw_batches(shard_dir: Path, sampler_cfg, steps: int) -> list:
 
 
 def flops_per_step(encoder, batch) -> float:
-    """≈ 6·N·tokens (non-embedding params, fwd+bwd) + attention scores (fwd+bwd), padded tokens."""
+    """Model FLOPs of a step: 6·N·tokens (non-embedding params, fwd+bwd) + attention scores (fwd+bwd),
+    counting real tokens only — pad tokens are not useful work (a padded forward computes them anyway)."""
     cfg = encoder.backbone.config
     n_params = sum(p.numel() for n, p in encoder.backbone.named_parameters() if "embeddings" not in n)
     total = 0.0
     for texts, kind in ((batch.queries, "query"), (batch.passages, "passage")):
-        ids = encoder.tokenize(list(texts), kind)["input_ids"]
-        b, s = ids.shape
-        total += 6 * n_params * b * s + 3 * 4 * cfg.num_hidden_layers * b * s * s * cfg.hidden_size
+        lengths = encoder.tokenize(list(texts), kind)["attention_mask"].sum(1).double()
+        total += 6 * n_params * float(lengths.sum())
+        total += 3 * 4 * cfg.num_hidden_layers * cfg.hidden_size * float((lengths**2).sum())
     return total
 
 

@@ -161,6 +161,55 @@ def test_gradient_checkpointing_gives_the_same_gradients(cache_dir):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
 
 
+def _outputs_and_grads(enc: DualEncoder, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    enc.zero_grad()
+    out = enc(**batch)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["bert-mean", "bert-cls", "xlm-roberta-mean"])
+def test_unpadded_forward_matches_the_padded_one(tiny, arch):
+    """model.unpad: the dense layers run on real tokens only; outputs and gradients are the padded
+    forward's (eval mode: dropout masks cannot match across layouts)."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    if arch.startswith("xlm-roberta"):
+        torch.manual_seed(0)
+        xcfg = XLMRobertaConfig(
+            vocab_size=len(tiny.tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, pad_token_id=0,
+        )  # fmt: skip
+        enc = DualEncoder(tiny.cfg, XLMRobertaModel(xcfg, add_pooling_layer=False), tiny.tokenizer)
+    else:
+        enc = DualEncoder(
+            ModelConfig(name="tiny", pooling=arch.split("-")[1]), tiny.backbone, tiny.tokenizer
+        )
+    assert enc.packed
+    enc.eval()
+    batch = enc.tokenize(TEXTS, "passage")
+    assert (batch["attention_mask"] == 0).any()  # the batch has pads to skip
+    packed_out, packed_grads = _outputs_and_grads(enc, batch)
+    enc.packed = False
+    padded_out, padded_grads = _outputs_and_grads(enc, batch)
+    torch.testing.assert_close(packed_out, padded_out, rtol=1e-5, atol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 10
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_unpad_off_and_unsupported_architectures_run_padded(tiny):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    assert not DualEncoder(ModelConfig(name="tiny", unpad=False), tiny.backbone, tiny.tokenizer).packed
+    distil = DistilBertModel(
+        DistilBertConfig(vocab_size=len(tiny.tokenizer), dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    )
+    enc = DualEncoder(tiny.cfg, distil, tiny.tokenizer)
+    assert not enc.packed
+    assert enc.encode(TEXTS[:2], "query").shape == (2, 32)
+
+
 def test_frozen_word_embeddings_get_no_gradient(cache_dir):
     enc = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir, freeze_word_embeddings=True))
     word = enc.backbone.get_input_embeddings().weight
