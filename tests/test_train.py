@@ -15,7 +15,7 @@ from hbt_ray.data.shards import write_shards
 from hbt_ray.data.sources import iter_pair_groups
 from hbt_ray.loss import info_nce_loss
 from hbt_ray.model import ModelConfig, load_dual_encoder
-from hbt_ray.trainer import TrainConfig, deepspeed_config, tokenizer_texts, train
+from hbt_ray.trainer import TrainConfig, deepspeed_config, tokenizer_texts, train, worker_env_vars
 
 TINY_YAML = Path(__file__).resolve().parents[1] / "hbt_ray" / "configs" / "train_tiny.yaml"
 TRAIN_GROUPS = 2000
@@ -124,6 +124,11 @@ def test_deepspeed_config_follows_train_config():
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["train_batch_size"] == 8 * 4 * 2 and ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_clipping"] == 0.5
+    assert "communication_data_type" not in ds  # default: the training dtype
+    bf16_wire = load_config(TrainConfig, None, ["deepspeed.communication_dtype=bf16"])
+    assert deepspeed_config(bf16_wire, 8, 2)["communication_data_type"] == "bf16"
+    assert worker_env_vars(cfg)["MALLOC_MMAP_MAX_"] == "0"
+    assert worker_env_vars(load_config(TrainConfig, None, ["run.keep_freed_memory=false"])) == {}
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
     assert ds["scheduler"]["params"] == {
         **ds["scheduler"]["params"],
@@ -223,6 +228,7 @@ def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard
             phases = [h[f"time_{k}_s"] for k in ("data", "forward", "sync", "backward", "optimizer")]
             assert min(phases) >= 0 and h["time_forward_s"] > 0 and sum(phases) <= h["step_time_s"]
     assert {h["strategy"] for h in result.history} == {"mono", "cross"}  # hybrid: both kinds of batch
+    assert {h["malloc_mmap_max"] for h in result.history} == {"0"}  # run.keep_freed_memory reached the workers
     lrs = [h["lr"] for h in result.history]  # linear warmup (5 updates, from 0) then linear decay
     assert lrs[0] == 0 and max(lrs) == pytest.approx(cfg.optim.lr) and lrs[-1] < lrs[10] < max(lrs)
 
