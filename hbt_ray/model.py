@@ -296,15 +296,17 @@ class DualEncoder(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            hidden, rows = packed_hidden_states(self.backbone, input_ids, attention_mask)
+            hidden, rows = packed_hidden_states(
+                self.backbone, input_ids, attention_mask, checkpointing=self.cfg.gradient_checkpointing
+            )
             pooled = packed_pool(hidden, rows, input_ids.shape[0], self.cfg.pooling)
-            return F.normalize(pooled, dim=-1) if self.cfg.normalize else pooled
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.cfg.pooling == "cls":
-            pooled = hidden[:, 0]
         else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if self.cfg.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         if self.cfg.normalize:
             pooled = F.normalize(pooled, dim=-1)
         return pooled

@@ -81,11 +81,12 @@ def _packed_layer(
 
 
 def packed_hidden_states(
-    backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, checkpointing: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Last hidden states of the real tokens, ``[tokens, H]`` in row-major order, and each token's row.
 
-    ``input_ids``/``attention_mask`` are the usual ``[batch, length]`` padded tensors.
+    ``input_ids``/``attention_mask`` are the usual ``[batch, length]`` padded tensors; ``checkpointing``
+    recomputes each layer in the backward pass (training only).
     """
     batch, length = input_ids.shape
     mask = attention_mask.bool()
@@ -93,9 +94,6 @@ def packed_hidden_states(
     embedded = backbone.embeddings(input_ids=input_ids)  # positions as the model defines them
     hidden = embedded.reshape(batch * length, -1).index_select(0, index)
     key_mask = mask[:, None, None, :]
-    checkpointing = getattr(backbone, "is_activation_checkpointing", None)  # transformers >= 5
-    if checkpointing is None:
-        checkpointing = backbone.is_gradient_checkpointing
     recompute = checkpointing and backbone.training and torch.is_grad_enabled()
     for layer in backbone.encoder.layer:
         if recompute:
