@@ -292,8 +292,9 @@ def evaluate_model(model: Any, cfg: TuneConfig) -> dict[str, Any]:
 
 
 def trial_index(trial_name: str) -> int:
-    """The 0-based creation index Tune puts in a trial name (``run_trial_1a2b3_00002`` → 2)."""
-    match = re.search(r"_(\d{5})(?:_|$)", trial_name)
+    """The 0-based creation index Tune puts in a trial name (``run_trial_1a2b3_00002`` → 2), after the
+    sweep's 5-hex-digit id, which can be all decimal digits (``run_trial_86183_00003`` → 3, not 86183)."""
+    match = re.search(r"_[0-9a-f]{5}_(\d{5})(?:_|$)", trial_name)
     return int(match.group(1)) if match else -1
 
 

@@ -60,6 +60,8 @@ def _overrides(tmp_path: Path) -> list[str]:
 def test_trial_index_from_trial_name():
     assert trial_index("run_trial_1a2b3_00002") == 2
     assert trial_index("run_trial_1a2b3_00000_0_sampler.alpha=0.5") == 0
+    assert trial_index("run_trial_86183_00003") == 3  # an all-digit sweep id (CI failed on this one)
+    assert trial_index("run_trial_86183_00003_3_sampler_alpha=0.2500_2026-11-22_12-46-36") == 3
     assert trial_index("nothing") == -1
 
 
