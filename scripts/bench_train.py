@@ -75,7 +75,9 @@ def flops_per_step(encoder, batch) -> float:
     return total
 
 
-def bench_bare(model_cfg, texts, batches, lr: float, tau: float, warmup: int) -> tuple[float, float]:
+def bench_bare(
+    model_cfg, texts, batches, lr: float, tau: float, warmup: int, fused: bool
+) -> tuple[float, float]:
     """(b): tokenize → embed → InfoNCE → backward → clip → AdamW step; → (pairs/s, FLOPs/step)."""
     import torch
 
@@ -86,7 +88,7 @@ def bench_bare(model_cfg, texts, batches, lr: float, tau: float, warmup: int) ->
     torch.manual_seed(0)
     encoder = load_dual_encoder(model_cfg, train_texts=texts)
     encoder.train()
-    opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.01, fused=fused)
     times = []
     for batch in batches:
         t0 = time.perf_counter()
@@ -104,7 +106,7 @@ def bench_bare(model_cfg, texts, batches, lr: float, tau: float, warmup: int) ->
 
 
 def bench_sentence_transformers(
-    model_cfg, texts, batches, lr: float, tau: float, warmup: int, out: Path
+    model_cfg, texts, batches, lr: float, tau: float, warmup: int, fused: bool, out: Path
 ) -> float:
     """(c): SentenceTransformerTrainer + MultipleNegativesRankingLoss (scale = 1/τ) on the same pairs."""
     import torch
@@ -142,6 +144,7 @@ def bench_sentence_transformers(
         max_steps=len(batches),
         learning_rate=lr,
         weight_decay=0.01,
+        optim="adamw_torch_fused" if fused else "adamw_torch",  # the same AdamW kernel as (a) and (b)
         max_grad_norm=1.0,
         lr_scheduler_type="linear",
         batch_sampler=BatchSamplers.BATCH_SAMPLER,
@@ -253,9 +256,11 @@ def main() -> None:
 
     peak = matmul_peak_flops(1)
     print(f"matmul peak (fp32, 1 thread): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    b_rate, step_flops = bench_bare(cfg.model, texts, batches, args.lr, tau, args.warmup)
+    b_rate, step_flops = bench_bare(cfg.model, texts, batches, args.lr, tau, args.warmup, cfg.optim.fused)
     print(f"(b) bare PyTorch          {b_rate:8.1f} pairs/s", flush=True)
-    c_rate = bench_sentence_transformers(cfg.model, texts, batches, args.lr, tau, args.warmup, out)
+    c_rate = bench_sentence_transformers(
+        cfg.model, texts, batches, args.lr, tau, args.warmup, cfg.optim.fused, out
+    )
     print(f"(c) sentence-transformers {c_rate:8.1f} pairs/s", flush=True)
 
     # One logical CPU more than the workers use, for Ray Data's reads (mostly idle once buffered).

@@ -111,26 +111,27 @@ WORLD = 2
 DIM = 8
 
 
-def _global_inputs(sizes):
+def _global_inputs(sizes, neg_counts):
     n = sum(sizes)
     q = _unit(n, DIM, seed=10).float()
     p = _unit(n, DIM, seed=11).float()
-    neg = _unit(2 * WORLD, DIM, seed=12).float()
+    neg = _unit(max(sum(neg_counts), 1), DIM, seed=12).float()[: sum(neg_counts)]
     return q, p, neg
 
 
-def _worker(rank: int, port: int, sizes: tuple[int, int], symmetric: bool, out_dir: str) -> None:
+def _worker(rank: int, port: int, sizes: tuple[int, int], symmetric: bool, neg_counts, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        q, p, neg = _global_inputs(sizes)
+        q, p, neg = _global_inputs(sizes, neg_counts)
         start = sum(sizes[:rank])
         sl = slice(start, start + sizes[rank])
         w = torch.nn.Parameter(torch.eye(DIM) + 0.01 * torch.arange(DIM * DIM).reshape(DIM, DIM) / DIM**2)
         q_loc, p_loc = q[sl] @ w, p[sl] @ w
-        neg_loc = neg[2 * rank : 2 * rank + 2] @ w
+        # hard negatives: any count per worker, none at all on some (an empty tensor: the gather still runs)
+        neg_loc = neg[sum(neg_counts[:rank]) : sum(neg_counts[: rank + 1])] @ w
         loss = info_nce_loss(q_loc, p_loc, 0.1, negatives=neg_loc, symmetric=symmetric)
         loss.backward()
         # what DDP / DeepSpeed do: average the parameter gradients over workers
@@ -150,12 +151,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize(("sizes", "symmetric"), [((4, 4), False), ((3, 5), True)])
-def test_gathered_loss_across_two_gloo_workers_equals_single_process(tmp_path, sizes, symmetric):
-    mp.spawn(_worker, args=(_free_port(), sizes, symmetric, str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize(
+    ("sizes", "symmetric", "neg_counts"), [((4, 4), False, (2, 2)), ((3, 5), True, (3, 0)), ((4, 4), False, (0, 0))]
+)
+def test_gathered_loss_across_two_gloo_workers_equals_single_process(tmp_path, sizes, symmetric, neg_counts):
+    args = (_free_port(), sizes, symmetric, neg_counts, str(tmp_path))
+    mp.spawn(_worker, args=args, nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"r{r}.pt") for r in range(WORLD)]
 
-    q, p, neg = _global_inputs(sizes)
+    q, p, neg = _global_inputs(sizes, neg_counts)
     w = torch.nn.Parameter(torch.eye(DIM) + 0.01 * torch.arange(DIM * DIM).reshape(DIM, DIM) / DIM**2)
     # single process on the concatenated batch: per-query losses, candidates = all passages + all negatives
     qw, pw, nw = q @ w, p @ w, neg @ w

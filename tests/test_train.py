@@ -15,7 +15,14 @@ from hbt_ray.data.shards import write_shards
 from hbt_ray.data.sources import iter_pair_groups
 from hbt_ray.loss import info_nce_loss
 from hbt_ray.model import ModelConfig, load_dual_encoder
-from hbt_ray.trainer import TrainConfig, deepspeed_config, tokenizer_texts, train, worker_env_vars
+from hbt_ray.trainer import (
+    TrainConfig,
+    _optimizer,
+    deepspeed_config,
+    tokenizer_texts,
+    train,
+    worker_env_vars,
+)
 
 TINY_YAML = Path(__file__).resolve().parents[1] / "hbt_ray" / "configs" / "train_tiny.yaml"
 TRAIN_GROUPS = 2000
@@ -128,6 +135,9 @@ def test_deepspeed_config_follows_train_config():
     bf16_wire = load_config(TrainConfig, None, ["deepspeed.communication_dtype=bf16"])
     assert deepspeed_config(bf16_wire, 8, 2)["communication_data_type"] == "bf16"
     assert worker_env_vars(cfg)["MALLOC_MMAP_MAX_"] == "0"
+    layer = torch.nn.Linear(4, 4)
+    assert _optimizer(layer, cfg).defaults["fused"] is True  # optim.fused: torch's fused AdamW kernel
+    assert not _optimizer(layer, load_config(TrainConfig, None, ["optim.fused=false"])).defaults["fused"]
     assert worker_env_vars(load_config(TrainConfig, None, ["run.keep_freed_memory=false"])) == {}
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
     assert ds["scheduler"]["params"] == {
@@ -202,6 +212,107 @@ def test_prefetched_batches_raise_the_preparation_error(shared_data):
     batches.close()
 
 
+def test_balanced_deal_evens_the_load_with_equal_counts():
+    from hbt_ray.trainer import balanced_deal
+
+    costs = [[300, 280, 250, 240], [40, 30, 60, 50]]  # rank 0 drew all the long pairs
+    deal = balanced_deal(costs)
+    assert [len(d) for d in deal] == [4, 4]
+    assert sorted(p for d in deal for p in d) == [(r, i) for r in range(2) for i in range(4)]
+    loads = [sum(costs[r][i] for r, i in d) for d in deal]
+    assert loads == [630, 620], loads  # was 1070 and 180
+    assert balanced_deal(costs) == deal  # deterministic: every rank computes the same deal
+    assert balanced_deal([[5, 5], [5, 5]]) == [[(0, 0), (1, 0)], [(0, 1), (1, 1)]]
+
+
+DEAL_PAIRS = [  # (query, passage, hard negatives): rank 0 draws long passages and all the negatives
+    [("grep", "grep searches one or more input files for lines containing a match " * 3, ["sed", "awk"]),
+     ("zlib", "zlib is a library implementing the deflate compression method " * 4, []),
+     ("curl", "command line tool for transferring data with URL syntax " * 3, ["wget"]),
+     ("vim", "Vim is an almost compatible version of the UNIX editor Vi " * 3, [])],
+    [("ls", "list files", []), ("cat", "print files", []), ("rm", "remove", []), ("cp", "copy files", [])],
+]  # fmt: skip
+
+
+def _deal_worker(rank: int, init_file: str, cache_dir: str, out_dir: str) -> None:
+    import datetime
+    import pickle
+
+    import torch.distributed as dist
+
+    from hbt_ray.trainer import _contrastive_module, deal_by_tokens
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        torch.manual_seed(0)  # the same tiny encoder on both ranks
+        encoder = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir))
+        module = _contrastive_module(encoder, TrainConfig()).eval()  # no dropout: comparable losses
+
+        def encode(texts, kind):
+            out = encoder.tokenize(texts, kind)
+            return out["input_ids"], out["attention_mask"]
+
+        pairs = DEAL_PAIRS[rank]
+        negs = [n for _, _, ns in pairs for n in ns]
+        prepared = (*encode([q for q, _, _ in pairs], "query"), *encode([p for _, p, _ in pairs], "passage"),
+                    *(encode(negs, "passage") if negs else (None, None)), [len(ns) for _, _, ns in pairs])  # fmt: skip
+        results = {}
+        for name in ("drawn", "dealt"):
+            batch = prepared
+            if name == "dealt":
+                batch, results["rank_tokens"] = deal_by_tokens(prepared, encoder.tokenizer)
+            module.zero_grad()
+            # rank 1 drew no hard negatives: it must still join the negatives' all-gather
+            loss, _ = module(*batch[:6])
+            loss.backward()
+            grad = torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            dist.all_reduce(grad)
+            real = [[row[m.bool()].tolist() for row, m in zip(*batch[k : k + 2])] if batch[k] is not None else []
+                    for k in (0, 2, 4)]  # fmt: skip
+            results[name] = {"loss": mean_loss / 2, "grad": grad / 2, "real": real, "negs": batch[6]}
+        with open(f"{out_dir}/rank{rank}.pkl", "wb") as fh:
+            pickle.dump(results, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_deal_by_tokens_balances_ranks_and_keeps_loss_and_gradients(tmp_path, shared_data):
+    """Two gloo ranks: rank 0 drew the long pairs and every hard negative. After the deal the ranks'
+    real tokens are near-equal, each pair kept its negatives, and the loss and gradients over the
+    global batch are unchanged (a rank without negatives still joins the negatives' all-gather)."""
+    import pickle
+
+    cache = str(tmp_path / "cache")
+    load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache))  # builds and caches the tokenizer
+    torch.multiprocessing.spawn(
+        _deal_worker, args=(str(tmp_path / "pg"), cache, str(tmp_path)), nprocs=2, join=True
+    )
+    res = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2)]
+    before, after = res[0]["rank_tokens"][:2], res[0]["rank_tokens"][2:]
+    assert res[1]["rank_tokens"] == res[0]["rank_tokens"]
+    assert sum(before) == sum(after)
+    assert abs(after[0] - after[1]) < 0.25 * abs(before[0] - before[1]), (before, after)
+
+    def triples(name):  # (query, passage, its negatives) of every rank, as token lists
+        out = []
+        for r in res:
+            q, p, n = r[name]["real"]
+            starts = np.cumsum([0, *r[name]["negs"]])
+            out += [(q[i], p[i], n[starts[i] : starts[i + 1]]) for i in range(len(q))]
+        return sorted(map(repr, out))
+
+    assert triples("drawn") == triples("dealt")
+    assert [len(r["dealt"]["negs"]) for r in res] == [4, 4]
+    for r in res:
+        torch.testing.assert_close(r["dealt"]["loss"], r["drawn"]["loss"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["dealt"]["grad"], r["drawn"]["grad"], rtol=1e-4, atol=1e-6)
+    assert res[0]["drawn"]["grad"].abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------- runs
 @pytest.mark.slow
 def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard_dir, heldout_pairs):
@@ -229,6 +340,9 @@ def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard
             assert min(phases) >= 0 and h["time_forward_s"] > 0 and sum(phases) <= h["step_time_s"]
     assert {h["strategy"] for h in result.history} == {"mono", "cross"}  # hybrid: both kinds of batch
     assert {h["malloc_mmap_max"] for h in result.history} == {"0"}  # run.keep_freed_memory reached the workers
+    # run.balance_tokens: the ranks' real tokens after the deal are closer than as drawn, on average
+    spread = np.array([[abs(r[0] - r[1]), abs(r[2] - r[3])] for r in (h["rank_tokens"] for h in result.history)])
+    assert spread[:, 1].mean() < 0.5 * spread[:, 0].mean(), spread
     lrs = [h["lr"] for h in result.history]  # linear warmup (5 updates, from 0) then linear decay
     assert lrs[0] == 0 and max(lrs) == pytest.approx(cfg.optim.lr) and lrs[-1] < lrs[10] < max(lrs)
 
