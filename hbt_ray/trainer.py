@@ -345,12 +345,8 @@ def deepspeed_config(cfg: TrainConfig, micro_batch_per_worker: int, world_size: 
 # --------------------------------------------------------------------------------------------------
 def _contrastive_module(encoder: Any, cfg: TrainConfig) -> Any:
     import torch
-    import torch.distributed as dist
 
-    from hbt_ray.loss import Temperature, info_nce_loss
-
-    def world_size() -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    from hbt_ray.loss import Temperature, _distributed, info_nce_loss
 
     class ContrastiveModule(torch.nn.Module):
         """Encoder + τ in one module, so DeepSpeed owns (and shards) both; forward returns the loss."""
@@ -372,7 +368,7 @@ def _contrastive_module(encoder: Any, cfg: TrainConfig) -> Any:
             q = self.encoder(q_ids, q_mask)
             p = self.encoder(p_ids, p_mask)
             neg = self.encoder(n_ids, n_mask) if n_ids is not None else None
-            if neg is None and cfg.loss.hard_negatives and cfg.loss.gather and world_size() > 1:
+            if neg is None and cfg.loss.hard_negatives and cfg.loss.gather and _distributed():
                 # this worker has none, others may: every worker must run the same collectives
                 neg = q.new_zeros((0, q.shape[1]), requires_grad=True)
             tau = self.temperature()
