@@ -88,6 +88,7 @@ import numpy as np
 
 from hbt_ray.config import ConfigError
 from hbt_ray.data.records import LANG_RE, PAIR_SCHEMA, DataError, Pair, PairGroup  # noqa: F401 (Pair: doctest)
+from hbt_ray.data.shards import read_pair_parquet
 
 Strategy = Literal["x-x-mono", "x-x", "x-y", "hybrid", "hybrid-sample"]
 OnShort = Literal["next-lang", "x-x", "error"]
@@ -272,20 +273,12 @@ def shard_streams(
         return table.filter(pa.array(mask, type=pa.bool_()))
 
     def read_pass(n_pass: int) -> Iterator[dict[str, Any]]:
-        import ray
 
         order = list(mine)
         if shuffle_files:
             perm = np.random.default_rng([seed, rank, n_pass]).permutation(len(order))
             order = [order[i] for i in perm]
-        # Ray Data 2.60's default Parquet path (DataSourceV2) lists the files on a pool of 32
-        # FooterReader actors, new for every read: on a 2-core node that is ~3.4 s of CPU per pass
-        # (0.55 s with V1) and ~2 minutes before the first row on a fresh 2-node cluster. Our passes
-        # are a few known files, so the V1 read tasks are enough.
-        ray.data.DataContext.get_current().use_datasource_v2 = False
-        ds = ray.data.read_parquet(
-            [str(p) for p in order], schema=PAIR_SCHEMA, override_num_blocks=len(order)
-        )
+        ds = read_pair_parquet(order, override_num_blocks=len(order))  # V1 path: no actor pool per pass
         ds.context.execution_options.preserve_order = True
         ds.context.target_max_block_size = block_bytes  # bounded blocks: memory independent of data size
         if by_hash:
