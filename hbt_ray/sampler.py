@@ -273,7 +273,6 @@ def shard_streams(
         return table.filter(pa.array(mask, type=pa.bool_()))
 
     def read_pass(n_pass: int) -> Iterator[dict[str, Any]]:
-
         order = list(mine)
         if shuffle_files:
             perm = np.random.default_rng([seed, rank, n_pass]).permutation(len(order))

@@ -202,7 +202,6 @@ def read_shards(shard_dir: str | os.PathLike, validate: bool = True, **read_parq
 
     Needs Ray initialised (``ray.init()``) or starts a local one, as ``ray.data`` does.
     """
-
     paths = shard_paths(shard_dir, validate=validate)
     if not paths:
         raise DataError("manifest lists no shards (empty input?)", Path(shard_dir) / MANIFEST)
@@ -216,6 +215,7 @@ def read_pair_parquet(paths: Sequence[str | os.PathLike], datasource_v2: bool = 
     started anew for every read: on a 2-core node ~3.4 s of CPU per read of 4 small shards (V1:
     0.55 s), and ~2 minutes before the first row on a fresh 2-node cluster. The sampler reads its
     shards again every pass, so that cost recurs; ``scripts/bench_data.py`` prints both side by side.
+    The choice is made on this process's current ``DataContext``, so later reads here use it too.
     """
     import ray.data
 
