@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -187,9 +188,14 @@ def test_prefetched_batches_keep_order_and_resume_exactly(shared_data):
         batch, prepared = first.next()
         got.append(batch.group_ids)
         prepared_sizes.append(prepared)
-    state = first.state_dict()  # the sampler is ahead: the prefetched batches travel in the state
+    # the sampler is ahead: the prefetched batches travel in the state. Wait for the thread to fill its
+    # 3 slots (on a loaded CI machine it had not drawn one yet when state_dict ran: pending was []).
+    deadline = time.monotonic() + 120
+    while len(first.state_dict()["pending"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    state = first.state_dict()
     first.close()
-    assert state["pending"] and state["sampler"]["step"] == 5 + len(state["pending"])
+    assert len(state["pending"]) == 3 and state["sampler"]["step"] == 5 + 3
     second = PrefetchedBatches(_ddtp_sampler(), lambda b: len(b.queries), depth=3)
     second.load_state_dict(state)
     got += [second.next()[0].group_ids for _ in range(7)]
