@@ -87,7 +87,7 @@ from typing import Any, Literal
 import numpy as np
 
 from hbt_ray.config import ConfigError
-from hbt_ray.data.records import LANG_RE, PAIR_SCHEMA, DataError, Pair, PairGroup  # noqa: F401 (Pair: doctest)
+from hbt_ray.data.records import LANG_RE, DataError, Pair, PairGroup  # noqa: F401 (Pair: doctest)
 from hbt_ray.data.shards import read_pair_parquet
 
 Strategy = Literal["x-x-mono", "x-x", "x-y", "hybrid", "hybrid-sample"]
@@ -249,7 +249,7 @@ def shard_streams(
     (:class:`PrefetchingPasses`).
 
         >>> factory = shard_streams("shards/", rank, world_size, seed=cfg.seed)  # doctest: +SKIP
-        >>> rows = factory(0)  # a ray.data iterator of pair rows, one pass
+        >>> rows = factory(0)  # a ray.data iterator of pair rows, one pass  # doctest: +SKIP
     """
     if isinstance(shards, (str, os.PathLike)):
         root = Path(shards)

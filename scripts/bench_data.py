@@ -9,6 +9,7 @@ issue asks for: groups/s of read + write shards (the `prepare` path).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -76,9 +77,8 @@ def main() -> None:
 
 def host_cpu_s() -> float:
     """CPU seconds used by every process on this host so far (/proc/stat): Ray's workers included."""
-    import os
-
-    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 

@@ -60,7 +60,7 @@ def test_two_nodes_one_worker_each_gathers_global_batch(tmp_path: Path, shared_d
     env = {**os.environ, "HBT_DATA_DIR": str(shared_data), "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True,
-        timeout=600,  # 215 s on a slow day (2026-12-01): mostly starting the 2-node cluster and its workers
+        timeout=600,  # 68-121 s since shards are read via Ray Data V1; 366 s before, on a slow day
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = json.loads((tmp_path / "result.json").read_text())
