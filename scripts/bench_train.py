@@ -1,7 +1,10 @@
 """Training throughput side by side: same model, batches, lengths and optimizer (AdamW, same lr).
 
 (a) hbt_ray.train with 1 worker (Ray Train + DeepSpeed), (b) a bare PyTorch loop, (c) the
-sentence-transformers trainer with MultipleNegativesRankingLoss, (d) hbt_ray.train with 2 workers.
+sentence-transformers trainer with MultipleNegativesRankingLoss, (d) hbt_ray.train with 2 workers, one
+row per ``--zero-stages`` entry (default 0 and 2: plain data parallel, which a model whose optimizer
+state fits in a worker should run, and ZeRO-2, to show what partitioning costs on top; ``scaling_2w``
+is the first stage's).
 Steady-state pairs/s = median over the steps after ``--warmup``. MFU = model FLOP/s of (a) (real
 tokens only) over the fp32 matmul peak measured here with the same thread count (1 thread per
 worker). (a), (b) and (d) run the dual encoder as configured (``model.unpad=true``: dense layers on
@@ -222,7 +225,12 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=2000, help="DDTP groups to train on")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default=None, help="work dir (default: a temp dir)")
-    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument(
+        "--zero-stages", type=int, nargs="+", default=[0, 2], metavar="STAGE",
+        help="ZeRO stages to run (d) at, one (d) row each; scaling_2w is the first one's. 0 = plain data "
+        "parallel (one gradient all-reduce): what a model whose optimizer state fits in a worker runs at; "
+        "2 = gradients and optimizer state partitioned (what it costs on top). (a) is one worker: stage 0",
+    )  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=2,
         help="(a) and (d) run this many times, alternating (a,d then d,a, …): a shared host drifts by "
@@ -249,7 +257,7 @@ def main() -> None:
         f"sampler.batch_size={args.batch}",
         f"optim.lr={args.lr}",
         "optim.warmup_steps=0",
-        f"deepspeed.zero_stage={args.zero_stage}",
+        f"deepspeed.zero_stage={args.zero_stages[0]}",
         *args.set,
     ]
     cfg = load_config(
@@ -273,43 +281,61 @@ def main() -> None:
 
     # One logical CPU more than the workers use, for Ray Data's reads (mostly idle once buffered).
     ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    runs: dict[int, list[tuple[float, dict[str, float]]]] = {1: [], 2: []}
+    stages = list(dict.fromkeys(args.zero_stages))
+    runs: dict[str, list[tuple[float, dict[str, float]]]] = {"a": [], **{f"d{z}": [] for z in stages}}
     try:
         for r in range(args.rounds):
-            for workers in (1, 2) if r % 2 == 0 else (2, 1):
-                runs[workers].append(bench_hbt(shard_dir, out, workers, args.steps, args.warmup, overrides, f"_r{r}"))
-                label = "(a) hbt_ray 1 worker " if workers == 1 else "(d) hbt_ray 2 workers"
-                print(f"{label}     {runs[workers][-1][0]:8.1f} pairs/s  (round {r + 1})", flush=True)
+            order = ["a", *(f"d{z}" for z in stages)]
+            for key in order if r % 2 == 0 else reversed(order):
+                workers, stage = (1, stages[0]) if key == "a" else (2, int(key[1:]))
+                ov = [*overrides, f"deepspeed.zero_stage={stage}"]
+                runs[key].append(
+                    bench_hbt(shard_dir, out, workers, args.steps, args.warmup, ov, f"_r{r}_z{stage}")
+                )
+                print(f"{run_label(key):<28}{runs[key][-1][0]:8.1f} pairs/s  (round {r + 1})", flush=True)
     finally:
         ray.shutdown()
-    a_rates, d_rates = [rate for rate, _ in runs[1]], [rate for rate, _ in runs[2]]
-    a_rate, d_rate = statistics.median(a_rates), statistics.median(d_rates)
-    scaling = statistics.median(d / a for a, d in zip(a_rates, d_rates))
-    a_phases = {k: statistics.median(p[k] for _, p in runs[1]) for k in runs[1][0][1]}
-    d_phases = {k: statistics.median(p[k] for _, p in runs[2]) for k in runs[2][0][1]}
+    rates = {key: [rate for rate, _ in results] for key, results in runs.items()}
+    rate = {key: statistics.median(v) for key, v in rates.items()}
+    phases = {key: {k: statistics.median(p[k] for _, p in v) for k in v[0][1]} for key, v in runs.items()}
+    # d/a per round (each round's own (a) and (d) ran minutes apart), then the median over rounds
+    scaling = {z: statistics.median(d / a for a, d in zip(rates["a"], rates[f"d{z}"])) for z in stages}
+    a_rate = rate["a"]
 
     mfu = a_rate / args.batch * step_flops / peak
     print()
     print(f"{'run':<28}{'pairs/s':>10}{'vs (a)':>10}")
-    for name, rate in (("(a) hbt_ray 1 worker", a_rate), ("(b) bare PyTorch", b_rate),
-                       ("(c) sentence-transformers", c_rate), ("(d) hbt_ray 2 workers", d_rate)):  # fmt: skip
-        print(f"{name:<28}{rate:>10.1f}{rate / a_rate:>10.2f}")
+    table = [
+        ("(a) hbt_ray 1 worker", a_rate),
+        ("(b) bare PyTorch", b_rate),
+        ("(c) sentence-transformers", c_rate),
+    ]
+    table += [(run_label(f"d{z}"), rate[f"d{z}"]) for z in stages]
+    for name, value in table:
+        print(f"{name:<28}{value:>10.1f}{value / a_rate:>10.2f}")
     print()
     cols = (*PHASES, "step", "between steps")
     print("median seconds per step, rank 0:  " + "".join(f"{k:>14}" for k in cols))
-    for name, phases in (("(a) 1 worker", a_phases), ("(d) 2 workers", d_phases)):
-        print(f"{name:<34}" + "".join(f"{phases[k]:>14.3f}" for k in cols))
+    for key in runs:
+        print(f"{run_label(key):<34}" + "".join(f"{phases[key][k]:>14.3f}" for k in cols))
     print(
         f"FLOPs/step {step_flops / 1e9:.2f} GFLOP, batch {args.batch}, steps {args.steps} (warmup {args.warmup})"
     )
-    print(
-        "rounds (a): " + ", ".join(f"{x:.2f}" for x in a_rates) + "  (d): " + ", ".join(f"{x:.2f}" for x in d_rates)
-        + "  d/a: " + ", ".join(f"{d / a:.3f}" for a, d in zip(a_rates, d_rates))
-    )  # fmt: skip
+    for key, v in rates.items():
+        line = f"rounds {run_label(key)}: " + ", ".join(f"{x:.2f}" for x in v)
+        if key != "a":
+            line += "  d/a: " + ", ".join(f"{d / a:.3f}" for a, d in zip(rates["a"], v))
+        print(line)
+    print("scaling_2w by ZeRO stage of (d): " + ", ".join(f"stage {z} {scaling[z]:.3f}" for z in stages))
     print(
         f"RESULT overhead_vs_bare={a_rate / b_rate:.3f} vs_sentence_transformers={a_rate / c_rate:.3f} "
-        f"scaling_2w={scaling:.3f} mfu={mfu:.4f}"
+        f"scaling_2w={scaling[stages[0]]:.3f} mfu={mfu:.4f}"
     )
+
+
+def run_label(key: str) -> str:
+    """Table label of a run key: "a" (one worker) or "d<stage>" (two workers at that ZeRO stage)."""
+    return "(a) hbt_ray 1 worker" if key == "a" else f"(d) hbt_ray 2 workers ZeRO-{key[1:]}"
 
 
 if __name__ == "__main__":
