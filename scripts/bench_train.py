@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -83,10 +84,12 @@ def flops_per_step(encoder, batch) -> float:
     return total
 
 
-def bench_bare(
-    model_cfg, texts, batches, lr: float, tau: float, warmup: int, fused: bool
-) -> tuple[float, float]:
-    """(b): tokenize → embed → InfoNCE → backward → clip → AdamW step; → (pairs/s, FLOPs/step)."""
+def bare_step_times(
+    model_cfg, texts, batches, lr: float, tau: float, fused: bool, barrier=None
+) -> list[float]:
+    """(b)'s step over ``batches``: tokenize → embed → InfoNCE → backward → clip → AdamW; → seconds per
+    step, start to start. With ``barrier`` (shared with processes stepping their own batches at the same
+    time) every step starts when all are ready: lockstep, as data parallel is, but with no communication."""
     import torch
 
     from hbt_ray.loss import info_nce_loss
@@ -97,9 +100,13 @@ def bench_bare(
     encoder = load_dual_encoder(model_cfg, train_texts=texts)
     encoder.train()
     opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.01, fused=fused)
-    times = []
-    for batch in batches:
-        t0 = time.perf_counter()
+    starts = []
+    for batch in [*batches, None]:
+        if barrier is not None:
+            barrier.wait()
+        starts.append(time.perf_counter())
+        if batch is None:
+            break
         q = encoder.embed(list(batch.queries), "query")
         p = encoder.embed(list(batch.passages), "passage")
         loss = info_nce_loss(q, p, tau)
@@ -107,10 +114,60 @@ def bench_bare(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
         opt.step()
-        times.append(time.perf_counter() - t0)
-    pairs = len(batches[0].queries)
-    flops = statistics.mean(flops_per_step(encoder, b) for b in batches)
-    return pairs / statistics.median(times[warmup:]), flops
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+def bench_bare(model_cfg, texts, batches, lr: float, tau: float, warmup: int, fused: bool) -> float:
+    """(b): the bare PyTorch loop in this process; → pairs/s."""
+    times = bare_step_times(model_cfg, texts, batches, lr, tau, fused)
+    return len(batches[0].queries) / statistics.median(times[warmup:])
+
+
+def split_in_two(encoder, batches) -> tuple[list, list]:
+    """Each batch's pairs dealt into two halves of equal size and near-equal real tokens, as (d)'s
+    ``run.balance_tokens`` deals them across its two workers; → (first halves, second halves)."""
+    import dataclasses
+
+    from hbt_ray.trainer import balanced_deal
+
+    aligned = ("queries", "passages", "negatives", "query_langs", "passage_langs", "group_ids")
+    halves: tuple[list, list] = ([], [])
+    for b in batches:
+        q = encoder.tokenize(list(b.queries), "query")["attention_mask"].sum(1).tolist()
+        p = encoder.tokenize(list(b.passages), "passage")["attention_mask"].sum(1).tolist()
+        cost = [a + c for a, c in zip(q, p)]
+        n = len(cost) // 2
+        for half, dealt in zip(halves, balanced_deal([cost[:n], cost[n:]])):
+            idx = [src * n + i for src, i in dealt]
+            lists = {k: getattr(b, k) for k in aligned if len(getattr(b, k)) == len(cost)}
+            half.append(dataclasses.replace(b, **{k: [v[i] for i in idx] for k, v in lists.items()}))
+    return halves
+
+
+def bench_host_ceiling(
+    model_cfg, texts, batches, halves, lr: float, tau: float, warmup: int, fused: bool
+) -> float:
+    """The best d/a this host allows: (b)'s loop in one fresh process on whole batches, then in two
+    processes at once, each on its half of every batch (:func:`split_in_two`), in lockstep with no
+    communication; → (2-process pairs/s) / (1-process pairs/s). It runs between the (a)/(d) runs, so it
+    sees the host as they do: on a shared VM two busy cores are often slower per token than one."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    rates = []
+    with ctx.Manager() as manager:
+        for parts in ([batches], list(halves)):
+            barrier = manager.Barrier(len(parts))
+            with ProcessPoolExecutor(len(parts), mp_context=ctx) as pool:
+                futures = [
+                    pool.submit(bare_step_times, model_cfg, texts, part, lr, tau, fused, barrier)
+                    for part in parts
+                ]
+                times = [f.result() for f in futures]
+            lockstep = [max(ts) for ts in zip(*times)]  # equal up to the barrier's own latency
+            rates.append(len(batches[0].queries) / statistics.median(lockstep[warmup:]))
+    return rates[1] / rates[0]
 
 
 def bench_sentence_transformers(
@@ -238,18 +295,30 @@ def main() -> None:
         help="(a) and (d) run this many times, alternating (a,d then d,a, …): a shared host drifts by "
         "10 %% over minutes; the rates are medians, scaling_2w the median of the rounds' own d/a",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-host-ceiling", dest="host_ceiling", action="store_false",
+        help="skip the host's two-process ceiling (bare loop, 2 processes vs 1; once per round)",
+    )  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_train_"))
+    try:
+        run_bench(args, out)
+    finally:
+        if args.out is None:  # each hbt_ray run leaves its final checkpoint (GBs for e5-small)
+            shutil.rmtree(out, ignore_errors=True)
 
+
+def run_bench(args: argparse.Namespace, out: Path) -> None:
+    """The runs, the table and the RESULT line; ``out`` is the work dir (shards, runs)."""
     import ray
 
     from hbt_ray.config import load_config
     from hbt_ray.data.shards import write_shards
     from hbt_ray.data.sources import iter_pair_groups
-    from hbt_ray.model import tiny_tokenizer
+    from hbt_ray.model import load_dual_encoder, tiny_tokenizer
     from hbt_ray.trainer import TrainConfig, tokenizer_texts
 
-    out = Path(args.out or tempfile.mkdtemp(prefix="bench_train_"))
     shard_dir = out / "shards"
     if not (shard_dir / "manifest.json").exists():
         write_shards(
@@ -270,10 +339,14 @@ def main() -> None:
         tiny_tokenizer(cfg.model, texts)
     batches = draw_batches(shard_dir, cfg.sampler, args.steps)
     tau = cfg.loss.temperature
+    encoder = load_dual_encoder(cfg.model, train_texts=texts)  # token counts only
+    step_flops = statistics.mean(flops_per_step(encoder, b) for b in batches)
+    halves = split_in_two(encoder, batches)
+    del encoder
 
     peak = matmul_peak_flops(1)
     print(f"matmul peak (fp32, 1 thread): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    b_rate, step_flops = bench_bare(cfg.model, texts, batches, args.lr, tau, args.warmup, cfg.optim.fused)
+    b_rate = bench_bare(cfg.model, texts, batches, args.lr, tau, args.warmup, cfg.optim.fused)
     print(f"(b) bare PyTorch          {b_rate:8.1f} pairs/s", flush=True)
     c_rate = bench_sentence_transformers(
         cfg.model, texts, batches, args.lr, tau, args.warmup, cfg.optim.fused, out
@@ -284,10 +357,21 @@ def main() -> None:
     ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False)
     stages = list(dict.fromkeys(args.zero_stages))
     runs: dict[str, list[tuple[float, dict[str, float]]]] = {"a": [], **{f"d{z}": [] for z in stages}}
+    ceilings: list[float] = []
     try:
         for r in range(args.rounds):
-            order = ["a", *(f"d{z}" for z in stages)]
+            order = ["a", *(f"d{z}" for z in stages), *(["ceiling"] if args.host_ceiling else [])]
             for key in order if r % 2 == 0 else reversed(order):
+                if key == "ceiling":
+                    ceilings.append(
+                        bench_host_ceiling(
+                            cfg.model, texts, batches, halves, args.lr, tau, args.warmup, cfg.optim.fused
+                        )
+                    )
+                    print(
+                        f"{'host ceiling of d/a':<28}{ceilings[-1]:8.3f}          (round {r + 1})", flush=True
+                    )
+                    continue
                 workers, stage = (1, stages[0]) if key == "a" else (2, int(key[1:]))
                 ov = [*overrides, f"deepspeed.zero_stage={stage}"]
                 runs[key].append(
@@ -328,6 +412,15 @@ def main() -> None:
             line += "  d/a: " + ", ".join(f"{d / a:.3f}" for a, d in zip(rates["a"], v))
         print(line)
     print("scaling_2w by ZeRO stage of (d): " + ", ".join(f"stage {z} {scaling[z]:.3f}" for z in stages))
+    if ceilings:
+        key = f"d{stages[0]}"
+        share = statistics.median(d / a / c for a, d, c in zip(rates["a"], rates[key], ceilings))
+        print(
+            "host ceiling of d/a (bare loop, 2 processes in lockstep vs 1, no communication): "
+            + ", ".join(f"{c:.3f}" for c in ceilings)
+            + f"; median {statistics.median(ceilings):.3f}. {run_label(key)} reached {share:.1%} of it"
+            " (median over rounds of d/a / ceiling)"
+        )
     print(
         f"RESULT overhead_vs_bare={a_rate / b_rate:.3f} vs_sentence_transformers={a_rate / c_rate:.3f} "
         f"scaling_2w={scaling[stages[0]]:.3f} mfu={mfu:.4f}"
