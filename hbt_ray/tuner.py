@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from hbt_ray.config import _build, _merge, _set_dotted, to_dict
 from hbt_ray.evaluator import EvalConfig
-from hbt_ray.trainer import TrainConfig
+from hbt_ray.trainer import TrainConfig, init_ray
 from hbt_ray.tune_report import (
     ALPHA,
     TAU,
@@ -489,7 +489,7 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     )
     if not ray.is_initialized():
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        init_ray(address)
 
     check_trial_fits(cfg, base, ray.cluster_resources())
     untuned = None

@@ -28,14 +28,14 @@ def ray_local():
     """One small local Ray instance for the whole session (2 CPUs, small object store)."""
     import ray
 
+    from hbt_ray.trainer import init_ray
+
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # always a fresh instance: never join a cluster another process started
+        init_ray(  # as the drivers start Ray (no dashboard, quiet PlacementGroupCleaner)
+            "local",  # always a fresh instance: never join a cluster another process started
             num_cpus=int(os.environ.get("HBT_TEST_CPUS", "2")),
             object_store_memory=512 * 1024 * 1024,
-            include_dashboard=False,
             log_to_driver=True,
-            configure_logging=False,
         )
     yield ray
     ray.shutdown()

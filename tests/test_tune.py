@@ -105,6 +105,9 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
     # the key never appears in any artifact or log line
     captured = capfd.readouterr()
     assert FAKE_KEY not in captured.out + captured.err
+    # Ray without a dashboard has no State API: init_ray's worker hook keeps Ray Train's
+    # PlacementGroupCleaner from warning about it every few seconds (dozens of lines in this test)
+    assert "Failed to query Ray Train Controller" not in captured.out + captured.err
     for path in out.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert FAKE_KEY.encode() not in path.read_bytes(), path
