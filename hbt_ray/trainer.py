@@ -915,7 +915,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     import ray
 
     if address == "local" or (address is None and not os.environ.get("RAY_ADDRESS")):
-        kwargs.setdefault("runtime_env", {"worker_process_setup_hook": f"{__name__}.quiet_state_api_warnings"})
+        hook = f"{__name__}.quiet_state_api_warnings"
+        kwargs.setdefault("runtime_env", {"worker_process_setup_hook": hook})
     ray.init(address=address, include_dashboard=False, configure_logging=False, **kwargs)
 
 
