@@ -1,5 +1,6 @@
-"""The Ray cluster file (``cluster.yaml``): load, re-render for another region / spot setting, and validate
-offline against Ray's own cluster-config schema (the same check ``ray up`` runs)::
+"""The Ray cluster: :func:`init_ray` starts or joins it as hbt_ray's drivers do; the cluster file
+(``cluster.yaml``): load, re-render for another region / spot setting, and validate offline against Ray's
+own cluster-config schema (the same check ``ray up`` runs)::
 
     >>> cfg = load_cluster_config("cluster.yaml")                      # doctest: +SKIP
     >>> validate_cluster_config(render_cluster_config(cfg, region="eu-west-1", spot=False))  # doctest: +SKIP
@@ -8,6 +9,7 @@ offline against Ray's own cluster-config schema (the same check ``ray up`` runs)
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,36 @@ import yaml
 
 #: Keys whose values must never be written into a cluster file.
 SECRET_KEY_RE = re.compile(r"(api[_-]?key|secret|password|token|aws_access_key_id|aws_secret_access_key)", re.I)
+
+
+def init_ray(address: str | None = None, **kwargs: Any) -> None:
+    """``ray.init`` as hbt_ray's drivers call it: no dashboard (its extra dependencies are not installed),
+    Ray's logging config left alone. A new local instance (``address`` ``"local"``, or None without
+    ``$RAY_ADDRESS``) also runs :func:`quiet_state_api_warnings` in every worker; ``kwargs`` go to
+    ``ray.init``::
+
+        >>> init_ray("local", num_cpus=2)  # doctest: +SKIP
+    """
+    import ray
+
+    if address == "local" or (address is None and not os.environ.get("RAY_ADDRESS")):
+        hook = f"{__name__}.quiet_state_api_warnings"
+        kwargs.setdefault("runtime_env", {"worker_process_setup_hook": hook})
+    ray.init(address=address, include_dashboard=False, configure_logging=False, **kwargs)
+
+
+def quiet_state_api_warnings() -> None:
+    """Ray worker setup hook for an instance without a dashboard, hence without the State API: Ray Train's
+    PlacementGroupCleaner (one detached actor per run) asks that API every few seconds whether the run's
+    controller is alive and, where it cannot, logs a warning each time — 300 lines in 7 minutes of
+    ``make run``, about a check that cannot work there. Its errors still show. It runs in every worker
+    process before its first task: it and this module must not import torch (that would fix torch's
+    thread count before Ray sets ``OMP_NUM_THREADS`` for the worker's CPUs)."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+        logging.ERROR
+    )
 
 
 class ClusterConfigError(ValueError):

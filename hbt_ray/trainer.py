@@ -904,34 +904,6 @@ def _intermediate_eval(encoder: Any, eval_set: Any, cfg: TrainConfig) -> dict[st
 # --------------------------------------------------------------------------------------------------
 # Driver side: shards, TorchTrainer, export
 # --------------------------------------------------------------------------------------------------
-def init_ray(address: str | None = None, **kwargs: Any) -> None:
-    """``ray.init`` as hbt_ray's drivers call it: no dashboard (its extra dependencies are not installed),
-    Ray's logging config left alone. A new local instance (``address`` ``"local"``, or None without
-    ``$RAY_ADDRESS``) also runs :func:`quiet_state_api_warnings` in every worker; ``kwargs`` go to
-    ``ray.init``::
-
-        >>> init_ray("local", num_cpus=2)  # doctest: +SKIP
-    """
-    import ray
-
-    if address == "local" or (address is None and not os.environ.get("RAY_ADDRESS")):
-        hook = f"{__name__}.quiet_state_api_warnings"
-        kwargs.setdefault("runtime_env", {"worker_process_setup_hook": hook})
-    ray.init(address=address, include_dashboard=False, configure_logging=False, **kwargs)
-
-
-def quiet_state_api_warnings() -> None:
-    """Ray worker setup hook for an instance without a dashboard, hence without the State API: Ray Train's
-    PlacementGroupCleaner (one detached actor per run) asks that API every few seconds whether the run's
-    controller is alive and, where it cannot, logs a warning each time — 300 lines in 7 minutes of
-    ``make run``, about a check that cannot work there. Its errors still show."""
-    import logging
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
-        logging.ERROR
-    )
-
-
 def prepare_shards(cfg: TrainConfig, run_dir: Path) -> Path:
     """Write the training pairs into shards once (reused when ``manifest.json`` exists); → the shard dir."""
     shard_dir = Path(cfg.data.shard_dir).expanduser() if cfg.data.shard_dir else run_dir / "shards"
@@ -969,6 +941,8 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from hbt_ray.cluster import init_ray
 
     if not ray.is_initialized():
         init_ray()

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hbt_ray.cluster import init_ray
 from hbt_ray.config import _build, _merge, _set_dotted, to_dict
 from hbt_ray.evaluator import EvalConfig
-from hbt_ray.trainer import TrainConfig, init_ray
+from hbt_ray.trainer import TrainConfig
 from hbt_ray.tune_report import (
     ALPHA,
     TAU,

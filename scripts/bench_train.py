@@ -318,6 +318,7 @@ def run_bench(args: argparse.Namespace, out: Path) -> None:
     """The runs, the table and the RESULT line; ``out`` is the work dir (shards, runs)."""
     import ray
 
+    from hbt_ray.cluster import init_ray
     from hbt_ray.config import load_config
     from hbt_ray.data.shards import write_shards
     from hbt_ray.data.sources import iter_pair_groups
@@ -359,7 +360,7 @@ def run_bench(args: argparse.Namespace, out: Path) -> None:
     print(f"(c) sentence-transformers {c_rate:8.1f} pairs/s", flush=True)
 
     # One logical CPU more than the workers use, for Ray Data's reads (mostly idle once buffered).
-    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    init_ray("local", num_cpus=3, log_to_driver=False)
     stages = list(dict.fromkeys(args.zero_stages))
     runs: dict[str, list[tuple[float, dict[str, float]]]] = {"a": [], **{f"d{z}": [] for z in stages}}
     ceilings: list[float] = []  # per round: the host's 2-process / 1-process rate

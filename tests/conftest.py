@@ -28,7 +28,7 @@ def ray_local():
     """One small local Ray instance for the whole session (2 CPUs, small object store)."""
     import ray
 
-    from hbt_ray.trainer import init_ray
+    from hbt_ray.cluster import init_ray
 
     if not ray.is_initialized():
         init_ray(  # as the drivers start Ray (no dashboard, quiet PlacementGroupCleaner)

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -57,3 +59,11 @@ def test_secrets_are_refused():
     config["setup_commands"].append("export WANDB_API_KEY=abc123")
     with pytest.raises(ClusterConfigError, match="secrets"):
         validate_cluster_config(config)
+
+
+def test_ray_setup_hook_does_not_import_torch():
+    # init_ray's worker_process_setup_hook runs in every Ray worker before its first task; importing torch
+    # there would fix torch's thread count before Ray sets OMP_NUM_THREADS for the worker's CPUs.
+    code = "import sys, hbt_ray.cluster as c; c.quiet_state_api_warnings(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

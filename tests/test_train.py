@@ -347,6 +347,9 @@ def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard
             assert min(phases) >= 0 and h["time_forward_s"] > 0 and sum(phases) <= h["step_time_s"]
     assert {h["strategy"] for h in result.history} == {"mono", "cross"}  # hybrid: both kinds of batch
     assert {h["malloc_mmap_max"] for h in result.history} == {"0"}  # run.keep_freed_memory reached the workers
+    # run.torch_threads=0: Ray's OMP_NUM_THREADS for a worker of <= 1 CPU, not the machine's cores (torch
+    # imported in a worker before Ray sets it — e.g. by a setup hook — would have taken those)
+    assert {h["torch_threads"] for h in result.history} == {1}
     # run.balance_tokens: the ranks' real tokens after the deal are closer than as drawn, on average
     spread = np.array([[abs(r[0] - r[1]), abs(r[2] - r[3])] for r in (h["rank_tokens"] for h in result.history)])
     assert spread[:, 1].mean() < 0.5 * spread[:, 0].mean(), spread

@@ -106,7 +106,7 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
     captured = capfd.readouterr()
     assert FAKE_KEY not in captured.out + captured.err
     # Ray without a dashboard has no State API: init_ray's worker hook keeps Ray Train's
-    # PlacementGroupCleaner from warning about it every few seconds (dozens of lines in this test)
+    # PlacementGroupCleaner from warning about it every few seconds (this fails without the hook)
     assert "Failed to query Ray Train Controller" not in captured.out + captured.err
     for path in out.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
