@@ -9,7 +9,6 @@ own cluster-config schema (the same check ``ray up`` runs)::
 from __future__ import annotations
 
 import copy
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,15 @@ SECRET_KEY_RE = re.compile(r"(api[_-]?key|secret|password|token|aws_access_key_i
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """``ray.init`` as hbt_ray's drivers call it: no dashboard (its extra dependencies are not installed),
-    Ray's logging config left alone. A new local instance (``address`` ``"local"``, or None without
-    ``$RAY_ADDRESS``) also runs :func:`quiet_state_api_warnings` in every worker; ``kwargs`` go to
-    ``ray.init``::
+    Ray's logging config left alone. ``address`` None joins ``$RAY_ADDRESS`` or a cluster started on this
+    machine, else starts one; ``"local"`` always starts a new instance, and that one, which surely has no
+    dashboard, also runs :func:`quiet_state_api_warnings` in every worker. ``kwargs`` go to ``ray.init``::
 
         >>> init_ray("local", num_cpus=2)  # doctest: +SKIP
     """
     import ray
 
-    if address == "local" or (address is None and not os.environ.get("RAY_ADDRESS")):
+    if address == "local":
         hook = f"{__name__}.quiet_state_api_warnings"
         kwargs.setdefault("runtime_env", {"worker_process_setup_hook": hook})
     ray.init(address=address, include_dashboard=False, configure_logging=False, **kwargs)
