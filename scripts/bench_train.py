@@ -75,16 +75,23 @@ def draw_batches(shard_dir: Path, sampler_cfg, steps: int) -> list:
     return [sampler.next_batch() for _ in range(steps)]
 
 
-def flops_per_step(encoder, batch) -> float:
-    """Model FLOPs of a step: 6·N·tokens (non-embedding params, fwd+bwd) + attention scores (fwd+bwd),
-    counting real tokens only — pad tokens are not useful work (a padded forward computes them anyway)."""
+def real_lengths(encoder, batch) -> tuple[list[int], list[int]]:
+    """Real (non-pad) tokens of each query and each passage of ``batch``, as the encoder tokenizes them."""
+    q = encoder.tokenize(list(batch.queries), "query")["attention_mask"].sum(1).tolist()
+    p = encoder.tokenize(list(batch.passages), "passage")["attention_mask"].sum(1).tolist()
+    return q, p
+
+
+def flops_per_step(encoder, lengths: tuple[list[int], list[int]]) -> float:
+    """Model FLOPs of a step with these :func:`real_lengths`: 6·N·tokens (non-embedding params, fwd+bwd)
+    + attention scores (fwd+bwd), counting real tokens only — pad tokens are not useful work (a padded
+    forward computes them anyway)."""
     cfg = encoder.backbone.config
     n_params = sum(p.numel() for n, p in encoder.backbone.named_parameters() if "embeddings" not in n)
     total = 0.0
-    for texts, kind in ((batch.queries, "query"), (batch.passages, "passage")):
-        lengths = encoder.tokenize(list(texts), kind)["attention_mask"].sum(1).double()
-        total += 6 * n_params * float(lengths.sum())
-        total += 3 * 4 * cfg.num_hidden_layers * cfg.hidden_size * float((lengths**2).sum())
+    for seq_lengths in lengths:
+        total += 6 * n_params * float(sum(seq_lengths))
+        total += 3 * 4 * cfg.num_hidden_layers * cfg.hidden_size * float(sum(n * n for n in seq_lengths))
     return total
 
 
@@ -127,18 +134,17 @@ def bench_bare(model_cfg, texts, batches, lr: float, tau: float, warmup: int, fu
     return len(batches[0].queries) / statistics.median(times[warmup:])
 
 
-def split_in_two(encoder, batches) -> tuple[list, list]:
-    """Each batch's pairs dealt into two halves of equal size and near-equal real tokens, as (d)'s
-    ``run.balance_tokens`` deals them across its two workers; → (first halves, second halves)."""
+def split_in_two(batches, lengths: list[tuple[list[int], list[int]]]) -> tuple[list, list]:
+    """Each batch's pairs dealt into two halves of equal size and near-equal real tokens (its
+    :func:`real_lengths`), as (d)'s ``run.balance_tokens`` deals them across its two workers;
+    → (first halves, second halves)."""
     import dataclasses
 
     from hbt_ray.trainer import balanced_deal
 
     aligned = ("queries", "passages", "negatives", "query_langs", "passage_langs", "group_ids")
     halves: tuple[list, list] = ([], [])
-    for b in batches:
-        q = encoder.tokenize(list(b.queries), "query")["attention_mask"].sum(1).tolist()
-        p = encoder.tokenize(list(b.passages), "passage")["attention_mask"].sum(1).tolist()
+    for b, (q, p) in zip(batches, lengths):
         cost = [a + c for a, c in zip(q, p)]
         n = len(cost) // 2
         for half, dealt in zip(halves, balanced_deal([cost[:n], cost[n:]])):
@@ -346,8 +352,9 @@ def run_bench(args: argparse.Namespace, out: Path) -> None:
     batches = draw_batches(shard_dir, cfg.sampler, args.steps)
     tau = cfg.loss.temperature
     encoder = load_dual_encoder(cfg.model, train_texts=texts)  # token counts only
-    step_flops = statistics.mean(flops_per_step(encoder, b) for b in batches)
-    halves = split_in_two(encoder, batches)
+    lengths = [real_lengths(encoder, b) for b in batches]
+    step_flops = statistics.mean(flops_per_step(encoder, n) for n in lengths)
+    halves = split_in_two(batches, lengths)
     del encoder
 
     peak = matmul_peak_flops(1)
