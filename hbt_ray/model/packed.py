@@ -1,12 +1,12 @@
 """Packed ("unpadded") encoder forward: the dense layers see only the real tokens of a batch.
 
-A dynamically padded batch of DDTP pairs (e5 tokenizer, queries ≤ 32, passages ≤ 128 tokens) is
-about one third pad tokens, and a transformers encoder spends its dense layers — Q/K/V, attention
-output, feed-forward, layer norms: nearly all of its FLOPs — on them too. Here the hidden states are
-kept as one ``[real_tokens, hidden]`` matrix; only the attention scores are computed per sequence
-(scattered to ``[batch, heads, length, head_dim]`` with a key-padding mask, then gathered back).
-The real tokens' outputs are the padded forward's (same modules, same weights, same dropout), so
-the result is the same model up to float rounding, with ~1/3 less compute on such batches.
+A dynamically padded batch of texts of mixed lengths holds many pad tokens, and a transformers
+encoder spends its dense layers — Q/K/V, attention output, feed-forward, layer norms: nearly all of
+its FLOPs — on them too. Here the hidden states are kept as one ``[real_tokens, hidden]`` matrix;
+only the attention scores are computed per sequence (scattered to ``[batch, heads, length, head_dim]``
+with a key-padding mask, then gathered back). The real tokens' outputs are the padded forward's (same
+modules, same weights, same dropout), so the result is the same model up to float rounding, with the
+pads' share of the compute saved.
 
 It runs the backbone's own submodules (embeddings, Linear, LayerNorm, Dropout), so DeepSpeed ZeRO-3's
 per-module parameter gathering and gradient checkpointing work unchanged. BERT, RoBERTa and XLM-R
@@ -56,7 +56,11 @@ def packed_forward_supported(backbone: torch.nn.Module) -> bool:
 
 
 def _packed_layer(
-    layer: torch.nn.Module, hidden: torch.Tensor, index: torch.Tensor, key_mask: torch.Tensor, shape: tuple[int, int]
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    key_mask: torch.Tensor,
+    shape: tuple[int, int],
 ) -> torch.Tensor:
     """One BERT layer on packed ``hidden`` ``[tokens, H]``; ``index`` = the tokens' flat padded positions."""
     batch, length = shape
@@ -81,7 +85,10 @@ def _packed_layer(
 
 
 def packed_hidden_states(
-    backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, checkpointing: bool = False
+    backbone: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    checkpointing: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Last hidden states of the real tokens, ``[tokens, H]`` in row-major order, and each token's row.
 
@@ -97,15 +104,15 @@ def packed_hidden_states(
     recompute = checkpointing and backbone.training and torch.is_grad_enabled()
     for layer in backbone.encoder.layer:
         if recompute:
-            hidden = checkpoint(_packed_layer, layer, hidden, index, key_mask, (batch, length), use_reentrant=False)
+            hidden = checkpoint(
+                _packed_layer, layer, hidden, index, key_mask, (batch, length), use_reentrant=False
+            )
         else:
             hidden = _packed_layer(layer, hidden, index, key_mask, (batch, length))
     return hidden, torch.div(index, length, rounding_mode="floor")
 
 
-def packed_pool(
-    hidden: torch.Tensor, rows: torch.Tensor, batch: int, pooling: str
-) -> torch.Tensor:
+def packed_pool(hidden: torch.Tensor, rows: torch.Tensor, batch: int, pooling: str) -> torch.Tensor:
     """``[batch, H]``: each row's first token (``cls``) or mean of its tokens (``mean``)."""
     counts = torch.bincount(rows, minlength=batch)
     if pooling == "cls":

