@@ -79,8 +79,9 @@ def st_evaluate(model_dir: Path, eval_set, batch_size: int) -> tuple[dict[str, f
 def main() -> None:
     import ray
 
+    from hbt_ray.cluster import init_ray
     from hbt_ray.data.sources import load_eval_set
-    from hbt_ray.evaluator import EvalConfig, evaluate
+    from hbt_ray.evaluate import EvalConfig, evaluate
     from hbt_ray.model import ModelConfig, load_dual_encoder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -97,9 +98,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         load_dual_encoder(ModelConfig(name=args.model)).save_pretrained(model_dir)
-        ray.init(
-            num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False
-        )
+        init_ray(num_cpus=os.cpu_count(), log_to_driver=False)
         runs = {}
         for actors in (1, 2):
             cfg = EvalConfig(concurrency=actors, batch_size=args.batch_size, show_progress=False)

@@ -1,4 +1,4 @@
-"""hbt_ray.evaluator end to end on a real XQuAD-R slice with the tiny model: Ray Data encoding, cache, CLI."""
+"""hbt_ray.evaluate end to end on a real XQuAD-R slice with the tiny model: Ray Data encoding, cache, CLI."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ import numpy as np
 import pytest
 
 from hbt_ray.data.sources import load_eval_set
-from hbt_ray.evaluate import main as evaluate_main
-from hbt_ray.evaluator import (
+from hbt_ray.evaluate import (
     EvalConfig,
     encode_eval_set,
     encode_eval_set_ray,
     evaluate,
     evaluate_embeddings,
+    load_eval_data,
     model_fingerprint,
     spec_fingerprint,
+    subset_eval_set,
 )
+from hbt_ray.evaluate.__main__ import main as evaluate_main
 from hbt_ray.model import ModelConfig, load_dual_encoder
 
 LANGS = ["de", "en", "zh"]
@@ -67,6 +69,20 @@ def test_ray_data_encoding_matches_in_process_and_is_cached(ray_local, xquad_sli
         del tiny.fingerprint
     assert len(list((tmp_path / "cache").glob("emb-*.npy"))) == 2
     np.testing.assert_allclose(fresh.queries["en"], only_en.queries["en"], atol=1e-6)
+
+
+def test_load_eval_data_reads_the_subset_the_config_names(xquad_slice):
+    cfg = EvalConfig(data="xquad-r", langs=LANGS, max_paragraphs=4)
+    first = load_eval_data(cfg)
+    assert first.counts() == xquad_slice.counts()
+    assert [q.qid for q in first.queries["en"]] == [q.qid for q in xquad_slice.queries["en"]]
+    assert subset_eval_set(first, cfg).counts() == first.counts()  # evaluate() re-applies it: a no-op
+    seeded = EvalConfig(data="xquad-r", langs=LANGS, max_paragraphs=4, subset_seed=0)
+    drawn, again = load_eval_data(seeded), load_eval_data(seeded)
+    assert [q.qid for q in drawn.queries["de"]] == [q.qid for q in again.queries["de"]]
+    assert {q.link for q in drawn.queries["de"]} != {q.link for q in first.queries["de"]}
+    kept = subset_eval_set(drawn, seeded)
+    assert [q.qid for q in kept.queries["zh"]] == [q.qid for q in drawn.queries["zh"]]
 
 
 def test_float16_embeddings_give_the_same_ranking_quality(xquad_slice, tiny):
@@ -120,3 +136,14 @@ def test_cli_end_to_end_on_a_slice(ray_local, shared_data, tmp_path, capsys):
     assert "python -m hbt_ray.evaluate --model tiny" in (out / "eval.md").read_text(encoding="utf-8")
     with pytest.raises(Exception, match="metrics: unknown metric 'p@1'"):
         evaluate_main(argv[:-3] + ["metrics=map,p@1"])
+
+
+def test_cli_takes_the_eval_set_from_the_config_file(ray_local, shared_data, tmp_path, capsys):
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        "data: xquad-r\nlangs: [en, zh]\nmax_paragraphs: 2\nsettings: [mono]\n", encoding="utf-8"
+    )
+    result = evaluate_main(["--model", "tiny", "--config", str(config), "--out", str(tmp_path / "eval")])
+    capsys.readouterr()
+    assert result.counts["langs"] == ["en", "zh"] and result.config["data"] == "xquad-r"
+    assert set(result.mono) == {"en", "zh"} and not result.cross

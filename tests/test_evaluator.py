@@ -1,4 +1,4 @@
-"""The search / metrics / bias core of hbt_ray.evaluator on synthetic embeddings, checked against ranx."""
+"""The search / metrics / bias core of hbt_ray.evaluate on synthetic embeddings, checked against ranx."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from ranx import evaluate as ranx_evaluate
 
 from hbt_ray.config import ConfigError, load_config
 from hbt_ray.data.records import Candidate, DataError, EvalQuery, EvalSet
-from hbt_ray.evaluator import (
+from hbt_ray.evaluate import (
     DEFAULT_METRICS,
+    METRIC_MODES,
     EvalConfig,
     EvalEmbeddings,
     LocalSearcher,
@@ -231,6 +232,22 @@ def test_config_errors_name_the_key():
         load_config(EvalConfig, None, ["index.nprob=3"])
     cfg = load_config(EvalConfig, None, ["settings=cross", "num_shards=3", "langs=en,de"])
     assert cfg.settings == ["cross"] and cfg.num_shards == 3 and cfg.langs == ["en", "de"]
+    with pytest.raises(ConfigError, match="data: unknown eval set 'squad'"):
+        load_config(EvalConfig, None, ["data=squad"])
+    with pytest.raises(ConfigError, match="^max_paragraphs: must be >= 1, got 0"):  # relative to the section
+        load_config(EvalConfig, None, ["max_paragraphs=0"])
+    cfg = load_config(EvalConfig, None, ["data=miracl:/tmp/m:sw", "subset_seed=3"])
+    assert cfg.data == "miracl:/tmp/m:sw" and cfg.subset_seed == 3
+
+
+def test_metric_modes_maximise_every_map_and_minimise_the_bias():
+    assert METRIC_MODES == {
+        "mono_map": "max",
+        "cross_map": "max",
+        "multi_map": "max",
+        "mean_map": "max",
+        "bias": "min",
+    }
 
 
 def test_bad_relevance_names_the_record():

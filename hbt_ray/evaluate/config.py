@@ -1,0 +1,112 @@
+"""The eval section: what to evaluate (eval set, languages, subset) and how (settings, metrics, FAISS
+index, sharding, encoding). One :class:`EvalConfig` serves the trainer's intermediate evals, the tuner,
+``python -m hbt_ray.evaluate`` and ``scripts/reproduce.py``; :data:`METRIC_MODES` is the repo's one table of
+which way each summary metric is better.
+
+    >>> cfg = EvalConfig(langs=["en", "de"], max_paragraphs=5, show_progress=False)
+    >>> cfg.validate()
+    >>> cfg.data, cfg.settings
+    ('xquad-r', ['mono', 'cross', 'multi'])
+    >>> EvalConfig(num_shards=0).validate()
+    Traceback (most recent call last):
+    ...
+    hbt_ray.config.ConfigError: num_shards: must be >= 1, got 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hbt_ray.config import ConfigError
+from hbt_ray.data.sources import EVAL_SPECS, LAREQA_NAMES
+
+#: Retrieval settings (see :mod:`hbt_ray.evaluate`).
+SETTINGS = ("mono", "cross", "multi")
+#: Metric families with a cutoff; with ``map`` (full ranking) a metric is ``map`` or ``family@k``.
+METRIC_FAMILIES = ("recall", "ndcg", "mrr")
+DEFAULT_METRICS = ["map", "recall@1", "recall@10", "ndcg@10", "mrr@10", "recall@100"]
+#: Which way each objective-worthy summary metric is better: every mAP is maximised, the language bias
+#: (rank distance) minimised. The one such table of the repo (the tuner and reproduce.py read it).
+METRIC_MODES: dict[str, Literal["max", "min"]] = {
+    "mono_map": "max",
+    "cross_map": "max",
+    "multi_map": "max",
+    "mean_map": "max",
+    "bias": "min",
+}
+
+
+@dataclass
+class IndexConfig:
+    """FAISS index per candidate pool. ``flat`` = exact inner product (the default and the reference)."""
+
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"  # flat: exact; ivf / hnsw: approximate, for big pools
+    nlist: int = 64  # ivf: number of clusters (capped at pool size / 39, FAISS's minimum per cluster)
+    nprobe: int = 16  # ivf: clusters searched per query
+    hnsw_m: int = 32  # hnsw: neighbours per node
+    ef_construction: int = 80  # hnsw: candidate list size while building
+    ef_search: int = 256  # hnsw: candidate list size while searching (raised to k when k is larger)
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how. Load with ``load_config(EvalConfig, yaml, ["index.kind=hnsw"])``;
+    :func:`hbt_ray.evaluate.load_eval_data` reads the eval set it names."""
+
+    # --- what: the eval set and its subset
+    data: str = "xquad-r"  # eval set spec for hbt_ray.data.sources.load_eval_set (xquad-r, miracl:PATH, …)
+    langs: list[str] | None = None  # languages to keep; None (or empty) = all of the eval set
+    max_paragraphs: int | None = None  # keep the first N whole parallel paragraphs; None = all
+    subset_seed: int | None = None  # draw the N paragraphs at random with this seed; None = the first N
+    # --- how: settings, metrics, search
+    settings: list[str] = field(default_factory=lambda: list(SETTINGS))  # of mono, cross, multi
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))  # map, recall@k, ndcg@k, mrr@k
+    index: IndexConfig = field(default_factory=IndexConfig)  # the FAISS index per candidate pool
+    num_shards: int = 1  # search actors; 1 = in-process FAISS (no Ray), >1 = Ray actors (search_mode)
+    #: ``shard_candidates``: each actor holds a slice of every pool, queries broadcast, top-k merged.
+    #: ``split_queries``: each actor holds whole pools and searches a slice of the queries.
+    search_mode: Literal["shard_candidates", "split_queries"] = "shard_candidates"
+    shard_num_cpus: float = 1.0  # Ray CPUs each search actor asks for
+    # --- how: encoding
+    batch_size: int = 64  # encode batch size (rows per map_batches call)
+    concurrency: int = 1  # encoder actors on Ray Data (for a model given by spec or directory)
+    cpus_per_actor: float = 1.0  # Ray CPUs each CPU encoder actor asks for
+    actor_threads: int = 0  # torch intra-op threads per encoder actor; 0 = what Ray sets (its CPUs)
+    num_gpus: float | None = None  # per encoder actor; None = 1 if the cluster has GPUs, else 0
+    float16: bool = False  # keep/transfer/cache embeddings as float16 (FAISS still searches float32)
+    cache_dir: str | None = None  # on-disk embedding cache; None = no cache
+    show_progress: bool = True  # progress bars for encoding and search
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key relative to this section (the loader adds the path)."""
+        if not (self.data in LAREQA_NAMES or self.data.startswith(("lareqa:", "miracl:"))):
+            raise ConfigError(f"data: unknown eval set {self.data!r} (use {EVAL_SPECS})")
+        bad = [s for s in self.settings if s not in SETTINGS]
+        if bad or not self.settings:
+            raise ConfigError(f"settings: {bad or self.settings!r} not in {list(SETTINGS)}")
+        for name in self.metrics:
+            parse_metric(name)
+        for key in ("num_shards", "batch_size", "concurrency"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_paragraphs is not None and self.max_paragraphs < 1:
+            raise ConfigError(f"max_paragraphs: must be >= 1, got {self.max_paragraphs}")
+
+
+def parse_metric(name: str) -> tuple[str, int | None]:
+    """``"ndcg@10"`` → ``("ndcg", 10)``; ``"map"`` → ``("map", None)``; errors name the metric.
+
+    >>> parse_metric("ndcg@10"), parse_metric("map")
+    (('ndcg', 10), ('map', None))
+    >>> parse_metric("p@1")
+    Traceback (most recent call last):
+    ...
+    hbt_ray.config.ConfigError: metrics: unknown metric 'p@1' (use map, recall@k, ndcg@k, mrr@k)
+    """
+    if name == "map":
+        return "map", None
+    family, _, cut = name.partition("@")
+    if family not in METRIC_FAMILIES or not cut.isdigit() or int(cut) < 1:
+        raise ConfigError(f"metrics: unknown metric {name!r} (use map, recall@k, ndcg@k, mrr@k)")
+    return family, int(cut)
