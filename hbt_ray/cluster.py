@@ -2,8 +2,10 @@
 (``cluster.yaml``): load, re-render for another region / spot setting, and validate offline against Ray's
 own cluster-config schema (the same check ``ray up`` runs)::
 
-    >>> cfg = load_cluster_config("cluster.yaml")                      # doctest: +SKIP
-    >>> validate_cluster_config(render_cluster_config(cfg, region="eu-west-1", spot=False))  # doctest: +SKIP
+    >>> cfg = load_cluster_config(Path(__file__).parents[1] / "cluster.yaml")
+    >>> eu = validate_cluster_config(render_cluster_config(cfg, region="eu-west-1", spot=False))
+    >>> eu["provider"]["region"]
+    'eu-west-1'
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
+from hbt_ray.config import ConfigError, read_yaml
 
 #: Keys whose values must never be written into a cluster file.
 SECRET_KEY_RE = re.compile(r"(api[_-]?key|secret|password|token|aws_access_key_id|aws_secret_access_key)", re.I)
@@ -23,9 +25,9 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """``ray.init`` as hbt_ray's drivers call it: no dashboard (its extra dependencies are not installed),
     Ray's logging config left alone. ``address`` None joins ``$RAY_ADDRESS`` or a cluster started on this
     machine, else starts one; ``"local"`` always starts a new instance, and that one, which surely has no
-    dashboard, also runs :func:`quiet_state_api_warnings` in every worker. ``kwargs`` go to ``ray.init``::
+    dashboard, also runs :func:`quiet_state_api_warnings` in every worker. ``kwargs`` go to ``ray.init``. It is the only ``ray.init`` call of the repo::
 
-        >>> init_ray("local", num_cpus=2)  # doctest: +SKIP
+        init_ray("local", num_cpus=2)
     """
     import ray
 
@@ -54,14 +56,11 @@ class ClusterConfigError(ValueError):
 
 
 def load_cluster_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """The cluster file as a mapping (read by :func:`hbt_ray.config.read_yaml`, the one YAML reader)."""
     try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ClusterConfigError(f"{path}: invalid YAML: {err}") from None
-    if not isinstance(config, dict):
-        raise ClusterConfigError(f"{path}: expected a mapping at the top level")
-    return config
+        return read_yaml(path)
+    except ConfigError as err:
+        raise ClusterConfigError(str(err)) from None
 
 
 def render_cluster_config(

@@ -118,14 +118,19 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s} (known keys of {prefix or cls.__name__}: "
+            f"unknown config key {prefix}{unknown[0]!s} (known keys of {prefix.rstrip('.') or cls.__name__}: "
             f"{', '.join(sorted(names))})"
         )
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
+    # A section's checks (validate(), or __post_init__ where a directly built object must be checked too)
+    # name keys relative to the section; the full path the user typed is only known here.
+    try:
+        obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if callable(validate):
+            validate()
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}{err}") from None
     return obj
 
 
@@ -140,6 +145,55 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"override {key}: {part} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def override(cfg: T, params: dict[str, Any] | list[str], prefix: str = "") -> T:
+    """A copy of ``cfg`` with dotted-key ``params`` applied, type-checked and validated like a loaded file.
+
+    ``params`` is a mapping (``{"sampler.alpha": 0.25}``, as a Tune trial gets it) or ``key=value``
+    strings. ``prefix`` is where ``cfg`` sits in the user's config, so an error names the key the user
+    typed::
+
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Sampler:
+        ...     alpha: float = 0.5
+        >>> override(Sampler(), {"alpha": 0.25})
+        Sampler(alpha=0.25)
+        >>> override(Sampler(), ["alpah=1"], prefix="train.sampler.")
+        Traceback (most recent call last):
+        ...
+        hbt_ray.config.ConfigError: unknown config key train.sampler.alpah (known keys of train.sampler: alpha)
+    """
+    if isinstance(params, dict):
+        tree: dict[str, Any] = {}
+        for key, value in params.items():
+            _set_dotted(tree, key, value)
+    else:
+        tree = parse_overrides(params)
+    return _build(type(cfg), _merge(to_dict(cfg), tree), prefix=prefix)
+
+
+def config_keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """Every dotted key of a config dataclass with its type and default (for ``--help``).
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Cfg:
+    ...     steps: int = 10
+    >>> config_keys(Cfg)
+    [('steps', 'int', 10)]
+    """
+    out: list[tuple[str, str, Any]] = []
+    obj = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += config_keys(type(value), f"{prefix}{f.name}.")
+        else:
+            tp = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            out.append((f"{prefix}{f.name}", str(tp), value))
+    return out
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:

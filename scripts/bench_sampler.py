@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from hbt_ray.data.records import PAIR_SCHEMA, data_dir
-from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs, shard_streams
+from hbt_ray.data.streams import shard_streams
+from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs
 
 
 def read_ddtp_rows(path: Path) -> list[dict]:
@@ -140,7 +141,9 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    from hbt_ray.cluster import init_ray
+
+    init_ray("local", num_cpus=args.cpus, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             subset = rows[: args.stream_groups]

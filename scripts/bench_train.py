@@ -140,7 +140,7 @@ def split_in_two(batches, lengths: list[tuple[list[int], list[int]]]) -> tuple[l
     → (first halves, second halves)."""
     import dataclasses
 
-    from hbt_ray.trainer import balanced_deal
+    from hbt_ray.train.batches import balanced_deal
 
     aligned = ("queries", "passages", "negatives", "query_langs", "passage_langs", "group_ids")
     halves: tuple[list, list] = ([], [])
@@ -248,7 +248,7 @@ def bench_hbt(
 ) -> tuple[float, dict[str, float]]:
     """(a)/(d): the real trainer; steady-state pairs/s from rank 0's step log (checkpoint steps excluded)."""
     from hbt_ray.config import load_config
-    from hbt_ray.trainer import TrainConfig, train
+    from hbt_ray.train import TrainConfig, train
 
     cfg = load_config(
         TrainConfig,
@@ -329,7 +329,7 @@ def run_bench(args: argparse.Namespace, out: Path) -> None:
     from hbt_ray.data.shards import write_shards
     from hbt_ray.data.sources import iter_pair_groups
     from hbt_ray.model import load_dual_encoder, tiny_tokenizer
-    from hbt_ray.trainer import TrainConfig, tokenizer_texts
+    from hbt_ray.train import TrainConfig, tokenizer_texts
 
     shard_dir = out / "shards"
     if not (shard_dir / "manifest.json").exists():

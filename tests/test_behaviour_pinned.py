@@ -21,8 +21,9 @@ import pytest
 from hbt_ray.config import load_config
 from hbt_ray.data.shards import read_manifest, shard_paths, write_shards
 from hbt_ray.data.sources import iter_pair_groups
-from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, shard_streams
-from hbt_ray.trainer import TrainConfig, train
+from hbt_ray.data.streams import shard_streams
+from hbt_ray.sampler import HybridBatchSampler, SamplerConfig
+from hbt_ray.train import TrainConfig, train
 
 PINNED = Path(__file__).resolve().parent / "fixtures" / "behaviour_pinned.json"
 TINY_YAML = Path(__file__).resolve().parents[1] / "hbt_ray" / "configs" / "train_tiny.yaml"

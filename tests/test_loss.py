@@ -89,7 +89,7 @@ def test_temperature_fixed_learnable_and_clamped():
     info_nce_loss(q, q, tau()).backward()
     opt.step()
     assert tau().item() < 0.5
-    with pytest.raises(ValueError, match="min_value"):
+    with pytest.raises(ValueError, match="min_temperature <= temperature"):
         Temperature(0.001, min_value=0.01)
 
 

@@ -24,7 +24,7 @@ CHILD = textwrap.dedent(
     import ray
     from ray.cluster_utils import Cluster
     from hbt_ray.config import load_config
-    from hbt_ray.trainer import TrainConfig, train
+    from hbt_ray.train import TrainConfig, train
 
     out = sys.argv[1]
     cluster = Cluster(

@@ -16,15 +16,8 @@ from hbt_ray.data.lareqa import read_lareqa_pairs
 from hbt_ray.data.pairs import read_pairs
 from hbt_ray.data.records import DataError, PairGroup
 from hbt_ray.data.shards import Manifest, write_shards
-from hbt_ray.sampler import (
-    HybridBatchSampler,
-    SamplerConfig,
-    count_pairs,
-    count_pairs_dataset,
-    lang_weights,
-    parse_lang_pair,
-    shard_streams,
-)
+from hbt_ray.data.streams import count_pairs_dataset, shard_streams
+from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs, lang_weights, parse_lang_pair
 
 # ---------------------------------------------------------------------------- real data as rows
 
@@ -144,17 +137,17 @@ def test_hybrid_alpha_and_language_shares_over_10k_batches(ddtp_rows):
     for batch in sampler.batches(10_000):
         _check_batch(batch, 16)
         kinds[batch.strategy] += 1
-        if batch.strategy == "mono":
+        if batch.strategy == "x-x-mono":
             main = [q == p == batch.lang for q, p in zip(batch.query_langs, batch.passage_langs)]
             assert sum(main) == 16 - batch.fallback_pairs
             assert all(q == p for q, p in zip(batch.query_langs, batch.passage_langs))
         else:
-            assert batch.strategy == "cross"
+            assert batch.strategy == "x-y"
             assert all(q != p for q, p in zip(batch.query_langs, batch.passage_langs))
     st = sampler.stats()
-    assert st["steps"] == 10_000 and kinds["mono"] == st["steps_by_strategy"]["mono"]
+    assert st["steps"] == 10_000 and kinds["x-x-mono"] == st["steps_by_strategy"]["x-x-mono"]
     assert abs(st["mono_step_share"] - alpha) < 0.02
-    n_mono = st["steps_by_strategy"]["mono"]
+    n_mono = st["steps_by_strategy"]["x-x-mono"]
     p = st["lang_p"]
     counts, _ = count_pairs(ddtp_rows)
     expected = lang_weights(counts, 2.0)
@@ -198,9 +191,9 @@ def test_x_x_and_hybrid_sample_per_pair(ddtp_rows):
     hs = _sampler(ddtp_rows, SamplerConfig(strategy="hybrid-sample", alpha=alpha, batch_size=64, seed=3))
     for batch in hs.batches(500):
         _check_batch(batch, 64)
-        assert batch.strategy == "mixed"
+        assert batch.strategy == "hybrid-sample"
     st = hs.stats()
-    assert st["steps_by_strategy"] == {"mono": 0, "cross": 0, "x-x": 0, "mixed": 500}
+    assert st["steps_by_strategy"] == {"x-x-mono": 0, "x-y": 0, "x-x": 0, "hybrid-sample": 500}
     assert abs(st["mono_pair_share"] - alpha) < 0.02
 
 

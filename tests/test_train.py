@@ -15,16 +15,10 @@ import torch
 from hbt_ray.config import ConfigError, load_config
 from hbt_ray.data.shards import write_shards
 from hbt_ray.data.sources import iter_pair_groups
-from hbt_ray.loss import info_nce_loss
+from hbt_ray.loss import ContrastiveModule, info_nce_loss
 from hbt_ray.model import ModelConfig, load_dual_encoder
-from hbt_ray.trainer import (
-    TrainConfig,
-    _optimizer,
-    deepspeed_config,
-    tokenizer_texts,
-    train,
-    worker_env_vars,
-)
+from hbt_ray.train import TrainConfig, tokenizer_texts, train
+from hbt_ray.train.deepspeed import build_optimizer, deepspeed_config, worker_env_vars
 
 TINY_YAML = Path(__file__).resolve().parents[1] / "hbt_ray" / "configs" / "train_tiny.yaml"
 TRAIN_GROUPS = 2000
@@ -73,6 +67,13 @@ def initial_model_loss(cfg: TrainConfig, shard_dir: Path, pairs) -> float:
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"unknown config key optim\.lrr"):
         load_config(TrainConfig, TINY_YAML, ["optim.lrr=1e-3"])
+    # every section's check names the full key: its own path, once
+    with pytest.raises(ConfigError, match=r"^sampler\.alpha: 2\.0 is not in \[0, 1\]$"):
+        load_config(TrainConfig, None, ["sampler.alpha=2"])
+    with pytest.raises(ConfigError, match=r"^loss\.temperature: need 0 < min_temperature"):
+        load_config(TrainConfig, None, ["loss.temperature=0.001"])
+    with pytest.raises(ConfigError, match=r"^sampler\.lang_pairs: 'en-en' is not a cross-lingual pair$"):
+        load_config(TrainConfig, None, ["sampler.lang_pairs=[en-en]"])
     with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage"):
         load_config(TrainConfig, None, ["deepspeed.zero_stage=4"])
     with pytest.raises(ConfigError, match=r"deepspeed\.offload_param"):
@@ -84,7 +85,7 @@ def test_config_errors_name_the_key():
 
 
 def test_cli_help_lists_keys_and_rejects_bad_key(capsys):
-    from hbt_ray.train import main
+    from hbt_ray.train.__main__ import main
 
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -99,6 +100,10 @@ def test_cli_help_lists_keys_and_rejects_bad_key(capsys):
         assert key in out
     assert main(["--config", str(TINY_YAML), "run.max_stepz=3"]) == 2
     assert "unknown config key run.max_stepz" in capsys.readouterr().err
+
+
+def _ds(cfg: TrainConfig, micro: int, world: int) -> dict:
+    return deepspeed_config(cfg.optim, cfg.deepspeed, cfg.run.max_steps, micro, world)
 
 
 def test_deepspeed_config_follows_train_config():
@@ -117,15 +122,15 @@ def test_deepspeed_config_follows_train_config():
             "run.max_steps=70",
         ],
     )
-    ds = deepspeed_config(cfg, micro_batch_per_worker=8, world_size=2)
+    ds = _ds(cfg, 8, 2)
     assert ds["zero_optimization"]["stage"] == 3
     # one worker: the configured stage with offload (ZeRO-Offload on one GPU), stage 0 without
-    assert deepspeed_config(cfg, 8, 1)["zero_optimization"]["stage"] == 3
+    assert _ds(cfg, 8, 1)["zero_optimization"]["stage"] == 3
     plain = load_config(TrainConfig, None, ["deepspeed.zero_stage=2"])
-    assert deepspeed_config(plain, 8, 1)["zero_optimization"]["stage"] == 0
-    assert deepspeed_config(plain, 8, 2)["zero_optimization"]["stage"] == 2
+    assert _ds(plain, 8, 1)["zero_optimization"]["stage"] == 0
+    assert _ds(plain, 8, 2)["zero_optimization"]["stage"] == 2
     kept = load_config(TrainConfig, None, ["deepspeed.zero_stage=2", "deepspeed.single_worker_stage=null"])
-    assert deepspeed_config(kept, 8, 1)["zero_optimization"]["stage"] == 2
+    assert _ds(kept, 8, 1)["zero_optimization"]["stage"] == 2
     with pytest.raises(ConfigError, match="deepspeed.single_worker_stage"):
         load_config(TrainConfig, None, ["deepspeed.single_worker_stage=5"])
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -135,19 +140,20 @@ def test_deepspeed_config_follows_train_config():
     assert ds["gradient_clipping"] == 0.5
     assert "communication_data_type" not in ds  # default: the training dtype
     bf16_wire = load_config(TrainConfig, None, ["deepspeed.communication_dtype=bf16"])
-    assert deepspeed_config(bf16_wire, 8, 2)["communication_data_type"] == "bf16"
-    assert worker_env_vars(cfg)["MALLOC_MMAP_MAX_"] == "0"
+    assert _ds(bf16_wire, 8, 2)["communication_data_type"] == "bf16"
+    assert worker_env_vars(cfg.run)["MALLOC_MMAP_MAX_"] == "0"
     layer = torch.nn.Linear(4, 4)
-    assert _optimizer(layer, cfg).defaults["fused"] is True  # optim.fused: torch's fused AdamW kernel
-    assert not _optimizer(layer, load_config(TrainConfig, None, ["optim.fused=false"])).defaults["fused"]
-    assert worker_env_vars(load_config(TrainConfig, None, ["run.keep_freed_memory=false"])) == {}
+    assert build_optimizer(layer, cfg.optim).defaults["fused"] is True  # optim.fused: torch's fused AdamW kernel
+    assert not build_optimizer(layer, load_config(TrainConfig, None, ["optim.fused=false"]).optim).defaults["fused"]
+    assert worker_env_vars(load_config(TrainConfig, None, ["run.keep_freed_memory=false"]).run) == {}
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
     assert ds["scheduler"]["params"] == {
         **ds["scheduler"]["params"],
         "total_num_steps": 70,
         "warmup_num_steps": 7,
     }
-    linear = deepspeed_config(load_config(TrainConfig, None, ["optim.lr=3e-4"]), 4, 1)["scheduler"]
+    fast = load_config(TrainConfig, None, ["optim.lr=3e-4"])
+    linear = _ds(fast, 4, 1)["scheduler"]
     assert linear["type"] == "WarmupDecayLR" and linear["params"]["warmup_max_lr"] == 3e-4
     # no warmup: DeepSpeed still needs one warmup step; it must start at lr, not 0
     assert linear["params"]["warmup_num_steps"] == 1 and linear["params"]["warmup_min_lr"] == 3e-4
@@ -165,20 +171,18 @@ def _ddtp_sampler(n_groups: int = 400):
 def test_contrastive_module_trains_with_dropout(tmp_path):
     """A from_pretrained encoder arrives in eval mode; the module DeepSpeed trains must be in train mode
     (dropout on), whatever the encoder was loaded from."""
-    from hbt_ray.trainer import _contrastive_module
-
     tiny = load_dual_encoder(ModelConfig(name="tiny"))
     tiny.save_pretrained(tmp_path / "exported")
     loaded = load_dual_encoder(ModelConfig(name=str(tmp_path / "exported")))
     assert not loaded.backbone.training  # from_pretrained: eval mode
-    module = _contrastive_module(loaded, load_config(TrainConfig, None, []))
+    module = ContrastiveModule(loaded, load_config(TrainConfig, None, []).loss)
     assert all(m.training for m in module.modules())
 
 
 def test_prefetched_batches_keep_order_and_resume_exactly(shared_data):
     """Batches drawn ahead in a thread come in the sampler's order; a checkpoint taken while batches are
     prefetched resumes with exactly the batches a plain sampler would have drawn next."""
-    from hbt_ray.trainer import PrefetchedBatches
+    from hbt_ray.train.batches import PrefetchedBatches
 
     plain = _ddtp_sampler()
     expected = [plain.next_batch().group_ids for _ in range(12)]
@@ -205,7 +209,7 @@ def test_prefetched_batches_keep_order_and_resume_exactly(shared_data):
 
 
 def test_prefetched_batches_raise_the_preparation_error(shared_data):
-    from hbt_ray.trainer import PrefetchedBatches
+    from hbt_ray.train.batches import PrefetchedBatches
 
     def prepare(batch):
         if batch.step == 2:
@@ -220,7 +224,7 @@ def test_prefetched_batches_raise_the_preparation_error(shared_data):
 
 
 def test_balanced_deal_evens_the_load_with_equal_counts():
-    from hbt_ray.trainer import balanced_deal
+    from hbt_ray.train.batches import balanced_deal
 
     costs = [[300, 280, 250, 240], [40, 30, 60, 50]]  # rank 0 drew all the long pairs
     deal = balanced_deal(costs)
@@ -247,7 +251,7 @@ def _deal_worker(rank: int, init_file: str, cache_dir: str, out_dir: str) -> Non
 
     import torch.distributed as dist
 
-    from hbt_ray.trainer import _contrastive_module, deal_by_tokens
+    from hbt_ray.train.batches import deal_by_tokens
 
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
@@ -255,7 +259,7 @@ def _deal_worker(rank: int, init_file: str, cache_dir: str, out_dir: str) -> Non
     try:
         torch.manual_seed(0)  # the same tiny encoder on both ranks
         encoder = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir))
-        module = _contrastive_module(encoder, TrainConfig()).eval()  # no dropout: comparable losses
+        module = ContrastiveModule(encoder, TrainConfig().loss).eval()  # no dropout: comparable losses
 
         def encode(texts, kind):
             out = encoder.tokenize(texts, kind)
@@ -316,7 +320,8 @@ def test_deal_by_tokens_balances_ranks_and_keeps_loss_and_gradients(tmp_path, sh
     assert [len(r["dealt"]["negs"]) for r in res] == [4, 4]
     for r in res:
         torch.testing.assert_close(r["dealt"]["loss"], r["drawn"]["loss"], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(r["dealt"]["grad"], r["drawn"]["grad"], rtol=1e-4, atol=1e-6)
+        # other pairs per rank = other float summation orders: a few near-zero entries differ in the 6th digit
+        torch.testing.assert_close(r["dealt"]["grad"], r["drawn"]["grad"], rtol=1e-4, atol=1e-5)
     assert res[0]["drawn"]["grad"].abs().sum() > 0
 
 
@@ -341,11 +346,11 @@ def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard
     assert all(h["batches"] for h in result.history if not h["skipped"])
     for h in result.history:
         assert np.isfinite(h["loss"]) and h["pairs_per_s"] > 0 and h["langs"]
-        assert h["strategy"] in ("mono", "cross")
+        assert h["strategy"] in ("x-x-mono", "x-y")
         if not h["skipped"]:  # where the step's time went
             phases = [h[f"time_{k}_s"] for k in ("data", "forward", "sync", "backward", "optimizer")]
             assert min(phases) >= 0 and h["time_forward_s"] > 0 and sum(phases) <= h["step_time_s"]
-    assert {h["strategy"] for h in result.history} == {"mono", "cross"}  # hybrid: both kinds of batch
+    assert {h["strategy"] for h in result.history} == {"x-x-mono", "x-y"}  # hybrid: both kinds of batch
     assert {h["malloc_mmap_max"] for h in result.history} == {"0"}  # run.keep_freed_memory reached the workers
     # run.torch_threads=0: Ray's OMP_NUM_THREADS for a worker of <= 1 CPU, not the machine's cores (torch
     # imported in a worker before Ray sets it — e.g. by a setup hook — would have taken those)

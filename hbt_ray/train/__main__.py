@@ -9,8 +9,8 @@ import argparse
 import json
 import sys
 
-from hbt_ray.config import ConfigError, load_config
-from hbt_ray.trainer import TrainConfig, config_keys, train
+from hbt_ray.config import ConfigError, config_keys, load_config
+from hbt_ray.train import TrainConfig, train
 
 
 def _keys_help() -> str:

@@ -1,0 +1,181 @@
+"""The training config: one typed section per concern, loaded from YAML with ``key=value`` overrides.
+
+Every function of the training stage receives only its own section (the optimizer gets ``optim``, the
+loss ``loss``, the sampler ``sampler``). Keys and defaults: ``python -m hbt_ray.train --help``.
+
+    >>> from hbt_ray.config import load_config
+    >>> cfg = load_config(TrainConfig, None, ["sampler.alpha=0.25", "optim.lr=3e-5"])
+    >>> cfg.sampler.alpha, cfg.optim.lr, cfg.loss.temperature
+    (0.25, 3e-05, 0.05)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from hbt_ray.config import ConfigError
+from hbt_ray.evaluate.config import EvalConfig
+from hbt_ray.loss import LossConfig
+from hbt_ray.model import ModelConfig
+from hbt_ray.sampler import SamplerConfig
+
+
+@dataclass
+class DataConfig:
+    """Training pairs: source specs (``ddtp``, ``mlqa-r``, ``pairs:PATH``) written once into shards."""
+
+    train: list[str] = field(default_factory=lambda: ["ddtp"])
+    langs: list[str] = field(default_factory=list)  # empty: every language of the sources
+    limit_groups: int | None = None  # per source spec
+    shard_dir: str | None = None  # reuse/write shards here; default <run dir>/shards
+    rows_per_shard: int = 2000
+
+    def validate(self) -> None:
+        if not self.train:
+            raise ConfigError("train: give at least one source spec")
+        if self.rows_per_shard < 1:
+            raise ConfigError(f"rows_per_shard: must be >= 1, got {self.rows_per_shard}")
+        if self.limit_groups is not None and self.limit_groups < 1:
+            raise ConfigError(f"limit_groups: must be >= 1, got {self.limit_groups}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (DeepSpeed's warmup/decay schedulers)."""
+
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    min_lr_ratio: float = 0.0  # cosine: decay to lr × this
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum: int = 1  # micro-batches (sampler batches) per optimizer step
+    #: torch's fused AdamW kernel (one pass over all parameters, CPU and CUDA; HF Trainer's default);
+    #: false = the per-tensor loop
+    fused: bool = True
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum: must be >= 1, got {self.grad_accum}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas: need two values, got {self.betas}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine: ZeRO stage, offload, precision."""
+
+    zero_stage: int = 2
+    offload_optimizer: bool = False  # ZeRO >= 1: optimizer states in CPU memory
+    offload_param: bool = False  # ZeRO-3: parameters in CPU memory
+    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    #: ZeRO stage when training on ONE worker without offload, where there is nothing to partition and
+    #: stages >= 1 only add their flat-buffer and gradient-hook overhead; null = always zero_stage
+    single_worker_stage: int | None = 0
+    #: dtype of the gradient all-reduce / reduce-scatter between workers; null = the training dtype.
+    #: bf16 halves the bytes on the wire (for GPU nodes on slow links)
+    communication_dtype: Literal["bf16", "fp16", "fp32"] | None = None
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.single_worker_stage not in (None, 0, 1, 2, 3):
+            raise ConfigError(f"single_worker_stage: must be null, 0, 1, 2 or 3, got {self.single_worker_stage}")
+        if self.offload_param and self.zero_stage != 3:
+            raise ConfigError("offload_param: needs deepspeed.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("offload_optimizer: needs deepspeed.zero_stage >= 1")
+
+
+@dataclass
+class RunConfig:
+    """Where and how the run executes: Ray Train workers, steps, checkpoints, reports, evaluations."""
+
+    name: str = "hbt"
+    storage_path: str = "runs"  # Ray Train storage; the run dir is <storage_path>/<name>
+    num_workers: int = 2
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    cpus_per_worker: float = 1.0  # leave CPUs for Ray Data: it streams the shards during training
+    #: Ray placement of the workers' bundles; STRICT_SPREAD = one worker per node (multi-node runs)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_steps: int = 100
+    checkpoint_every: int = 50  # 0 = only the final checkpoint
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    seed: int = 0
+    log_every: int = 1  # ray.train.report metrics every N steps, but at most once per report_every_s
+    #: Ray Train V2 hands a worker's reports to its controller through a queue of one, drained at every
+    #: health check: a report per step would block each step. Reports are made at most this often
+    #: (rank 0 decides, every rank follows); checkpoints, evaluations and the last step are always
+    #: reported. Every step is still in <run dir>/steps.jsonl.
+    report_every_s: float = 5.0
+    #: batches drawn and tokenized ahead in a background thread (overlaps the model's compute)
+    prefetch_batches: int = 2
+    #: Re-deal each step's pairs among the workers (same count each) so their real tokens are near-equal:
+    #: with the packed forward a worker's compute follows its tokens, and every collective waits for the
+    #: slowest. Only with loss.gather (the loss is then the same for any deal) and 2+ workers.
+    balance_tokens: bool = True
+    nan_policy: Literal["error", "skip"] = "error"
+    max_skipped_steps: int = 10  # nan_policy=skip: give up after this many
+    eval_every: int = 0  # evaluate on the ``eval`` section every N steps; 0 = no intermediate evaluation
+    export: bool = True  # write the consolidated model to <run dir>/model
+    progress: bool = True  # tqdm bar on rank 0
+    #: intra-op threads per worker; 0 = what Ray sets (OMP_NUM_THREADS = the worker's CPUs, at least 1).
+    #: On a small CPU box give the workers fractional CPUs (so Ray Data and evaluators fit) and the real threads here.
+    torch_threads: int = 0
+    #: Training workers keep the memory they free (glibc: one arena, no mmap, no trimming) instead of
+    #: handing it back to the OS and page-faulting it in again on the next step: Ray Train runs the loop
+    #: in a thread, whose own arena trims after every layer, and large buffers (flattened gradients,
+    #: gloo's) are otherwise fresh mmaps every step. false = glibc's defaults.
+    keep_freed_memory: bool = True
+    # Debug switches for the failure tests (off by default).
+    debug_kill_at_step: int | None = None  # SIGKILL rank debug_kill_rank after this step, first attempt only
+    debug_kill_rank: int = 1
+    debug_nan_at_step: int | None = None  # replace this step's loss by NaN (every rank)
+
+    def validate(self) -> None:
+        for key in ("num_workers", "max_steps", "keep_checkpoints", "log_every", "prefetch_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("checkpoint_every", "max_failures", "eval_every", "report_every_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. ``eval`` is the one evaluation section: what and how intermediate evaluations
+    (``run.eval_every``) measure; the tuner and ``scripts/reproduce.py`` evaluate with it too."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        if self.sampler.batch_size % self.run.num_workers:
+            raise ConfigError(
+                f"sampler.batch_size: {self.sampler.batch_size} global pairs do not split over "
+                f"run.num_workers={self.run.num_workers} workers"
+            )
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int  # optimizer steps done
+    metrics: dict[str, Any]  # last reported metrics
+    checkpoint_path: str | None  # the last Ray Train checkpoint
+    model_path: str | None  # exported sentence-transformers dir (run.export)
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-step log lines of rank 0

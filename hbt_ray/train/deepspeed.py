@@ -1,0 +1,128 @@
+"""The DeepSpeed side of training: the engine's config dict, the ZeRO stage, the optimizer, and the
+consolidated weights at export. Each function takes only the config sections it reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hbt_ray.train.config import DeepSpeedConfig, OptimConfig, RunConfig
+
+
+def zero_stage(ds: DeepSpeedConfig, world_size: int) -> int:
+    """The ZeRO stage a run uses: ``zero_stage``, or ``single_worker_stage`` on one worker without
+    offload.
+
+    >>> zero_stage(DeepSpeedConfig(), 2), zero_stage(DeepSpeedConfig(), 1)
+    (2, 0)
+    """
+    if world_size == 1 and ds.single_worker_stage is not None and not (ds.offload_optimizer or ds.offload_param):
+        return ds.single_worker_stage
+    return ds.zero_stage
+
+
+def worker_env_vars(run: RunConfig) -> dict[str, str]:
+    """Environment of the training worker processes (set before they start, as glibc needs).
+
+    >>> worker_env_vars(RunConfig(keep_freed_memory=False))
+    {}
+    """
+    if not run.keep_freed_memory:
+        return {}
+    return {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def deepspeed_config(
+    optim: OptimConfig, ds_cfg: DeepSpeedConfig, max_steps: int, micro_batch_per_worker: int, world_size: int
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``deepspeed.initialize``, built from the typed sections.
+
+    >>> ds = deepspeed_config(OptimConfig(), DeepSpeedConfig(), 100, micro_batch_per_worker=16, world_size=2)
+    >>> ds["zero_optimization"]["stage"], ds["train_batch_size"]
+    (2, 32)
+    """
+    o, d = optim, ds_cfg
+    zero: dict[str, Any] = {"stage": zero_stage(d, world_size)}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if d.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if zero["stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_per_worker,
+        "gradient_accumulation_steps": o.grad_accum,
+        "train_batch_size": micro_batch_per_worker * o.grad_accum * world_size,
+        "zero_optimization": zero,
+        "gradient_clipping": o.grad_clip,
+        "bf16": {"enabled": d.precision == "bf16"},
+        "fp16": {"enabled": d.precision == "fp16", "initial_scale_power": 12},
+        # We pass our own torch AdamW (works on every accelerator without building DeepSpeed ops).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if d.communication_dtype is not None:
+        ds["communication_data_type"] = d.communication_dtype
+    ds["scheduler"] = _scheduler(o, max_steps)
+    return ds
+
+
+def _scheduler(o: OptimConfig, max_steps: int) -> dict[str, Any]:
+    total = max(max_steps, o.warmup_steps + 1)
+    # DeepSpeed's schedulers need warmup_num_steps >= 1: "no warmup" = one step that starts at the full lr
+    warmup = max(o.warmup_steps, 1)
+    warmup_start = o.lr if o.warmup_steps == 0 else 0.0
+    if o.schedule == "linear":
+        return {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": total,
+                "warmup_min_lr": warmup_start,
+                "warmup_max_lr": o.lr,
+                "warmup_num_steps": warmup,
+                "warmup_type": "linear",
+            },
+        }
+    if o.schedule == "cosine":
+        return {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total,
+                "warmup_num_steps": warmup,
+                "warmup_min_ratio": 1.0 if o.warmup_steps == 0 else 0.0,
+                "cos_min_ratio": o.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        }
+    return {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": warmup_start, "warmup_max_lr": o.lr, "warmup_num_steps": warmup,
+                   "warmup_type": "linear"},
+    }  # fmt: skip
+
+
+def build_optimizer(module: Any, optim: OptimConfig) -> Any:
+    """AdamW over the trainable parameters; no weight decay on biases, norms and scalars (τ)."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        plain = param.ndim < 2 or "norm" in name.lower() or name.endswith("bias")
+        (no_decay if plain else decay).append(param)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=optim.fused)
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, Any]:
+    """Full state dict of the encoder on every rank (gathers ZeRO-3 shards: a collective)."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {k: v.detach().cpu().clone() for k, v in module.encoder.state_dict().items()}

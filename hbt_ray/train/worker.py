@@ -1,0 +1,356 @@
+"""The training loop of one Ray Train worker, as a recipe with one method per phase.
+
+:func:`train_loop_per_worker` is what Ray Train runs on every worker; it builds a
+:class:`TrainRecipe` and calls its phases in order::
+
+    recipe = TrainRecipe(cfg, rank, world, ...)
+    recipe.setup()      # model + τ in a DeepSpeed engine, this rank's sampler and prefetched batches
+    recipe.resume()     # from ray.train.get_checkpoint(), or fresh per-rank seeds
+    while not done:
+        recipe.step()       # one optimizer step over run.grad_accum micro-batches
+        recipe.log()        # steps.jsonl, progress bar, intermediate evaluation
+        recipe.checkpoint() # save + report, or a plain report when one is due
+    recipe.export()     # the consolidated model as a sentence-transformers directory
+
+Each worker builds the same model (seeded), draws its slice of every global batch from the hybrid batch
+sampler over its own part of the shards, and every ``run.checkpoint_every`` steps saves DeepSpeed state
++ batch-stream state + RNG states, so a restarted worker continues the same batch stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from hbt_ray.config import load_config
+from hbt_ray.data.streams import shard_streams
+from hbt_ray.loss import ContrastiveModule
+from hbt_ray.model import export_from_state_dict, load_dual_encoder
+from hbt_ray.sampler import HybridBatchSampler
+from hbt_ray.train import checkpoint as ckpt
+from hbt_ray.train.batches import PrefetchedBatches, batch_preparer, deal_by_tokens
+from hbt_ray.train.config import TrainConfig
+from hbt_ray.train.deepspeed import build_optimizer, consolidated_state_dict, deepspeed_config, zero_stage
+
+PHASES = ("data", "forward", "sync", "backward", "optimizer")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step."""
+
+
+def use_gpu(setting: str) -> bool:
+    if setting == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return setting == "true"
+
+
+def all_reduce_mean(values: list[float]) -> list[float]:
+    """The mean of each value over the ranks (plain values on one process)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return [float(x) for x in t.cpu()]
+
+
+def batch_fingerprint(queries: list[str], passages: list[str]) -> str:
+    h = hashlib.sha1()
+    for text in (*queries, *passages):
+        h.update(text.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+class TrainRecipe:
+    """One worker's run: state lives on the instance, each phase is a method (see the module doc)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, run_dir: Path, job: dict[str, Any]) -> None:
+        self.cfg, self.rank, self.world, self.run_dir, self.job = cfg, rank, world, run_dir, job
+        self.step_no, self.skipped = 0, 0
+        self.metrics: dict[str, Any] = {}
+        self.last_report, self.report_now, self.confirm_checkpoint = time.perf_counter(), False, False
+        self.rank_tokens: list[int] = []  # every rank's real tokens this step, before and after the deal
+        self.eval_set: Any = None
+        self.progress: Any = None
+
+    # ------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        import deepspeed
+        import ray.data
+        import ray.train
+        import ray.train.torch
+        import torch
+        import torch.distributed as dist
+
+        cfg, rank, world = self.cfg, self.rank, self.world
+        if cfg.run.torch_threads > 0:
+            torch.set_num_threads(cfg.run.torch_threads)
+        self.device = ray.train.torch.get_device() if use_gpu(cfg.run.use_gpu) else torch.device("cpu")
+        ckpt.seed_everything(cfg.run.seed)  # same init on every rank
+        self.encoder = load_dual_encoder(cfg.model, train_texts=self.job.get("tokenizer_texts"))
+        module = ContrastiveModule(self.encoder, cfg.loss)
+        stage = zero_stage(cfg.deepspeed, world)
+        if rank == 0 and stage != cfg.deepspeed.zero_stage:
+            print(f"[hbt_ray.train] one worker, no offload: ZeRO stage {stage} instead of "
+                  f"{cfg.deepspeed.zero_stage} (deepspeed.single_worker_stage)", flush=True)  # fmt: skip
+        micro = cfg.sampler.batch_size // world
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=module,
+            optimizer=build_optimizer(module, cfg.optim),
+            config=deepspeed_config(cfg.optim, cfg.deepspeed, cfg.run.max_steps, micro, world),
+            dist_init_required=False,
+        )
+        # Each rank streams its own disjoint part of the shards (files r::world, read lazily by Ray Data
+        # in a seeded, order-preserving way), so a restarted worker re-reads exactly the same rows: the
+        # resumed batch stream is exact, and no group can meet its parallel copy on another rank.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        paths = [Path(p) for p in self.job["shard_paths"]]
+        sampler = HybridBatchSampler(
+            cfg.sampler, shard_streams(paths, rank, world, seed=cfg.sampler.seed), rank, world,
+            self.job["lang_counts"], num_groups=self.job["num_groups"],
+        )  # fmt: skip
+        prepare = batch_preparer(self.encoder, cfg.loss.hard_negatives)
+        self.batches = PrefetchedBatches(sampler, prepare, depth=cfg.run.prefetch_batches)
+        self.balance = cfg.run.balance_tokens and cfg.loss.gather and world > 1
+        # Where each rank runs (Ray node ids, rank order), logged in steps.jsonl: shows the placement.
+        self.node_ids = [ray.get_runtime_context().get_node_id()]
+        if dist.is_available() and dist.is_initialized() and world > 1:
+            self.node_ids = [None] * world
+            dist.all_gather_object(self.node_ids, ray.get_runtime_context().get_node_id())
+
+    def resume(self) -> None:
+        """Continue from Ray Train's last checkpoint if there is one; set up logs, evaluation, progress."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            self.step_no, self.skipped = ckpt.load_checkpoint(checkpoint, self.engine, self.batches, self.rank)
+            if self.rank == 0:
+                print(f"[hbt_ray.train] resumed at step {self.step_no} from {checkpoint.path}", flush=True)
+        else:
+            ckpt.seed_everything(self.cfg.run.seed + 1000 * self.rank)  # per-rank stream of dropout etc.
+        if self.cfg.run.eval_every:
+            from hbt_ray.evaluate import load_eval_data
+
+            self.eval_set = load_eval_data(self.cfg.eval)
+        self.steps_log = self.run_dir / "steps.jsonl"
+        self.attempt = f"{os.getpid()}-{time.time():.0f}"
+        if self.rank == 0 and self.cfg.run.progress:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=self.cfg.run.max_steps, initial=self.step_no, desc="train", unit="step",
+                                 mininterval=5)  # fmt: skip
+
+    @property
+    def done(self) -> bool:
+        return self.step_no >= self.cfg.run.max_steps
+
+    # -------------------------------------------------------------------------------------- step
+    def step(self) -> None:
+        """One optimizer step: ``optim.grad_accum`` micro-batches, forward + backward each."""
+        cfg, world = self.cfg, self.world
+        t0 = time.perf_counter()
+        losses, taus, langs, strategies, prints, candidates = [], [], set(), [], [], []
+        pairs, nonfinite_at = 0, 0
+        phase = dict.fromkeys(PHASES, 0.0)
+        for micro_index in range(cfg.optim.grad_accum):
+            t_phase = time.perf_counter()
+            batch, prepared = self.batches.next()
+            if self.balance:
+                prepared, self.rank_tokens = deal_by_tokens(prepared, self.encoder.tokenizer)
+            q_ids, q_mask, p_ids, p_mask, n_ids, n_mask = (
+                None if t is None else t.to(self.device, non_blocking=True) for t in prepared[:6]
+            )
+            n_local = len(prepared[6]) + sum(prepared[6])  # passages + hard negatives on this rank
+            t_phase = _add_time(phase, "data", t_phase)
+            loss, tau = self.engine(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask)
+            t_phase = _add_time(phase, "forward", t_phase)
+            if cfg.run.debug_nan_at_step is not None and self.step_no + 1 == cfg.run.debug_nan_at_step:
+                loss = loss * float("nan")
+            # All ranks must take the same decision: act on the mean loss over ranks. The same
+            # all-reduce sums the candidates each query is scored against (passages + negatives of
+            # every rank when loss.gather, else this rank's) and carries rank 0's "report due".
+            report_due = self.rank == 0 and time.perf_counter() - self.last_report >= cfg.run.report_every_s
+            mean_loss, mean_candidates, mean_due = all_reduce_mean(
+                [float(loss.detach()), float(n_local), float(report_due)]
+            )
+            self.report_now = self.report_now or mean_due > 0  # rank 0's decision, on every rank
+            candidates.append(round(mean_candidates * world) if cfg.loss.gather else n_local)
+            t_phase = _add_time(phase, "sync", t_phase)
+            if not math.isfinite(mean_loss):
+                nonfinite_at = micro_index + 1
+                break
+            self.engine.backward(loss)
+            t_phase = _add_time(phase, "backward", t_phase)
+            self.engine.step()  # the optimizer update at the accumulation boundary (ZeRO reductions included)
+            _add_time(phase, "optimizer", t_phase)
+            losses.append(mean_loss)
+            taus.append(float(tau))
+            pairs += len(batch.queries) * world
+            langs.update(batch.query_langs)
+            langs.update(batch.passage_langs)
+            strategies.append(batch.strategy)
+            prints.append(batch_fingerprint(list(batch.queries), list(batch.passages)))
+        self.step_no += 1  # a skipped step still consumed its batches: the stream stays aligned
+        if nonfinite_at:
+            self._skip_nonfinite(f"step {self.step_no} (micro-batch {nonfinite_at}/{cfg.optim.grad_accum})")
+        dt = time.perf_counter() - t0
+        self.losses, self.prints = losses, prints
+        if not losses:
+            self.metrics = {**self.metrics, "step": self.step_no, "skipped_steps": self.skipped}
+            return
+        self.metrics = {
+            "step": self.step_no,
+            "loss": sum(losses) / len(losses),
+            "temperature": taus[-1],
+            # DeepSpeed's schedulers report the lr the update of this step used (warmup starts at 0)
+            "lr": float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else cfg.optim.lr,
+            "pairs_per_s": pairs / dt,
+            "step_time_s": dt,
+            "strategy": ",".join(sorted(set(strategies))),
+            "langs": ",".join(sorted(langs)),
+            "skipped_steps": self.skipped,
+            "candidates": max(candidates),
+            **{f"time_{k}_s": v for k, v in phase.items()},
+        }
+
+    def _skip_nonfinite(self, where: str) -> None:
+        run = self.cfg.run
+        if run.nan_policy == "error":
+            raise NonFiniteLossError(f"non-finite loss at {where}; set run.nan_policy=skip to skip such steps")
+        self.skipped += 1
+        self.engine.optimizer.zero_grad()
+        if self.rank == 0:
+            print(f"[hbt_ray.train] non-finite loss at {where}: skipped ({self.skipped} so far)", flush=True)
+        if self.skipped > run.max_skipped_steps:
+            raise NonFiniteLossError(
+                f"non-finite loss at {where}: {self.skipped} steps skipped, more than "
+                f"run.max_skipped_steps={run.max_skipped_steps}"
+            )
+
+    # --------------------------------------------------------------------------------------- log
+    def log(self) -> None:
+        """Rank 0 appends the step to steps.jsonl and moves the bar; every rank runs a due evaluation."""
+        import torch
+
+        if self.rank == 0:
+            record = {
+                **self.metrics, "skipped": not self.losses, "batches": self.prints, "attempt": self.attempt,
+                "node_ids": self.node_ids,
+                "t_end": time.time(),  # wall clock: the gaps include reporting and logging too
+                "torch_threads": torch.get_num_threads(),
+                "rank_tokens": self.rank_tokens,  # balance_tokens: per rank, before then after the deal
+                "malloc_mmap_max": os.environ.get("MALLOC_MMAP_MAX_"),
+            }  # fmt: skip
+            with open(self.steps_log, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if self.progress is not None:
+                self.progress.update(1)
+                if self.losses:
+                    self.progress.set_postfix(
+                        loss=f"{self.metrics['loss']:.3f}", pairs_s=f"{self.metrics['pairs_per_s']:.0f}"
+                    )
+        if self._eval_due():
+            with self.batches.paused():  # the evaluation tokenizes with the same tokenizer
+                self.metrics.update(self._intermediate_eval())
+
+    def _eval_due(self) -> bool:
+        return self.eval_set is not None and self.step_no % self.cfg.run.eval_every == 0
+
+    def _intermediate_eval(self) -> dict[str, Any]:
+        """Evaluate the in-training encoder (every rank runs it: ZeRO-3 gathers parameters collectively)."""
+        from dataclasses import replace
+
+        from hbt_ray.evaluate import evaluate
+
+        result = evaluate(self.encoder, self.eval_set, replace(self.cfg.eval, show_progress=False))
+        return {f"eval/{k}": float(v) for k, v in result.summary.items() if isinstance(v, (int, float))}
+
+    # -------------------------------------------------------------------------------- checkpoint
+    def checkpoint(self) -> None:
+        """Save + report at checkpoint steps and the last step; else report when due (see run.report_every_s)."""
+        import ray.train
+
+        run = self.cfg.run
+        if (run.checkpoint_every and self.step_no % run.checkpoint_every == 0) or self.done:
+            ckpt.save_checkpoint(self.engine, self.batches, step=self.step_no, skipped=self.skipped,
+                                 rank=self.rank, world=self.world, metrics=self.metrics)  # fmt: skip
+            # The controller registers a reported checkpoint when it drains the worker's result queue;
+            # a crash before that loses it. The next step's report blocks until the queue is drained,
+            # so from then on the checkpoint is safe.
+            self.last_report, self.report_now, self.confirm_checkpoint = time.perf_counter(), False, True
+        elif (self.report_now and self.step_no % run.log_every == 0) or self._eval_due() or self.confirm_checkpoint:
+            ray.train.report(self.metrics)
+            self.last_report, self.report_now, self.confirm_checkpoint = time.perf_counter(), False, False
+        kill_marker = self.run_dir / ".debug_killed"
+        if (
+            run.debug_kill_at_step is not None
+            and self.step_no == run.debug_kill_at_step
+            and self.rank == run.debug_kill_rank
+            and not kill_marker.exists()
+        ):
+            kill_marker.write_text(f"rank {self.rank} killed after step {self.step_no}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ------------------------------------------------------------------------------------ export
+    def export(self) -> None:
+        """Close the batch stream; write the consolidated model to <run dir>/model (rank 0, atomically)."""
+        import torch.distributed as dist
+
+        if self.progress is not None:
+            self.progress.close()
+        self.batches.close()  # the prefetch thread, and the sampler's Ray Data iterators (they hold resources)
+        if not self.cfg.run.export:
+            return
+        state_dict = consolidated_state_dict(self.engine)  # collective under ZeRO-3
+        if self.rank == 0:
+            export_dir = self.run_dir / "model"
+            staging = self.run_dir / f".model_staging_{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            export_from_state_dict(self.cfg.model, state_dict, staging, tokenizer=self.encoder.tokenizer,
+                                   train_texts=self.job.get("tokenizer_texts"))  # fmt: skip
+            shutil.rmtree(export_dir, ignore_errors=True)
+            staging.rename(export_dir)
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def _add_time(phase: dict[str, float], key: str, since: float) -> float:
+    """Add the time since ``since`` to ``phase[key]``; returns now (the start of the next phase)."""
+    now = time.perf_counter()
+    phase[key] += now - since
+    return now
+
+
+def train_loop_per_worker(job: dict[str, Any]) -> None:
+    """Ray Train worker entry. ``job`` = ``{"cfg": to_dict(TrainConfig), "lang_counts", "num_groups",
+    "shard_paths", "run_dir", "tokenizer_texts"}`` (built by :func:`hbt_ray.train.driver.train`)."""
+    cfg = load_config(TrainConfig, None, base=job["cfg"])
+    if not use_gpu(cfg.run.use_gpu):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    import ray.train
+
+    ctx = ray.train.get_context()
+    recipe = TrainRecipe(cfg, ctx.get_world_rank(), ctx.get_world_size(), Path(job["run_dir"]), job)
+    recipe.setup()
+    recipe.resume()
+    while not recipe.done:
+        recipe.step()
+        recipe.log()
+        recipe.checkpoint()
+    recipe.export()
