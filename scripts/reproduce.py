@@ -13,7 +13,7 @@ Each (α, seed) run writes ``results/alpha<α>_seed<s>.json``; a rerun skips run
 
     python scripts/reproduce.py --config hbt_ray/configs/reproduce_cpu.yaml --out results/reproduce_cpu
     python scripts/reproduce.py --config hbt_ray/configs/reproduce_cpu.yaml --seeds 2 --alphas 0 0.5 1 \\
-        train.run.max_steps=10 eval_max_paragraphs=5
+        train.run.max_steps=10 train.eval.max_paragraphs=5
 """
 
 from __future__ import annotations
@@ -24,33 +24,31 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hbt_ray.config import ConfigError, load_config, to_dict
-from hbt_ray.evaluator import EvalConfig
-from hbt_ray.trainer import TrainConfig
+from hbt_ray.cluster import init_ray
+from hbt_ray.config import ConfigError, load_config, override, to_dict
+from hbt_ray.evaluate import METRIC_MODES, EvalConfig, evaluate, load_eval_data
+from hbt_ray.train import TrainConfig, train
 
-HIGHER_IS_BETTER = {"mono_map": True, "cross_map": True, "multi_map": True, "mean_map": True, "bias": False}
-METRICS = list(HIGHER_IS_BETTER)
+METRICS = list(METRIC_MODES)
 SPLITS = ("seen", "heldout")
 
 
 @dataclass
 class ReproduceConfig:
-    """The sweep: a training config (nested), α values, seeds, the language split and the eval set."""
+    """The sweep: a training config (nested; its ``eval`` section is the eval set and settings), α values,
+    seeds and the language split."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     seeds: int = 3
     seen_langs: list[str] = field(default_factory=lambda: ["ar", "de", "en", "es", "zh"])
     heldout_langs: list[str] = field(default_factory=lambda: ["hi", "vi"])
-    eval_data: str = "xquad-r"
-    eval_max_paragraphs: int | None = 40  # whole parallel paragraphs per language (None = all)
     out: str = "results/reproduce"
 
     def validate(self) -> None:
@@ -73,11 +71,17 @@ def run_key(alpha: float, seed: int) -> str:
     return f"alpha{alpha:g}_seed{seed}"
 
 
+def split_eval_configs(cfg: ReproduceConfig) -> dict[str, EvalConfig]:
+    """``train.eval`` restricted to the seen and to the held-out languages."""
+    return {
+        "seen": replace(cfg.train.eval, langs=list(cfg.seen_langs)),
+        "heldout": replace(cfg.train.eval, langs=list(cfg.heldout_langs)),
+    }
+
+
 def run_train_config(cfg: ReproduceConfig, alpha: float, seed: int, out: Path) -> TrainConfig:
     """The training config of one (α, seed) run: seen languages only, shared shards, own run dir."""
-    from hbt_ray.tuner import trial_train_config
-
-    return trial_train_config(
+    return override(
         cfg.train,
         {
             "sampler.alpha": float(alpha),
@@ -88,16 +92,14 @@ def run_train_config(cfg: ReproduceConfig, alpha: float, seed: int, out: Path) -
             "data.langs": list(cfg.seen_langs),
             "data.shard_dir": str((out / "shards").resolve()),
         },
+        prefix="train.",
     )
 
 
 def run_one(
-    cfg: ReproduceConfig, alpha: float, seed: int, out: Path, eval_sets: dict[str, Any]
+    cfg: ReproduceConfig, alpha: float, seed: int, out: Path, eval_sets: dict[str, tuple[EvalConfig, Any]]
 ) -> dict[str, Any]:
     """Train one (α, seed) run, evaluate it on the seen and held-out eval sets; → its result record."""
-    from hbt_ray.evaluator import evaluate
-    from hbt_ray.trainer import train
-
     train_cfg = run_train_config(cfg, alpha, seed, out)
     t0 = time.perf_counter()
     result = train(train_cfg)
@@ -114,8 +116,8 @@ def run_one(
         "model_path": result.model_path,
     }
     t0 = time.perf_counter()
-    for split, eval_set in eval_sets.items():
-        res = evaluate(result.model_path, eval_set, cfg.eval)
+    for split, (eval_cfg, eval_set) in eval_sets.items():
+        res = evaluate(result.model_path, eval_set, eval_cfg)
         record[split] = {k: float(v) for k, v in res.summary.items() if isinstance(v, (int, float))}
     record["eval_s"] = round(time.perf_counter() - t0, 1)
     return record
@@ -125,8 +127,6 @@ def run_sweep(cfg: ReproduceConfig, out: Path) -> list[dict[str, Any]]:
     """Every (α, seed) run not already in ``out/results``; → all result records (old and new)."""
     import ray
     from tqdm import tqdm
-
-    from hbt_ray.data.sources import load_eval_set
 
     results_dir = out / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -139,13 +139,10 @@ def run_sweep(cfg: ReproduceConfig, out: Path) -> list[dict[str, Any]]:
     done = len(cfg.alphas) * cfg.seeds - len(todo)
     print(f"[reproduce] {len(todo)} runs to do, {done} already done ({results_dir})", flush=True)
     if todo:
-        eval_sets = {
-            "seen": load_eval_set(cfg.eval_data, cfg.seen_langs, cfg.eval_max_paragraphs, seed=0),
-            "heldout": load_eval_set(cfg.eval_data, cfg.heldout_langs, cfg.eval_max_paragraphs, seed=0),
-        }
+        eval_sets = {split: (c, load_eval_data(c)) for split, c in split_eval_configs(cfg).items()}
         started_ray = not ray.is_initialized()
         if started_ray:
-            ray.init(include_dashboard=False, configure_logging=False)
+            init_ray()
         try:
             bar = tqdm(todo, desc="reproduce", unit="run")
             for alpha, seed in bar:
@@ -223,7 +220,7 @@ def verdict(table: dict[str, Any], split: str, metric: str) -> dict[str, Any]:
     sweep lacks a baseline or a hybrid α.
     """
     rows = table.get(split, {}).get(metric, {})
-    higher = HIGHER_IS_BETTER[metric]
+    higher = METRIC_MODES[metric] == "max"
     hybrids = {a: v for a, v in rows.items() if 0.0 < float(a) < 1.0}
     if "0" not in rows or "1" not in rows or not hybrids:
         return {"split": split, "metric": metric, "beats": None, "significant": None}
@@ -279,7 +276,7 @@ def plot_metric(table: dict[str, Any], metric: str, path: Path) -> None:
         errs = [0.0 if math.isnan(rows[a]["ci95"]) else rows[a]["ci95"] for a in alphas]
         ax.errorbar([float(a) for a in alphas], means, yerr=errs, marker=marker, capsize=3, label=split)
     ax.set_xlabel("α (share of monolingual batches)")
-    ax.set_ylabel(metric + (" (lower is better)" if not HIGHER_IS_BETTER[metric] else ""))
+    ax.set_ylabel(metric + (" (lower is better)" if METRIC_MODES[metric] == "min" else ""))
     ax.set_title(f"{metric}: mean ± 95% CI over seeds")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -306,7 +303,7 @@ def write_report(
         f"Model `{cfg.train.model.name}`, training data {cfg.train.data.train} restricted to the **seen** languages "
         f"{cfg.seen_langs}; {cfg.train.run.max_steps} steps of {cfg.train.sampler.batch_size} pairs per run, "
         f"{len(records)} runs (α {', '.join(f'{a:g}' for a in alphas)} × seeds {seeds}). "
-        f"Evaluation on `{cfg.eval_data}` ({cfg.eval_max_paragraphs or 'all'} paragraphs per language) over the seen "
+        f"Evaluation on `{cfg.train.eval.data}` ({cfg.train.eval.max_paragraphs or 'all'} paragraphs per language) over the seen "
         f"languages and over the **held-out** languages {cfg.heldout_langs} (never in training).",
         "α is the probability of a monolingual (x-x) batch: α=0 trains on cross-lingual (x-y) batches only, "
         "α=1 on monolingual batches only; 0 < α < 1 is hybrid batch training.",

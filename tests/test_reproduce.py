@@ -22,8 +22,6 @@ alphas: [0.0, 1.0]
 seeds: 2
 seen_langs: [de, en, es]
 heldout_langs: [vi, zh]
-eval_data: xquad-r
-eval_max_paragraphs: 3
 train:
   model: {name: tiny}
   sampler: {batch_size: 16, buffer_groups: 64}
@@ -32,7 +30,7 @@ train:
   deepspeed: {zero_stage: 2, precision: fp32}
   run: {num_workers: 2, cpus_per_worker: 0.5, max_steps: 6, checkpoint_every: 0, keep_checkpoints: 1,
         progress: false}
-eval: {show_progress: false, batch_size: 64}
+  eval: {data: xquad-r, max_paragraphs: 3, subset_seed: 0, show_progress: false, batch_size: 64}
 """
 
 
@@ -130,3 +128,16 @@ def test_reproduce_end_to_end_tiny_and_resume(ray_local, tmp_path: Path, shared_
     assert reproduce.main(args) == 0
     assert "0 runs to do, 4 already done" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["table"] == summary["table"]
+
+
+@pytest.mark.parametrize("name", ["reproduce_cpu", "reproduce_gpu"])
+def test_each_split_is_evaluated_with_train_eval_on_its_own_languages(name: str) -> None:
+    from hbt_ray.config import load_config
+
+    cfg = load_config(reproduce.ReproduceConfig, REPO / "hbt_ray" / "configs" / f"{name}.yaml")
+    splits = reproduce.split_eval_configs(cfg)
+    assert splits["seen"].langs == cfg.seen_langs and splits["heldout"].langs == cfg.heldout_langs
+    for split in splits.values():  # the same seeded paragraph sample for every run
+        assert (split.data, split.subset_seed) == ("xquad-r", 0)
+        assert split.max_paragraphs == cfg.train.eval.max_paragraphs
+    assert cfg.train.eval.langs is None  # the training run's own section is left as configured

@@ -7,9 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from hbt_ray.config import load_config
-from hbt_ray.tune import main as tune_main
-from hbt_ray.tuner import TuneConfig, run_sweep, trial_index
+from hbt_ray.config import ConfigError, load_config
+from hbt_ray.tune import (
+    SpaceError,
+    TuneConfig,
+    check_trial_fits,
+    load_space,
+    make_scheduler,
+    resolve_space_path,
+    run_sweep,
+    trial_index,
+    trial_train_config,
+)
+from hbt_ray.tune.__main__ import main as tune_main
 
 FAKE_KEY = "hbtfake0123456789abcdef0123456789abcdef01"
 
@@ -32,10 +42,10 @@ def _overrides(tmp_path: Path) -> list[str]:
         f"space={_space(tmp_path)}",
         f"out_dir={tmp_path / 'sweeps'}",
         "name=ci",
-        "eval_langs=[en,de,es]",
-        "eval_max_paragraphs=4",
-        "eval.show_progress=false",
-        "eval.batch_size=64",
+        "train.eval.langs=[en,de,es]",
+        "train.eval.max_paragraphs=4",
+        "train.eval.show_progress=false",
+        "train.eval.batch_size=64",
         "inject_failure_trial=3",  # the 4th trial (α=0.25) raises; the other three must finish
         "wandb.mode=offline",
         "train.model.name=tiny",
@@ -66,8 +76,27 @@ def test_trial_index_from_trial_name():
 
 
 def test_bad_objective_names_key():
-    with pytest.raises(ValueError, match="objective"):
+    with pytest.raises(ConfigError, match="^objective: 'accuracy' is not one of"):
         load_config(TuneConfig, None, ["objective=accuracy"])
+
+
+def test_a_bad_training_key_names_its_full_path():
+    with pytest.raises(ConfigError, match=r"^train\.sampler\.alpha: "):
+        load_config(TuneConfig, None, ["train.sampler.alpha=2"])
+    # a trial's parameters (or a space's fixed keys) are named as the user's config has them
+    cfg = load_config(TuneConfig)
+    with pytest.raises(ConfigError, match=r"^train\.sampler\.alpha: "):
+        trial_train_config(cfg, {"sampler.alpha": 2.0})
+    with pytest.raises(ConfigError, match=r"^unknown config key train\.sampler\.alpah "):
+        trial_train_config(cfg, {"sampler.alpah": 0.5})
+
+
+def test_the_embedded_default_loads_with_its_eval_section_under_train():
+    from hbt_ray.tune.__main__ import DEFAULT_CONFIG
+
+    cfg = load_config(TuneConfig, DEFAULT_CONFIG)
+    assert (cfg.train.eval.data, cfg.train.eval.max_paragraphs, cfg.train.eval.actor_threads) == ("xquad-r", 6, 2)
+    assert load_space(resolve_space_path(cfg.space)).params["sampler.alpha"].values == [0.0, 0.5, 1.0]
 
 
 def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
@@ -111,21 +140,23 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
     for path in out.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert FAKE_KEY.encode() not in path.read_bytes(), path
+    # nor in Ray's logs: Ray's own WandbLoggerCallback hands the key to its logging actors in their
+    # runtime_env, and Ray's runtime-env agent writes runtime envs to its log (this fails with it)
+    logs = Path(ray_local._private.worker._global_node.get_logs_dir_path())
+    for path in logs.rglob("*"):
+        if path.is_file():
+            assert FAKE_KEY.encode() not in path.read_bytes(), path
 
 
 def test_bad_space_file_is_a_clear_cli_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search: grid\nparams: {sampler.alpha: {type: uniform, low: 0, high: 1}}\n")
-    from hbt_ray.tune_space import SpaceError
-
     with pytest.raises(SpaceError, match=str(bad)):
         tune_main(["--space", str(bad), f"out_dir={tmp_path}", "evaluate_untuned=false"])
     assert os.environ.get("WANDB_API_KEY") != FAKE_KEY
 
 
 def test_trials_that_starve_ray_data_fail_fast():
-    from hbt_ray.tuner import check_trial_fits
-
     cfg = load_config(TuneConfig, None, ["train.run.num_workers=1", "train.run.cpus_per_worker=1"])
     with pytest.raises(ValueError, match=r"train.run.cpus_per_worker=1\).* has 2"):
         check_trial_fits(cfg, cfg.train, {"CPU": 2.0})
@@ -137,13 +168,54 @@ def test_trials_that_starve_ray_data_fail_fast():
 def test_asha_rungs_count_training_steps():
     """Reports are time-throttled, so ASHA's clock is the training step: the first rung is after two
     evaluations, the last at max_steps; without intermediate evaluations ASHA is refused."""
-    from hbt_ray.tune_space import load_space
-    from hbt_ray.tuner import _scheduler, resolve_space_path
-
     space = load_space(resolve_space_path("ratio_temperature"))
-    cfg = load_config(TuneConfig, None, ["train.run.eval_every=10", "train.run.eval=xquad-r", "train.run.max_steps=100"])
-    asha = _scheduler(space, cfg)
+    cfg = load_config(TuneConfig, None, ["train.run.eval_every=10", "train.run.max_steps=100"])
+    asha = make_scheduler(space, cfg)
     assert asha._time_attr == "step" and asha._max_t == 100
     assert min(milestone for milestone, _ in asha._brackets[0]._rungs) == 20
     with pytest.raises(ValueError, match="eval_every"):
-        _scheduler(space, load_config(TuneConfig, None, ["train.run.eval_every=0"]))
+        make_scheduler(space, load_config(TuneConfig, None, ["train.run.eval_every=0"]))
+
+
+class _Trial:
+    """What Ray's WandbLoggerCallback reads of a Tune trial."""
+
+    def __init__(self, trial_id: str, local_path: Path):
+        self.trial_id = trial_id
+        self.config = {"sampler.alpha": 0.5}
+        self.experiment_dir_name = "exp"
+        self.local_path = str(local_path)
+
+    def __str__(self) -> str:
+        return f"run_trial_{self.trial_id}"
+
+
+def _offline_run(out: Path, trial_id: str) -> bytes:
+    """The records of a trial's offline run (its config and history are in this one file)."""
+    (run,) = (out / "wandb").glob(f"offline-run-*-{trial_id}")
+    return (run / f"run-{trial_id}.wandb").read_bytes()
+
+
+def test_trial_runs_without_a_key_log_offline_with_their_status(ray_local, monkeypatch, tmp_path):
+    """Ray's own WandbLoggerCallback.setup raises without a key unless $WANDB_MODE says offline; ours
+    runs offline, an online init that fails falls back to offline, and a failed trial says so."""
+    from hbt_ray.tune.config import WandbConfig
+    from hbt_ray.tune.wandb import initial_mode, trial_runs_callback
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = WandbConfig(init_timeout=5)
+    assert initial_mode(cfg) == "offline"
+    base = {"train": {"run": {"seed": 7}, "wandb": {"api_key": "not-a-key"}}}
+    for mode, trial_id in (("offline", "t0"), ("online", "t1")):  # online: no key, so init fails
+        callback = trial_runs_callback(cfg, mode, "sweep", tmp_path, base)
+        callback.setup()
+        trial = _Trial(trial_id, tmp_path)
+        callback.log_trial_start(trial)
+        callback.log_trial_result(1, trial, {"loss": 1.5, "training_iteration": 1, "trial_id": trial_id})
+        callback.log_trial_end(trial, failed=True)
+        callback.on_experiment_end([trial])
+        records = _offline_run(tmp_path, trial_id)
+        for expected in (b"train.run.seed", b"sampler.alpha", b"loss", b"trial_status", b"ERROR"):
+            assert expected in records, (trial_id, expected)
+        assert b"not-a-key" not in records

@@ -1,6 +1,6 @@
 import csv
 
-from hbt_ray.tune_report import pareto_front, plot_alpha_tau_heatmap, plot_metrics_vs_alpha, write_table
+from hbt_ray.tune.report import pareto_front, plot_alpha_tau_heatmap, plot_metrics_vs_alpha, write_table
 
 
 def _rows():

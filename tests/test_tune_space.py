@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from hbt_ray.tune_space import SpaceError, load_space, parse_space
+from hbt_ray.tune.space import SpaceError, load_space, parse_space, resolve_space_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +58,10 @@ def test_missing_file():
 def test_parse_space_docstring_example():
     space = parse_space({"search": "grid", "params": {"x": {"type": "grid", "values": [0, 1]}}})
     assert space.num_samples == 1 and space.scheduler == "none"
+
+
+def test_a_space_is_found_by_path_or_by_name():
+    by_name = resolve_space_path("paper_grid")
+    assert by_name == ROOT / "tune_spaces" / "paper_grid.yaml"
+    assert resolve_space_path("tune_spaces/paper_grid.yaml").resolve() == by_name
+    assert resolve_space_path("nonexistent") == Path("nonexistent")

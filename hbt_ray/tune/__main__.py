@@ -8,7 +8,7 @@ Examples::
 
     python -m hbt_ray.tune                                        # the CPU demo
     python -m hbt_ray.tune --space ratio_temperature train.model.name=intfloat/multilingual-e5-base \\
-        train.run.num_workers=8 eval_max_paragraphs=null out_dir=s3://bucket/sweeps
+        train.run.num_workers=8 train.eval.max_paragraphs=null out_dir=s3://bucket/sweeps
     python -m hbt_ray.tune --space paper_grid num_samples=3       # 3 seeds per α
 """
 
@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 from hbt_ray.config import load_config, read_yaml
+from hbt_ray.tune import TuneConfig, run_sweep
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tune_default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tune_default.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="resume the sweep named by name=… (Tuner.restore)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.sampler.batch_size=16")
     args = parser.parse_args(argv)
-
-    from hbt_ray.tuner import TuneConfig, run_sweep
-
     overrides = list(args.overrides)
     if args.space:
         overrides.append(f"space={args.space}")

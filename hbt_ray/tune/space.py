@@ -1,4 +1,4 @@
-"""Search spaces for Ray Tune, read from ``tune_spaces/*.yaml``.
+"""Search spaces for Ray Tune, read from ``tune_spaces/*.yaml`` (by path or by name, :func:`resolve_space_path`).
 
 A space file names the search algorithm and the parameters, as dotted keys of the training config::
 
@@ -17,6 +17,11 @@ Parameter types: ``uniform``, ``loguniform`` (low, high), ``int`` (low, high), `
     >>> space = parse_space({"search": "grid", "params": {"sampler.alpha": {"type": "grid", "values": [0, 1]}}})
     >>> space.search, space.params["sampler.alpha"].values
     ('grid', [0, 1])
+    >>> parse_space({"search": "grid", "params": {"sampler.alpha": {"type": "uniform", "low": 0, "high": 1}}},
+    ...             "my_space.yaml")
+    Traceback (most recent call last):
+    ...
+    hbt_ray.tune.space.SpaceError: my_space.yaml: params.sampler.alpha.type: search: grid takes only type: grid parameters
 """
 
 from __future__ import annotations
@@ -26,25 +31,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from hbt_ray.config import ConfigError, read_yaml
 
+#: The repository root: space names resolve to its tune_spaces/ folder.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")
 PARAM_TYPES = ("uniform", "loguniform", "int", "choice", "grid")
 
 
-class SpaceError(ValueError):
+class SpaceError(ConfigError):
     """A search-space file is wrong; the message names the file and the key."""
 
 
 @dataclass
 class ParamSpec:
+    """One searched parameter: its distribution (``type``) and its range or values."""
+
     type: str
     low: float | None = None
     high: float | None = None
     values: list[Any] | None = None
 
-    def to_tune(self):
+    def to_tune(self) -> Any:
+        """The Ray Tune domain (``tune.uniform(...)``, ``tune.grid_search([...])``, …)."""
         from ray import tune
 
         if self.type == "uniform":
@@ -60,6 +70,8 @@ class ParamSpec:
 
 @dataclass
 class SearchSpace:
+    """A checked space file: the search algorithm, the searched and the fixed training keys."""
+
     search: str = "grid"
     num_samples: int = 1
     scheduler: str = "none"
@@ -74,6 +86,7 @@ class SearchSpace:
 
     @property
     def swept_keys(self) -> list[str]:
+        """The searched dotted keys, in file order."""
         return list(self.params)
 
 
@@ -113,6 +126,7 @@ def _parse_param(source: str, key: str, raw: Any) -> ParamSpec:
 
 
 def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
+    """Check a space given as data (a parsed file); ``source`` names it in errors."""
     if not isinstance(data, dict):
         raise SpaceError(f"{source}: expected a mapping at the top level")
     known = {"search", "num_samples", "scheduler", "params", "fixed", "description"}
@@ -159,10 +173,24 @@ def parse_space(data: Any, source: str = "<dict>") -> SearchSpace:
 def load_space(path: str | Path) -> SearchSpace:
     """Read and check a space file (see the module docstring for the format)."""
     path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"{path}: no such search-space file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpaceError(f"{path}: no such search-space file") from None
-    except yaml.YAMLError as err:
-        raise SpaceError(f"{path}: invalid YAML: {err}") from None
+        data = read_yaml(path)
+    except ConfigError as err:  # read_yaml's message already names the file
+        raise SpaceError(str(err)) from None
     return parse_space(data, str(path))
+
+
+def resolve_space_path(space: str) -> Path:
+    """A space given as a path, or by name from ``tune_spaces/``::
+
+        >>> resolve_space_path("quick").relative_to(REPO_ROOT).as_posix()
+        'tune_spaces/quick.yaml'
+    """
+    path = Path(space)
+    candidates = [path, REPO_ROOT / path, REPO_ROOT / "tune_spaces" / path, REPO_ROOT / "tune_spaces" / f"{space}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return path

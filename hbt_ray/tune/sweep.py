@@ -1,0 +1,374 @@
+"""The sweep: Ray Tune over the cross:mono ratio α and the temperature τ (and any other training key).
+
+Each trial (:func:`run_trial`) trains on Ray Train workers (:func:`hbt_ray.train.train`), reporting its
+intermediate evaluations to Tune (so ASHA can stop bad trials), then evaluates the exported model on
+the ``train.eval`` section. :func:`run_sweep` evaluates the untuned model the same way, runs the trials,
+and writes the results table, the PNG plots (:mod:`hbt_ray.tune.report`), the W&B runs
+(:mod:`hbt_ray.tune.wandb`) and the best model. The user's entry point is ``python -m hbt_ray.tune``.
+
+The helpers are plain functions of the sweep's config::
+
+    >>> from hbt_ray.config import load_config
+    >>> from hbt_ray.tune.space import load_space, resolve_space_path
+    >>> cfg = load_config(TuneConfig, None, ["objective=multi_map,bias"])
+    >>> objective_value({"multi_map": 0.4, "bias": 0.2}, cfg.objectives)  # the mean, bias counted negatively
+    0.1
+    >>> trial_index("run_trial_86183_00003_3_sampler.alpha=0.25")
+    3
+    >>> base = trial_train_config(cfg, {"sampler.alpha": 0.25})
+    >>> base.sampler.alpha, cfg.train.sampler.alpha
+    (0.25, 0.5)
+    >>> trial_train_config(cfg, {"sampler.alpha": 2.0})
+    Traceback (most recent call last):
+    ...
+    hbt_ray.config.ConfigError: train.sampler.alpha: 2.0 is not in [0, 1]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hbt_ray.cluster import init_ray
+from hbt_ray.config import override, to_dict
+from hbt_ray.evaluate import METRIC_MODES, EvalConfig, evaluate, load_eval_data
+from hbt_ray.train import TrainConfig, prepare_shards, train
+from hbt_ray.tune.config import TuneConfig
+from hbt_ray.tune.report import (
+    ALPHA,
+    TAU,
+    pareto_front,
+    plot_alpha_tau_heatmap,
+    plot_metrics_vs_alpha,
+    write_table,
+)
+from hbt_ray.tune.space import SearchSpace, load_space, resolve_space_path
+from hbt_ray.tune.wandb import SweepRun, scrub_secrets, trial_runs_callback
+
+#: Metrics copied from a trial's last result into its row of the results table.
+ROW_METRICS = ("mono_map", "cross_map", "multi_map", "mean_map", "bias", "pairs_per_s", "train_steps")
+
+
+def objective_value(summary: dict[str, Any], objectives: list[str]) -> float | None:
+    """The scalar the sweep ranks by: one metric, or for several the mean (a ``min`` metric negated)."""
+    values = []
+    for metric in objectives:
+        value = summary.get(metric)
+        if value is None:
+            return None
+        values.append(-float(value) if METRIC_MODES[metric] == "min" else float(value))
+    return sum(values) / len(values)
+
+
+def trial_train_config(cfg: TuneConfig, params: dict[str, Any]) -> TrainConfig:
+    """``cfg.train`` with a trial's (or the space's fixed) dotted keys applied; errors name ``train.<key>``."""
+    return override(cfg.train, params, prefix="train.")
+
+
+def trial_index(trial_name: str) -> int:
+    """The 0-based creation index Tune puts in a trial name (``run_trial_1a2b3_00002`` → 2), after the
+    sweep's 5-hex-digit id, which can be all decimal digits (``run_trial_86183_00003`` → 3, not 86183)."""
+    match = re.search(r"_[0-9a-f]{5}_(\d{5})(?:_|$)", trial_name)
+    return int(match.group(1)) if match else -1
+
+
+def evaluate_model(model: Any, eval_cfg: EvalConfig, objectives: list[str]) -> dict[str, Any]:
+    """Evaluate a model (spec, ModelConfig or exported dir) on the eval section; → the summary dict
+    with its ``objective``."""
+    result = evaluate(model, load_eval_data(eval_cfg), eval_cfg)
+    summary = dict(result.summary)
+    summary["objective"] = objective_value(summary, objectives)
+    return summary
+
+
+def _mean_pairs_per_s(history: list[dict[str, Any]]) -> float | None:
+    """Steady-state throughput: the mean over the second half of the logged steps."""
+    values = [h["pairs_per_s"] for h in history if isinstance(h.get("pairs_per_s"), (int, float))]
+    values = values[len(values) // 2 :]
+    return sum(values) / len(values) if values else None
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) or value is None
+
+
+def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
+    """The Tune function trainable: train with this trial's parameters, evaluate, report."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    ctx = tune.get_context()
+    trial_dir = Path(ctx.get_trial_dir())
+    if cfg.inject_failure_trial >= 0 and trial_index(ctx.get_trial_name()) == cfg.inject_failure_trial:
+        raise RuntimeError(f"injected failure in trial {ctx.get_trial_name()} (inject_failure_trial)")
+    train_cfg = trial_train_config(cfg, params)
+    train_cfg.run.name = ctx.get_trial_id()
+    train_cfg.run.storage_path = str(trial_dir / "train")
+    train_cfg.run.export = True
+    start = time.time()
+    result = train(train_cfg, callbacks=[TuneReportCallback()])
+    if result.model_path is None:
+        raise RuntimeError(f"trial {ctx.get_trial_name()}: training exported no model ({result.run_dir})")
+    summary = evaluate_model(result.model_path, train_cfg.eval, cfg.objectives)
+    final = {
+        **{k: v for k, v in summary.items() if _scalar(v)},
+        "pairs_per_s": _mean_pairs_per_s(result.history) or result.metrics.get("pairs_per_s"),
+        "train_steps": result.steps,
+        "train_seconds": time.time() - start,
+        "export_dir": str(result.model_path),
+        "final": 1,
+    }
+    final.update({f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+    tune.report(final)
+
+
+def make_search_alg(space: SearchSpace, cfg: TuneConfig) -> Any:
+    """Optuna (TPE) for an ``optuna`` space; None for grid / random (Tune's basic variant generator)."""
+    if space.search != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    if len(cfg.objectives) == 1:
+        return OptunaSearch(metric=cfg.objectives[0], mode=cfg.modes[0], seed=cfg.seed)
+    return OptunaSearch(metric=cfg.objectives, mode=cfg.modes, seed=cfg.seed)
+
+
+def make_scheduler(space: SearchSpace, cfg: TuneConfig) -> Any:
+    """ASHA on the first objective's intermediate evaluations, when the space or ``scheduler`` asks."""
+    name = space.scheduler if cfg.scheduler == "space" else cfg.scheduler
+    if name != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    metric = cfg.objectives[0]
+    eval_every = int(space.fixed.get("run.eval_every") or cfg.train.run.eval_every)
+    if eval_every <= 0:
+        raise ValueError("scheduler asha needs intermediate evaluations: set train.run.eval_every > 0")
+    # Rungs in training steps (reports are time-throttled, so their count is not a clock): a trial
+    # runs at least two evaluations before it can be stopped.
+    max_steps = int(space.fixed.get("run.max_steps") or cfg.train.run.max_steps)
+    return ASHAScheduler(
+        metric=f"eval/{metric}",
+        mode=METRIC_MODES[metric],
+        time_attr="step",
+        max_t=max(max_steps, 2 * eval_every),
+        grace_period=2 * eval_every,
+        reduction_factor=2,
+    )
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: message`` of the original exception inside Ray's wrappers (one line, no colour codes)."""
+    cause = error
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).splitlines() if ln.strip()]
+    message = lines[-1] if lines else ""
+    return f"{type(cause).__name__}: {message.strip()[:300]}"
+
+
+def _dotted_get(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def rows_from_results(result_grid: Any, swept: list[str], cfg: TuneConfig) -> list[dict[str, Any]]:
+    """One row per trial (swept keys, α, τ, metrics, status, error), sorted by α then τ."""
+    rows = []
+    for result in result_grid:
+        metrics = dict(result.metrics or {})
+        config = result.config or {}
+        row: dict[str, Any] = {
+            "trial": metrics.get("trial_id") or Path(result.path).name,
+            "status": "ERROR" if result.error else ("TERMINATED" if metrics.get("final") else "STOPPED"),
+        }
+        for key in swept:
+            row[key] = config.get(key)
+        for key in (ALPHA, TAU):
+            if key not in row:
+                value = config.get(key)
+                row[key] = value if value is not None else _dotted_get(cfg.train, key)
+        for key in ROW_METRICS:
+            if key in metrics:
+                row[key] = metrics[key]
+        if result.error is None and metrics.get("final"):
+            row["objective"] = objective_value(metrics, cfg.objectives)
+        if metrics.get("export_dir"):
+            row["export_dir"] = metrics["export_dir"]
+        if result.error is not None:
+            row["error"] = describe_error(result.error)
+        rows.append(row)
+    rows.sort(key=lambda r: (r.get(ALPHA) is None, r.get(ALPHA) or 0.0, r.get(TAU) or 0.0, r["trial"]))
+    return rows
+
+
+def prepare_base_train_config(cfg: TuneConfig, space: SearchSpace, out_root: Path) -> TrainConfig:
+    """The config every trial starts from: the space's fixed keys applied, the pair shards written once
+    (trials share them) and the paths made absolute, since Tune runs trials in their own directories."""
+    base = trial_train_config(cfg, space.fixed)
+    shard_dir = Path(base.data.shard_dir or out_root / f"shards-{'+'.join(base.data.train)}-{base.data.limit_groups}")
+    base.data.shard_dir = str(shard_dir.expanduser().resolve())
+    base.run.storage_path = str(Path(base.run.storage_path).expanduser().resolve())
+    if base.eval.cache_dir:
+        base.eval.cache_dir = str(Path(base.eval.cache_dir).expanduser().resolve())
+    prepare_shards(base.data, Path(base.data.shard_dir))
+    return base
+
+
+def check_trial_fits(cfg: TuneConfig, base: TrainConfig, resources: dict[str, float]) -> None:
+    """Fail fast, naming the keys, when a trial's CPUs leave none for Ray Data's shard reads (Ray would
+    otherwise wait forever for a CPU that never frees up)."""
+    if base.run.use_gpu == "true" or resources.get("GPU", 0) > 0:
+        return
+    total = resources.get("CPU", 0.0)
+    per_trial = cfg.trial_cpus + base.run.num_workers * base.run.cpus_per_worker
+    need = cfg.max_concurrent_trials * per_trial + 1.0  # + one CPU for Ray Data's read tasks
+    if need > total + 1e-9:
+        raise ValueError(
+            f"trials need {need:g} CPUs (max_concurrent_trials={cfg.max_concurrent_trials} × (trial_cpus="
+            f"{cfg.trial_cpus:g} + train.run.num_workers={base.run.num_workers} × train.run.cpus_per_worker="
+            f"{base.run.cpus_per_worker:g}) + 1 for Ray Data) but the Ray cluster has {total:g}: lower "
+            "train.run.cpus_per_worker (threads: train.run.torch_threads) or max_concurrent_trials"
+        )
+
+
+@dataclass
+class SweepSummary:
+    """What :func:`run_sweep` leaves: the rows, the best trial, the Pareto front, the untuned model's
+    evaluation, the plots and the best model's directory."""
+
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    pareto: list[dict[str, Any]]
+    untuned: dict[str, Any] | None
+    images: list[Path]
+    best_model_dir: Path | None
+
+    @property
+    def untuned_objective(self) -> float | None:
+        return None if self.untuned is None else self.untuned.get("objective")
+
+
+def _tuner(cfg: TuneConfig, space: SearchSpace, trainable: Any, name: str, out_root: Path, callbacks: list) -> Any:
+    """A new ``tune.Tuner``, or the restored one when ``resume`` and the sweep's state exists."""
+    from ray import tune
+
+    search_alg, scheduler = make_search_alg(space, cfg), make_scheduler(space, cfg)
+    exp_dir = out_root / name / "tune"
+    if cfg.resume and tune.Tuner.can_restore(str(exp_dir)):
+        print(f"[hbt_ray.tune] resuming {exp_dir}", flush=True)
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False, restart_errored=False)
+    # Optuna ranks by its own metric(s); the other searches take Tune's single metric
+    single = len(cfg.objectives) == 1 and space.search != "optuna"
+    return tune.Tuner(
+        trainable,
+        param_space=space.param_space(),
+        tune_config=tune.TuneConfig(
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=cfg.num_samples or space.num_samples,
+            max_concurrent_trials=cfg.max_concurrent_trials,
+            metric=cfg.objectives[0] if single else None,
+            mode=cfg.modes[0] if single else None,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{name}/tune",
+            storage_path=str(out_root),
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
+
+
+def _copy_best_model(best: dict[str, Any] | None, cfg: TuneConfig, out_dir: Path) -> Path | None:
+    if best is None or not cfg.export_best or not best.get("export_dir"):
+        return None
+    best_model_dir = out_dir / "best_model"
+    if best_model_dir.exists():
+        shutil.rmtree(best_model_dir)
+    shutil.copytree(best["export_dir"], best_model_dir)
+    return best_model_dir
+
+
+def run_sweep(cfg: TuneConfig) -> SweepSummary:
+    """Run (or resume) the sweep described by ``cfg``; write table, plots, W&B runs and the best model."""
+    import ray
+    from ray import tune
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    space = load_space(resolve_space_path(cfg.space))
+    name = cfg.name or f"{Path(space.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_root = Path(cfg.out_dir).resolve()
+    out_dir = out_root / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = prepare_base_train_config(cfg, space, out_root)
+    (out_dir / "sweep_config.json").write_text(
+        json.dumps(scrub_secrets({**to_dict(cfg), "train": to_dict(base), "space_file": space.source}), indent=2)
+    )
+    if not ray.is_initialized():
+        init_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local")
+
+    check_trial_fits(cfg, base, ray.cluster_resources())
+    make_scheduler(space, cfg)  # a bad scheduler setting fails here, before any evaluation or W&B run
+    untuned = None
+    if cfg.evaluate_untuned:
+        print(f"[hbt_ray.tune] evaluating the untuned model {base.model.name} on {base.eval.data} …", flush=True)
+        untuned = evaluate_model(base.model, base.eval, cfg.objectives)
+        (out_dir / "untuned.json").write_text(json.dumps(untuned, indent=2, default=str))
+
+    tuned_cfg = copy.deepcopy(cfg)
+    tuned_cfg.train = base
+    trainable = tune.with_resources(tune.with_parameters(run_trial, cfg=tuned_cfg), {"CPU": cfg.trial_cpus})
+    sweep_run = SweepRun(cfg.wandb, name, out_dir)
+    mode = sweep_run.start()  # decides online or offline once, for the trials too
+    trial_runs = trial_runs_callback(cfg.wandb, mode, name, out_dir, {"train": to_dict(base)})
+    try:
+        result_grid = _tuner(cfg, space, trainable, name, out_root, [trial_runs] if trial_runs else []).fit()
+        summary, report = _summarize(cfg, result_grid, space, name, out_dir, untuned)
+    except BaseException:
+        sweep_run.abort()
+        raise
+    sweep_run.finish(summary.rows, summary.images, report)
+    return summary
+
+
+def _summarize(
+    cfg: TuneConfig, result_grid: Any, space: SearchSpace, name: str, out_dir: Path, untuned: dict[str, Any] | None
+) -> tuple[SweepSummary, dict[str, Any]]:
+    """Table, plots, best model and ``summary.json`` of a finished sweep; → the summary and the report."""
+    rows = rows_from_results(result_grid, space.swept_keys, cfg)
+    write_table(rows, out_dir)
+    images = plot_metrics_vs_alpha(rows, out_dir)
+    for metric in cfg.objectives:
+        heat = plot_alpha_tau_heatmap(rows, metric, out_dir)
+        if heat is not None:
+            images.append(heat)
+
+    finished = [r for r in rows if r.get("objective") is not None]
+    best = max(finished, key=lambda r: r["objective"]) if finished else None
+    pareto = [finished[i] for i in pareto_front(finished, cfg.objectives, cfg.modes)]
+    best_model_dir = _copy_best_model(best, cfg, out_dir)
+    summary = SweepSummary(out_dir, rows, best, pareto, untuned, images, best_model_dir)
+    report = {
+        "sweep": name,
+        "objective": cfg.objective,
+        "untuned_objective": summary.untuned_objective,
+        "best_objective": None if best is None else best["objective"],
+        "best_trial": None if best is None else best["trial"],
+        "trials": len(rows),
+        "errored": sum(r["status"] == "ERROR" for r in rows),
+        "pareto": [r["trial"] for r in pareto],
+        "best_model_dir": None if best_model_dir is None else str(best_model_dir),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(report, indent=2, default=str))
+    return summary, report
