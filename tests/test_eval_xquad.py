@@ -134,8 +134,9 @@ def test_cli_end_to_end_on_a_slice(ray_local, shared_data, tmp_path, capsys):
     assert saved["counts"]["langs"] == ["de", "en"]
     assert (out / "cross_map.png").read_bytes()[:4] == b"\x89PNG"
     assert "python -m hbt_ray.evaluate --model tiny" in (out / "eval.md").read_text(encoding="utf-8")
-    with pytest.raises(Exception, match="metrics: unknown metric 'p@1'"):
+    with pytest.raises(SystemExit) as exit_:
         evaluate_main(argv[:-3] + ["metrics=map,p@1"])
+    assert exit_.value.code == 2 and "error: metrics: unknown metric 'p@1'" in capsys.readouterr().err
 
 
 def test_cli_takes_the_eval_set_from_the_config_file(ray_local, shared_data, tmp_path, capsys):

@@ -232,7 +232,7 @@ def test_config_errors_name_the_key():
         load_config(EvalConfig, None, ["index.nprob=3"])
     cfg = load_config(EvalConfig, None, ["settings=cross", "num_shards=3", "langs=en,de"])
     assert cfg.settings == ["cross"] and cfg.num_shards == 3 and cfg.langs == ["en", "de"]
-    with pytest.raises(ConfigError, match="data: unknown eval set 'squad'"):
+    with pytest.raises(ConfigError, match="data: unknown eval set spec 'squad'"):
         load_config(EvalConfig, None, ["data=squad"])
     with pytest.raises(ConfigError, match="^max_paragraphs: must be >= 1, got 0"):  # relative to the section
         load_config(EvalConfig, None, ["max_paragraphs=0"])

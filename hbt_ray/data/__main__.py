@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from hbt_ray.data.records import BadRecords, DataError
+from hbt_ray.config import ConfigError
+from hbt_ray.data.records import LANG_RE, BadRecords, DataError
 from hbt_ray.data.shards import write_shards
 from hbt_ray.data.sources import iter_pair_groups
 
@@ -25,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, type=Path, help="output shard directory")
     prep.add_argument("--rows-per-shard", type=int, default=10_000, help="groups per Parquet shard")
     prep.add_argument("--skip-bad", action="store_true", help="skip bad records (counted in the manifest)")
+    prep.add_argument(
+        "--max-bad-fraction", type=float, default=0.01,
+        help="--skip-bad: fail when more than this share of the records is bad (default 0.01)",
+    )  # fmt: skip
     prep.add_argument("--langs", nargs="+", default=None, help="keep only these languages")
     prep.add_argument("--limit", type=int, default=None, help="stop after this many groups")
     prep.add_argument(
@@ -35,7 +40,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """What the flags alone can tell, checked before any input is read or output written."""
+    if args.rows_per_shard < 1:
+        raise ConfigError(f"--rows-per-shard: must be >= 1, got {args.rows_per_shard}")
+    if not 0.0 <= args.max_bad_fraction <= 1.0:
+        raise ConfigError(f"--max-bad-fraction: must be in [0, 1], got {args.max_bad_fraction}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
+    for lang in args.langs or []:
+        if not LANG_RE.match(lang):
+            raise ConfigError(f"--langs: {lang!r} is not a language code (ISO 639-1/-3, e.g. en, pt-br)")
+    if args.out.exists() and not args.out.is_dir():
+        raise DataError("--out exists and is not a directory", args.out)
+    if not args.input.exists():
+        raise DataError("no such file or directory", args.input)
+    if args.source == "pairs" and args.input.is_dir():
+        raise DataError("is a directory: --source pairs reads one .jsonl, .jsonl.gz or .parquet file", args.input)
+
+
 def prepare(args: argparse.Namespace) -> int:
+    check_args(args)
     bad = BadRecords(skip=args.skip_bad)
     if args.source == "miracl":
         from hbt_ray.data.miracl import read_miracl_pairs
@@ -56,6 +81,7 @@ def prepare(args: argparse.Namespace) -> int:
         skipped_examples=bad.examples,
         source=f"{args.source}:{args.input}",
         overwrite=args.overwrite,
+        max_bad_fraction=args.max_bad_fraction,
     )
     print(manifest.summary_table())
     print(f"wrote {args.out}/manifest.json")
@@ -66,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return prepare(args)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError) as err:
+        message = f"error: {err}"
+    # Printed once the exception is gone: it held the failed readers, whose progress bars close (and
+    # clear their line) only then; printed inside, the error would share a line with a stale bar.
+    print(message, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

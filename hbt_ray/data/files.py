@@ -45,8 +45,8 @@ def read_json_file(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
         raw = _read_bytes(path)
-    except FileNotFoundError:
-        raise DataError("no such file", path) from None
+    except OSError as err:
+        raise _open_error(err, path) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -60,6 +60,22 @@ def read_json_file(path: str | os.PathLike) -> Any:
         raise DataError(
             f"invalid or truncated JSON: {err.msg}", path, f"line {err.lineno}, column {err.colno}"
         ) from None
+    except RecursionError:
+        raise DataError(TOO_DEEP, path, reason="invalid_json") from None
+
+
+#: json's decoder recurses once per nesting level: a hostile or broken file (``[[[[…``) exhausts
+#: Python's stack long before the file's end. No record of ours nests more than a few levels.
+TOO_DEEP = "JSON nested too deeply to parse (more levels than Python's recursion limit)"
+
+
+def _open_error(err: OSError, path: Path) -> DataError:
+    """The DataError for a file that cannot be opened: missing, a directory, unreadable."""
+    if isinstance(err, FileNotFoundError):
+        return DataError("no such file", path)
+    if isinstance(err, IsADirectoryError):
+        return DataError("is a directory; give the file itself", path)
+    return DataError(f"cannot read the file: {err.strerror or err}", path)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -100,6 +116,9 @@ def iter_jsonl(
                 DataError(f"invalid or truncated JSON: {err.msg}", path, record, reason="invalid_json")
             )
             continue
+        except RecursionError:
+            bad.handle(DataError(TOO_DEEP, path, record, reason="invalid_json"))
+            continue
         if not isinstance(obj, dict):
             bad.handle(
                 DataError(
@@ -117,8 +136,8 @@ def iter_lines(
     path = Path(path)
     try:
         raw_file = open(path, "rb")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
-        raise DataError("no such file", path) from None
+    except OSError as err:
+        raise _open_error(err, path) from None
     total = os.fstat(raw_file.fileno()).st_size
     bar = tqdm(
         total=total, unit="B", unit_scale=True, desc=desc or path.name, disable=not progress, leave=False

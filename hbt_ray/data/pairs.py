@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -45,6 +46,8 @@ def read_pairs(
     many groups; ``source`` names the groups' source when records have none (default: file stem).
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError("is a directory: a pairs source is one .jsonl, .jsonl.gz or .parquet file", path)
     bad = bad or BadRecords()
     source = source or default_source(path)
     if path.suffix == ".parquet":
@@ -56,17 +59,26 @@ def read_pairs(
 
 
 def _iter_parquet(path: Path, progress: bool) -> Iterator[tuple[int, dict]]:
+    # pyarrow reports a bad footer (truncated file, not Parquet) as ArrowInvalid and a bad data page
+    # (corrupt compressed bytes) as OSError, the latter only when that row group is read.
     try:
         pf = pq.ParquetFile(path)
     except FileNotFoundError:
         raise DataError("no such file", path) from None
-    except OSError as err:
-        raise DataError(f"not a readable Parquet file: {err}", path) from None
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"not a readable Parquet file (truncated or corrupt?): {err}", path) from None
     row = 0
+    batches = pf.iter_batches(batch_size=4096)
     with tqdm(
         total=pf.metadata.num_rows, unit="rows", desc=path.name, disable=not progress, leave=False
     ) as bar:
-        for batch in pf.iter_batches(batch_size=4096):
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as err:
+                raise DataError(f"corrupt Parquet data: {err}", path, f"after row {row}") from None
+            if batch is None:
+                return
             for rec in batch.to_pylist():
                 row += 1
                 yield row, rec

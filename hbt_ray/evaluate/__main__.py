@@ -18,9 +18,12 @@ import json
 import os
 import shlex
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 from hbt_ray.cluster import init_ray
-from hbt_ray.config import load_config
+from hbt_ray.config import ConfigError, load_config
+from hbt_ray.data.records import DataError
 from hbt_ray.evaluate.config import EvalConfig
 from hbt_ray.evaluate.result import EvalResult
 from hbt_ray.evaluate.run import evaluate, load_eval_data
@@ -39,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--langs", default=None, help="comma list of languages (default: all)")
     parser.add_argument("--max-paragraphs", type=int, default=None, help="evaluate on the first N paragraphs")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    parser.add_argument("--download", action="store_true",
+                        help="fetch xquad-r / mlqa-r (checksum-verified) when the data folder lacks them")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="EvalConfig key=value overrides")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
@@ -48,25 +53,49 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         value = getattr(args, key)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if args.download:
+        overrides.append("download=true")
     return args, overrides
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError(f"--num-cpus: must be >= 1, got {args.num_cpus}")
+
+
 def main(argv: list[str] | None = None) -> EvalResult:
-    """Run the CLI; returns the result it wrote."""
+    """Run the CLI; returns the result it wrote. A bad flag, config or eval set exits with status 2
+    and one ``error: ...`` line on stderr, before Ray starts."""
     import ray
 
     args, overrides = parse_args(argv)
-    cfg = load_config(EvalConfig, args.config, overrides)
-    eval_set = load_eval_data(cfg)
+    message = None
+    try:
+        # Everything checkable without the model: the config, the output dir and the eval set itself
+        # (a missing language, a broken file), so that a mistake costs seconds, not a Ray start.
+        _check_args(args)
+        cfg = load_config(EvalConfig, args.config, overrides)
+        eval_set = load_eval_data(cfg)
+    except ValueError as err:  # ConfigError, DataError, and the readers' ValueErrors
+        message = str(err)
+    if message is not None:  # printed outside the except: see _fail
+        _fail(message)
     started_ray = False
     if not ray.is_initialized():
         init_ray(num_cpus=args.num_cpus)
         started_ray = True
     try:
         result = evaluate(args.model, eval_set, cfg)
+    except (ConfigError, DataError) as err:
+        message = str(getattr(err, "cause", None) or err)  # a Ray task's error: the original, no traceback
     finally:
         if started_ray:
             ray.shutdown()
+    if message is not None:
+        _fail(message)
     result.config["command"] = "python -m hbt_ray.evaluate " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
@@ -74,6 +103,13 @@ def main(argv: list[str] | None = None) -> EvalResult:
     print(result.to_markdown())
     print("wrote " + ", ".join(os.fspath(p) for p in files.values()))
     return result
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 2 (argparse's for a usage error). Called once the exception is
+    gone: it held the failed reader's progress bar, which clears its line only when released."""
+    print("error: " + " ".join(message.splitlines()), file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

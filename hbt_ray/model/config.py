@@ -52,7 +52,9 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise :class:`~hbt_ray.config.ConfigError` naming the key relative to this section
         (``pooling: …``); the config loader prepends where the section sits (``train.model.``)."""
-        for key in ("query_max_len", "passage_max_len", "tiny_vocab_size", "tiny_hidden_size", "tiny_layers"):
+        # tiny_heads before the divisibility check below, which would divide by it
+        positive = ("query_max_len", "passage_max_len", "tiny_vocab_size", "tiny_hidden_size", "tiny_layers")
+        for key in (*positive, "tiny_heads", "tiny_intermediate_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
         if self.tiny_hidden_size % self.tiny_heads:

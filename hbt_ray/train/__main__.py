@@ -10,6 +10,7 @@ import json
 import sys
 
 from hbt_ray.config import ConfigError, config_keys, load_config
+from hbt_ray.data.records import DataError
 from hbt_ray.train import TrainConfig, train
 
 
@@ -31,10 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        result = train(cfg)  # bad training data fails on this driver, while writing the shards
+    except (ConfigError, DataError) as err:
+        # a Ray task's error carries the remote traceback in its text; its cause is the error itself
+        message = " ".join(str(getattr(err, "cause", None) or err).splitlines())
+    else:
+        message = None
+    if message is not None:  # outside the except, which holds the failed reader and its progress bar
+        print(f"error: {message}", file=sys.stderr)
         return 2
-    result = train(cfg)
     print(json.dumps({"run_dir": result.run_dir, "steps": result.steps, "model": result.model_path,
                       "checkpoint": result.checkpoint_path, "metrics": result.metrics}, indent=2))  # fmt: skip
     return 0
