@@ -175,3 +175,30 @@ def test_export_on_a_nonzero_distributed_rank_writes_the_weights(tmp_path, cache
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     again = load_dual_encoder(ModelConfig(name=str(out)))
     np.testing.assert_allclose(again.encode(PASSAGES, "passage"), np.load(f"{out}.npy"), atol=1e-5)
+
+
+def test_loading_an_export_is_silent_and_complete(tmp_path, cache_dir, shared_data):
+    """SentenceTransformer(path) and plain AutoModel build BERT with a pooler our backbones lack: the
+    export carries it (unused by every pooling), so no loader reports MISSING / UNEXPECTED weights;
+    our own loader drops it again."""
+    import subprocess
+    import sys
+
+    enc = _trained(ModelConfig(name="tiny", cache_dir=cache_dir))
+    out = tmp_path / "export"
+    enc.save_pretrained(out)
+    code = (
+        "import sys\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        "from transformers import AutoModel\n"
+        "from hbt_ray.model import ModelConfig, load_dual_encoder\n"
+        "SentenceTransformer(sys.argv[1], device='cpu'); AutoModel.from_pretrained(sys.argv[1])\n"
+        "print('pooler', load_dual_encoder(ModelConfig(name=sys.argv[1])).backbone.pooler)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
+    text = run.stdout + run.stderr
+    for word in ("LOAD REPORT", "MISSING", "UNEXPECTED", "newly initialized"):
+        assert word not in text, text
+    assert "pooler None" in run.stdout
+    again = load_dual_encoder(ModelConfig(name=str(out)))
+    np.testing.assert_allclose(again.encode(QUERIES, "query"), enc.encode(QUERIES, "query"), atol=1e-5)

@@ -43,9 +43,15 @@ class DataError(ValueError):
         if record is not None:
             where += f" [{record}]"
         super().__init__(f"{where}: {message}")
+        self.message = message
         self.path = str(path) if path is not None else None
         self.record = record
         self.reason = reason  # short tag counted by BadRecords (e.g. "missing_field", "empty_text")
+
+    def __reduce__(self) -> tuple:
+        # Raised in a Ray worker, it is pickled to the driver: rebuilt from its parts, not from the joined
+        # message (which would read "<data>: <path>: ...").
+        return (type(self), (self.message, self.path, self.record, self.reason))
 
 
 def check_lang(lang: object, path: str | os.PathLike | None = None, record: object = None) -> str:

@@ -23,9 +23,70 @@ EVAL_SPECS = "xquad-r, mlqa-r, lareqa:PATH, miracl:PATH[:LANG]"
 PAIR_SPECS = "ddtp, xquad-r, mlqa-r, lareqa:PATH, pairs:PATH, miracl:PATH[:LANG]"
 
 
+def check_spec(spec: object, kind: str = "pair") -> str:
+    """``spec`` if it is a well-formed ``kind`` (``"pair"`` or ``"eval"``) spec, else ValueError saying
+    which specs exist. Only the syntax: no file is read, so a config can be checked before anything runs.
+
+    >>> check_spec("pairs:data/p.jsonl"), check_spec("xquad-r", "eval")
+    ('pairs:data/p.jsonl', 'xquad-r')
+    >>> check_spec("ddtp", "eval")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown eval set spec 'ddtp' (known: xquad-r, mlqa-r, lareqa:PATH, miracl:PATH[:LANG])
+    >>> check_spec("pairs:")
+    Traceback (most recent call last):
+    ...
+    ValueError: pair source spec 'pairs:' names no path (pairs:PATH)
+    """
+    names = ("ddtp", *LAREQA_NAMES) if kind == "pair" else LAREQA_NAMES
+    prefixes = ("lareqa", "miracl", "pairs") if kind == "pair" else ("lareqa", "miracl")
+    what, known = ("pair source spec", PAIR_SPECS) if kind == "pair" else ("eval set spec", EVAL_SPECS)
+    if isinstance(spec, str):
+        if spec in names:
+            return spec
+        prefix, colon, rest = spec.partition(":")
+        if colon and prefix in prefixes:
+            if not rest.strip():
+                raise ValueError(f"{what} {spec!r} names no path ({prefix}:PATH)")
+            return spec
+    raise ValueError(f"unknown {what} {spec!r} (known: {known})")
+
+
+def spec_files(spec: str) -> list[Path]:
+    """The local files a pair spec reads (for a fingerprint of what built a set of shards); a named
+    set missing from the data folder has none (it would be downloaded).
+
+    >>> [p.name for p in spec_files("ddtp")]
+    ['pairs.jsonl.gz']
+    """
+    check_spec(spec, "pair")
+    if spec == "ddtp":
+        return [data_dir() / "ddtp" / "pairs.jsonl.gz"]
+    if spec in LAREQA_NAMES:
+        root = _lareqa_path(spec)
+    else:
+        prefix, _, rest = spec.partition(":")
+        root = Path(_split_miracl(rest)[0] if prefix == "miracl" else rest)
+    if root is None or not root.exists():
+        return []
+    return [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def known_langs(spec: str) -> tuple[str, ...] | None:
+    """The languages a named data set has (``xquad-r``, ``mlqa-r``: the public release), or None when
+    only its files can tell (``ddtp``, a path). A language outside them can be refused before any read.
+
+    >>> known_langs("mlqa-r"), known_langs("pairs:p.jsonl")
+    (('ar', 'de', 'en', 'es', 'hi', 'vi', 'zh'), None)
+    """
+    from hbt_ray.data.lareqa import LAREQA_LANGS
+
+    return LAREQA_LANGS.get(spec)
+
+
 def _lareqa_path(name: str) -> Path | None:
     local = data_dir() / "lareqa" / name
-    return local if local.is_dir() else None  # None → download the public files
+    return local if local.is_dir() else None  # None → the public files, if the caller allows a download
 
 
 def _split_miracl(rest: str) -> tuple[Path, str | None]:
@@ -43,13 +104,16 @@ def load_eval_set(
     max_paragraphs: int | None = None,
     seed: int | None = None,
     bad: BadRecords | None = None,
+    download: bool = False,
 ) -> EvalSet:
     """The eval set named by ``spec``, optionally restricted to ``langs`` and subset to
-    ``max_paragraphs`` whole parallel paragraphs (see :meth:`EvalSet.subset`)."""
+    ``max_paragraphs`` whole parallel paragraphs (see :meth:`EvalSet.subset`). ``xquad-r`` / ``mlqa-r``
+    missing from the data folder are fetched only with ``download``."""
+    check_spec(spec, "eval")
     if spec in LAREQA_NAMES:
         from hbt_ray.data.lareqa import read_lareqa_eval
 
-        eval_set = read_lareqa_eval(_lareqa_path(spec), langs=langs, name=spec, bad=bad)
+        eval_set = read_lareqa_eval(_lareqa_path(spec), langs=langs, name=spec, bad=bad, download=download)
     elif spec.startswith("lareqa:"):
         from hbt_ray.data.lareqa import read_lareqa_eval
 
@@ -75,9 +139,11 @@ def iter_pair_groups(
     passage: str = "sentence",
     bad: BadRecords | None = None,
     progress: bool = False,
+    download: bool = False,
 ) -> Iterator[PairGroup]:
     """Training pair groups named by ``spec``; ``langs`` keeps only those languages (groups left empty
     are dropped), ``limit`` stops after that many groups. ``passage`` applies to LAReQA specs."""
+    check_spec(spec, "pair")
     if spec == "ddtp":
         from hbt_ray.data.pairs import read_pairs
 
@@ -95,7 +161,7 @@ def iter_pair_groups(
             path, name = _lareqa_path(spec), spec
         else:
             path, name = Path(spec.removeprefix("lareqa:")), None
-        groups = read_lareqa_pairs(path, langs=langs, passage=passage, name=name, bad=bad)  # type: ignore[arg-type]
+        groups = read_lareqa_pairs(path, langs=langs, passage=passage, name=name, bad=bad, download=download)  # type: ignore[arg-type]
     elif spec.startswith("miracl:"):
         from hbt_ray.data.miracl import read_miracl_pairs
 

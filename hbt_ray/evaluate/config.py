@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hbt_ray.config import ConfigError
-from hbt_ray.data.sources import EVAL_SPECS, LAREQA_NAMES
+from hbt_ray.data.records import LANG_RE
+from hbt_ray.data.sources import check_spec, known_langs
 
 #: Retrieval settings (see :mod:`hbt_ray.evaluate`).
 SETTINGS = ("mono", "cross", "multi")
@@ -59,6 +60,8 @@ class EvalConfig:
     langs: list[str] | None = None  # languages to keep; None (or empty) = all of the eval set
     max_paragraphs: int | None = None  # keep the first N whole parallel paragraphs; None = all
     subset_seed: int | None = None  # draw the N paragraphs at random with this seed; None = the first N
+    #: xquad-r / mlqa-r not in the data folder: fetch the public files (checksum-verified); false = an error
+    download: bool = False
     # --- how: settings, metrics, search
     settings: list[str] = field(default_factory=lambda: list(SETTINGS))  # of mono, cross, multi
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))  # map, recall@k, ndcg@k, mrr@k
@@ -80,8 +83,11 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key relative to this section (the loader adds the path)."""
-        if not (self.data in LAREQA_NAMES or self.data.startswith(("lareqa:", "miracl:"))):
-            raise ConfigError(f"data: unknown eval set {self.data!r} (use {EVAL_SPECS})")
+        try:
+            check_spec(self.data, "eval")
+        except ValueError as err:
+            raise ConfigError(f"data: {err}") from None
+        check_langs("langs", self.langs or [], [self.data])
         bad = [s for s in self.settings if s not in SETTINGS]
         if bad or not self.settings:
             raise ConfigError(f"settings: {bad or self.settings!r} not in {list(SETTINGS)}")
@@ -92,6 +98,34 @@ class EvalConfig:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.max_paragraphs is not None and self.max_paragraphs < 1:
             raise ConfigError(f"max_paragraphs: must be >= 1, got {self.max_paragraphs}")
+
+
+def check_langs(key: str, langs: list[str], specs: list[str]) -> None:
+    """Every one of ``langs`` a language code and, where every data set of ``specs`` has a known language
+    list, a language of one of them; else ConfigError naming ``key``. Reads no data.
+
+    >>> check_langs("langs", ["en", "pt-br"], ["pairs:p.jsonl"])
+    >>> check_langs("langs", ["English"], ["ddtp"])
+    Traceback (most recent call last):
+    ...
+    hbt_ray.config.ConfigError: langs: 'English' is not a language code (ISO 639-1/-3, optionally with a region: en, pt-br)
+    >>> check_langs("langs", ["fr"], ["mlqa-r"])
+    Traceback (most recent call last):
+    ...
+    hbt_ray.config.ConfigError: langs: 'fr' is not a language of mlqa-r (ar, de, en, es, hi, vi, zh)
+    """
+    for lang in langs:
+        if not LANG_RE.match(lang):
+            raise ConfigError(
+                f"{key}: {lang!r} is not a language code (ISO 639-1/-3, optionally with a region: en, pt-br)"
+            )
+    known = [known_langs(spec) for spec in specs]
+    if not known or any(k is None for k in known):
+        return  # a data set whose languages only its files know: checked when it is read
+    have = sorted({lang for k in known for lang in k or ()})
+    for lang in langs:
+        if lang not in have:
+            raise ConfigError(f"{key}: {lang!r} is not a language of {', '.join(specs)} ({', '.join(have)})")
 
 
 def parse_metric(name: str) -> tuple[str, int | None]:

@@ -60,8 +60,9 @@ def load_eval_data(cfg: EvalConfig) -> EvalSet:
     ['de', 'en']
     """
     return load_eval_set(
-        cfg.data, langs=cfg.langs or None, max_paragraphs=cfg.max_paragraphs, seed=cfg.subset_seed
-    )
+        cfg.data, langs=cfg.langs or None, max_paragraphs=cfg.max_paragraphs, seed=cfg.subset_seed,
+        download=cfg.download,
+    )  # fmt: skip
 
 
 def _macro(table: dict[str, dict[str, float]], metric: str) -> float:

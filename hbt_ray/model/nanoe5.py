@@ -53,7 +53,7 @@ VARIANTS = {"e5-small": "e5-small-q4.bin", "e5-small-enpt": "e5-small-enpt-q4.bi
 QK = 32
 META = "\u2581"
 #: Part of the converted dir's cache key: bump it when the conversion's output changes.
-CONVERTER_VERSION = 3
+CONVERTER_VERSION = 4
 
 _BLOCK_DTYPE = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
 

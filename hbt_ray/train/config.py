@@ -11,11 +11,13 @@ loss ``loss``, the sampler ``sampler``). Keys and defaults: ``python -m hbt_ray.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hbt_ray.config import ConfigError
-from hbt_ray.evaluate.config import EvalConfig
+from hbt_ray.data.sources import check_spec
+from hbt_ray.evaluate.config import EvalConfig, check_langs
 from hbt_ray.loss import LossConfig
 from hbt_ray.model import ModelConfig
 from hbt_ray.sampler import SamplerConfig
@@ -28,12 +30,22 @@ class DataConfig:
     train: list[str] = field(default_factory=lambda: ["ddtp"])
     langs: list[str] = field(default_factory=list)  # empty: every language of the sources
     limit_groups: int | None = None  # per source spec
-    shard_dir: str | None = None  # reuse/write shards here; default <run dir>/shards
+    #: where shards are kept, one folder per fingerprint of these keys and the input files (reused only
+    #: for the same); default <run dir>/shards
+    shard_dir: str | None = None
     rows_per_shard: int = 2000
+    #: xquad-r / mlqa-r not in the data folder: fetch the public files (checksum-verified); false = an error
+    download: bool = False
 
     def validate(self) -> None:
         if not self.train:
             raise ConfigError("train: give at least one source spec")
+        for i, spec in enumerate(self.train):
+            try:
+                check_spec(spec, "pair")
+            except ValueError as err:
+                raise ConfigError(f"train[{i}]: {err}") from None
+        check_langs("langs", self.langs, self.train)
         if self.rows_per_shard < 1:
             raise ConfigError(f"rows_per_shard: must be >= 1, got {self.rows_per_shard}")
         if self.limit_groups is not None and self.limit_groups < 1:
@@ -58,14 +70,27 @@ class OptimConfig:
     fused: bool = True
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        # Written as "not (finite and in range)": a NaN fails every comparison, so `x <= 0` would let it
+        # through (the loader already refuses NaN/inf; an OptimConfig built in code has not been there).
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr: must be finite and > 0, got {self.lr}")
+        if not (math.isfinite(self.eps) and self.eps > 0):  # AdamW divides by sqrt(v) + eps
+            raise ConfigError(f"eps: must be finite and > 0, got {self.eps}")
+        for key, note in (("weight_decay", ""), ("grad_clip", " (0 = off)")):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key}: must be finite and >= 0{note}, got {value}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_accum < 1:
             raise ConfigError(f"grad_accum: must be >= 1, got {self.grad_accum}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if len(self.betas) != 2:
             raise ConfigError(f"betas: need two values, got {self.betas}")
+        for i, beta in enumerate(self.betas):  # AdamW's moving averages: beta >= 1 never forgets, diverges
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(f"betas[{i}]: must be in [0, 1), got {beta}")
 
 
 @dataclass
@@ -144,9 +169,13 @@ class RunConfig:
         for key in ("num_workers", "max_steps", "keep_checkpoints", "log_every", "prefetch_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("checkpoint_every", "max_failures", "eval_every", "report_every_s"):
+        for key in ("checkpoint_every", "max_failures", "eval_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if not (math.isfinite(self.report_every_s) and self.report_every_s >= 0):
+            raise ConfigError(f"report_every_s: must be finite and >= 0, got {self.report_every_s}")
+        if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
+            raise ConfigError(f"cpus_per_worker: must be finite and > 0, got {self.cpus_per_worker}")
 
 
 @dataclass

