@@ -180,9 +180,11 @@ def test_prepare_cli_errors_or_skips_and_counts(tmp_path, capsys):
     out = tmp_path / "shards"
     assert main(["prepare", "--source", "pairs", "--in", str(path), "--out", str(out)]) == 2
     assert "mixed.jsonl [line 3 group_id=g1]: missing field 'passage'" in capsys.readouterr().err
-    code = main(
-        ["prepare", "--source", "pairs", "--in", str(path), "--out", str(out), "--skip-bad", "--overwrite"]
-    )
+    skip = ["prepare", "--source", "pairs", "--in", str(path), "--out", str(out), "--skip-bad", "--overwrite"]
+    assert main(skip) == 2  # 2 of 4 records bad: over the default ceiling of 1 %
+    assert "2 bad records skipped, 50.0% of the input, more than --max-bad-fraction 0.01" in capsys.readouterr().err
+    assert not out.exists()
+    code = main([*skip, "--max-bad-fraction", "0.5"])
     assert code == 0
     m = read_manifest(out)
     assert m.groups == 2 and m.skipped == {"invalid_lang": 1, "missing_field": 1}

@@ -16,7 +16,9 @@ query ``"en:56beb4343aeaaa14008c925b"`` (link = the bare ``qas.id``), paragraph 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from hbt_ray.data.records import (
     Pair,
     PairGroup,
     check_lang,
+    data_dir,
 )
 
 #: Languages of the public LAReQA release.
@@ -43,6 +46,23 @@ LAREQA_LANGS = {
     "mlqa-r": ("ar", "de", "en", "es", "hi", "vi", "zh"),
 }
 #: Public files (google-research-datasets/lareqa on GitHub).
+#: sha256 of the public files (the copies in shared/data/lareqa, unchanged from the release)
+LAREQA_SHA256 = {
+    ("mlqa-r", "ar"): "2132fbc03208535c0fe01f2e2c5121d06f9c2aa799af93b0a719dbc105bdf137",
+    ("mlqa-r", "de"): "ce9454dc5aa6f2d85c23cd6e49cb367fbb7c4c6e62d7f71e355c6b5dae4d0886",
+    ("mlqa-r", "en"): "fedd9a5cc0848dda80caf84aa36f482adaae230526a3f6e9e86926a93ef3b1e4",
+    ("mlqa-r", "es"): "70ecba276b8c96a692b120693a595d076ce94ad21d4b28311538a9fcbfe0f9d7",
+    ("mlqa-r", "hi"): "4dd0fb3c06f737a5481d705bc1dcac7876712a5815c9265908fbb3a0696cb654",
+    ("mlqa-r", "vi"): "9d3baff6ba03e6793b25594217265ea59a136b9733833dca8a9582a84a78ff85",
+    ("mlqa-r", "zh"): "57f01d2fff50cf3392805635b01445339f225ad5bf28ba8443b12f8dbd1e69dc",
+    ("xquad-r", "ar"): "c52922d3b8ac1ae03ed5ac38647ad59870dca3dda2beefe18ecdc30729acb69d",
+    ("xquad-r", "de"): "16fb0f4bf4916154b585a20c24c66074591c9718a1affe764ff4697572328949",
+    ("xquad-r", "en"): "7b0954f39297c27a31fef610f0883337dd2907fa8699151dc922afdd0fa12ffe",
+    ("xquad-r", "es"): "f8e836b2d91009c4363e04315f7ede363eedbbb49c67dda60de6c4aa782f58de",
+    ("xquad-r", "hi"): "ea45ba8ae4513d1533b222bebdc02a90bc319c055d3aeea68584a053d2e92872",
+    ("xquad-r", "vi"): "e35926bf5cc6fc6ecbdfca49467aabeb454f08d152d7818143a906bd31dde995",
+    ("xquad-r", "zh"): "80c2cde7b9c2fb134c303cbb52f2ba396ead9eb0014aec43993543d2ba9e93ed",
+}
 LAREQA_URL = "https://raw.githubusercontent.com/google-research-datasets/lareqa/master/{name}/{lang}.json"
 
 
@@ -108,6 +128,7 @@ def _parse_paragraph(
         raise DataError(
             f"{len(sentences)} sentences but {len(breaks)} sentence_breaks", path, where, reason="bad_breaks"
         )
+    end = 0
     for i, (sentence, brk) in enumerate(zip(sentences, breaks)):
         if not isinstance(sentence, str) or not sentence.strip():
             raise DataError(f"empty text in sentences[{i}]", path, where, reason="empty_text")
@@ -115,6 +136,15 @@ def _parse_paragraph(
             raise DataError(
                 f"sentence_breaks[{i}] is not [start, end]: {brk!r}", path, where, reason="bad_breaks"
             )
+        # Breaks decide which sentence answers a question: overlapping or out-of-context ones would
+        # make one answer relevant in several sentences (every sentence, for [0, 1e9] everywhere).
+        if not end <= brk[0] < brk[1] <= len(context):
+            raise DataError(
+                f"sentence_breaks[{i}] {brk} is not a span of the {len(context)}-character context after "
+                f"the previous break (ending at {end}): breaks must be sorted, non-overlapping, inside",
+                path, where, reason="bad_breaks",
+            )  # fmt: skip
+        end = brk[1]
     questions = []
     for k, qa in enumerate(qas):
         qwhere = f"{where}.qas[{k}]"
@@ -161,20 +191,35 @@ def _parse_paragraph(
 
 
 def lareqa_files(
-    path: str | os.PathLike | None, langs: Sequence[str] | None = None, name: str | None = None
+    path: str | os.PathLike | None,
+    langs: Sequence[str] | None = None,
+    name: str | None = None,
+    download: bool = False,
 ) -> dict[str, Path]:
-    """``{lang: file}`` for a directory of ``<lang>.json``, a single file, or (path None) the public release."""
+    """``{lang: file}`` for a directory of ``<lang>.json``, a single file, or (path None) the public
+    release — fetched only with ``download`` (checksum-verified), never behind the user's back."""
     if path is None:
         if name not in LAREQA_LANGS:
             raise ValueError(f"give a path, or name one of {sorted(LAREQA_LANGS)} to download (got {name!r})")
+        if not download:
+            raise DataError(
+                f"{name} is not in the data folder (set HBT_DATA_DIR to a folder with lareqa/{name}/), or "
+                "pass --download (eval.download=true / data.download=true) to fetch the public files",
+                data_dir() / "lareqa" / name,
+            )
         return download_lareqa(name, langs)
     path = Path(path)
     if path.is_file():
         files = {path.name.split(".")[0]: path}
     elif path.is_dir():
-        files = {
-            f.name.split(".")[0]: f for f in sorted(path.iterdir()) if f.name.endswith((".json", ".json.gz"))
-        }
+        files = {}
+        for f in sorted(path.iterdir()):
+            if not f.name.endswith((".json", ".json.gz")):
+                continue
+            lang = f.name.split(".")[0]
+            if lang in files:  # en.json and en.json.gz: which one is meant is not ours to guess
+                raise DataError(f"both {files[lang].name} and {f.name} hold language {lang!r}: keep one", path)
+            files[lang] = f
         if not files:
             raise DataError("no <lang>.json files in this directory", path)
     else:
@@ -196,15 +241,28 @@ def download_lareqa(
         / "lareqa"
         / name
     )
+    todo = list(langs or LAREQA_LANGS[name])
+    unknown = [lang for lang in todo if (name, lang) not in LAREQA_SHA256]
+    if unknown:
+        raise DataError(f"no pinned checksum for {name} {unknown}: fetch them yourself and pass a path",
+                        LAREQA_URL.format(name=name, lang=unknown[0]))  # fmt: skip
     cache.mkdir(parents=True, exist_ok=True)
     files = {}
-    for lang in langs or LAREQA_LANGS[name]:
+    for lang in todo:
         target = cache / f"{lang}.json"
         if not target.exists():
             url = LAREQA_URL.format(name=name, lang=lang)
+            print(f"[hbt_ray.data] downloading {url} → {target}", file=sys.stderr, flush=True)
             tmp = target.with_suffix(".part")
-            with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
-                out.write(resp.read())
+            try:
+                with urllib.request.urlopen(url, timeout=60) as resp:
+                    body = resp.read()
+            except OSError as err:
+                raise DataError(f"download failed: {err}", url) from None
+            digest = hashlib.sha256(body).hexdigest()
+            if digest != LAREQA_SHA256[(name, lang)]:
+                raise DataError(f"sha256 {digest} is not the pinned {LAREQA_SHA256[(name, lang)]}", url)
+            tmp.write_bytes(body)
             tmp.rename(target)
         files[lang] = target
     return files
@@ -215,9 +273,10 @@ def read_lareqa_eval(
     langs: Sequence[str] | None = None,
     name: str | None = None,
     bad: BadRecords | None = None,
+    download: bool = False,
 ) -> EvalSet:
     """LAReQA files → EvalSet (every sentence a candidate, relevant = the answer sentence)."""
-    files = lareqa_files(path, langs, name)
+    files = lareqa_files(path, langs, name, download=download)
     name = name or (Path(path).name if path is not None else "lareqa")
     queries: dict[str, list[EvalQuery]] = {}
     candidates: dict[str, list[Candidate]] = {}
@@ -245,6 +304,7 @@ def read_lareqa_pairs(
     passage: Literal["sentence", "paragraph"] = "sentence",
     name: str | None = None,
     bad: BadRecords | None = None,
+    download: bool = False,
 ) -> Iterator[PairGroup]:
     """LAReQA files → one PairGroup per ``qas.id`` (query = question, passage = answer sentence or paragraph).
 
@@ -253,7 +313,7 @@ def read_lareqa_pairs(
     """
     if passage not in ("sentence", "paragraph"):
         raise ValueError(f"passage must be 'sentence' or 'paragraph', got {passage!r}")
-    files = lareqa_files(path, langs, name)
+    files = lareqa_files(path, langs, name, download=download)
     source = name or (Path(path).name if path is not None else "lareqa")
     groups: dict[str, dict[str, Pair]] = {}
     for lang, file in sorted(files.items()):

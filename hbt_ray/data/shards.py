@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,9 @@ class Manifest:
     skipped_examples: list[str] = field(default_factory=list)
     rows_per_shard: int = 0
     source: str = ""
+    #: what built the shards (sources, their files' sizes and times, languages, limits, reader options):
+    #: shards are reused only for the same fingerprint
+    fingerprint: dict[str, Any] = field(default_factory=dict)
     format_version: int = 1
 
     def to_json(self) -> str:
@@ -80,26 +84,57 @@ def write_shards(
     source: str = "",
     overwrite: bool = False,
     progress: bool = True,
+    max_bad_fraction: float | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Write groups to ``out_dir/shard-NNNNN.parquet`` (``rows_per_shard`` groups each) + ``manifest.json``.
 
+    All or nothing: the shards are written into a hidden sibling folder and moved into place only when
+    complete, so a bad input (or a crash) leaves ``out_dir`` as it was — with ``overwrite``, the old
+    shards too. An existing shard directory is refused unless ``overwrite``.
+
     ``skipped`` may be a live counter (``BadRecords.counts``): it is read after the last group, so
-    records a lazy reader skips while being consumed are counted. Duplicate group ids, groups without
-    pairs and invalid language codes raise DataError. An existing shard directory is refused unless
-    ``overwrite``.
+    records a lazy reader skips while being consumed are counted; with ``max_bad_fraction`` more than
+    that share of skipped records (skipped / (skipped + groups)) fails. Duplicate group ids, groups
+    without pairs, invalid language codes and an input with no group at all raise DataError.
+    ``fingerprint`` (what built the shards) is kept in the manifest.
     """
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DataError("exists and is not a directory; give a new or shard directory", out)
     old = sorted(out.glob("shard-*.parquet")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
-    if old:
-        if not overwrite:
-            raise DataError(
-                f"already holds shards ({len(old)} files); pass overwrite=True / --overwrite", out
-            )
-        for f in old:
-            f.unlink()
+    if old and not overwrite:
+        raise DataError(
+            f"already holds shards ({len(old)} files): delete it or choose another directory "
+            "(python -m hbt_ray.data prepare: --overwrite)",
+            out,
+        )
+    others = sorted(p.name for p in out.iterdir() if p not in old) if out.is_dir() else []
+    if others:  # the folder is replaced as a whole when the new shards are complete
+        raise DataError(f"holds other files than shards ({', '.join(others[:3])}); give a new or shard directory", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        manifest = _write_into(staging, out, groups, rows_per_shard, source, progress)
+        manifest.skipped = dict(sorted((skipped or {}).items()))
+        manifest.skipped_examples = list(skipped_examples or [])
+        manifest.fingerprint = dict(fingerprint or {})
+        _check_result(manifest, out, max_bad_fraction)
+        (staging / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_into(
+    staging: Path, out: Path, groups: Iterable[PairGroup], rows_per_shard: int, source: str, progress: bool
+) -> Manifest:
     manifest = Manifest(rows_per_shard=rows_per_shard, source=source)
     pairs_per_lang: Counter[str] = Counter()
     langs_per_group: Counter[int] = Counter()
@@ -109,40 +144,70 @@ def write_shards(
 
     def flush() -> None:
         name = SHARD_PATTERN.format(len(manifest.shards))
-        tmp = out / (name + ".tmp")
-        pq.write_table(groups_to_table(buffer), tmp, compression="zstd")
-        tmp.rename(out / name)
+        pq.write_table(groups_to_table(buffer), staging / name, compression="zstd")
         manifest.shards.append({"file": name, "rows": len(buffer)})
         buffer.clear()
 
     bar = tqdm(desc=f"write {out.name}", unit="groups", disable=not progress, leave=False)
-    for group in groups:
-        if group.group_id in seen:
-            raise DataError("duplicate group id in the input stream", out, f"group {group.group_id}")
-        if not group.pairs:
-            raise DataError("group has no pairs", out, f"group {group.group_id}")
-        seen.add(group.group_id)
-        for lang in group.pairs:
-            check_lang(lang, out, f"group {group.group_id}")
-            pairs_per_lang[lang] += 1
-        langs_per_group[len(group.pairs)] += 1
-        per_source[group.source] += 1
-        buffer.append(group)
-        bar.update(1)
-        if len(buffer) >= rows_per_shard:
+    try:  # closed on error too: a bar left open shares its line with the error message
+        for group in groups:
+            if group.group_id in seen:
+                raise DataError("duplicate group id in the input stream", out, f"group {group.group_id}")
+            if not group.pairs:
+                raise DataError("group has no pairs", out, f"group {group.group_id}")
+            seen.add(group.group_id)
+            for lang in group.pairs:
+                check_lang(lang, out, f"group {group.group_id}")
+                pairs_per_lang[lang] += 1
+            langs_per_group[len(group.pairs)] += 1
+            per_source[group.source] += 1
+            buffer.append(group)
+            bar.update(1)
+            if len(buffer) >= rows_per_shard:
+                flush()
+        if buffer:
             flush()
-    if buffer:
-        flush()
-    bar.close()
+    finally:
+        bar.close()
     manifest.groups = len(seen)
     manifest.pairs = sum(pairs_per_lang.values())
     manifest.pairs_per_lang = dict(sorted(pairs_per_lang.items()))
     manifest.langs_per_group = {str(k): v for k, v in sorted(langs_per_group.items())}
     manifest.groups_per_source = dict(sorted(per_source.items()))
-    manifest.skipped = dict(sorted((skipped or {}).items()))
-    manifest.skipped_examples = list(skipped_examples or [])
-    (out / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
     return manifest
+
+
+def _check_result(manifest: Manifest, out: Path, max_bad_fraction: float | None) -> None:
+    skipped = sum(manifest.skipped.values())
+    if manifest.groups == 0:
+        why = f"all {skipped} records were skipped as bad" if skipped else "empty input, or no record in --langs"
+        raise DataError(f"no pair group to write ({why})", out)
+    share = skipped / (skipped + manifest.groups)
+    if max_bad_fraction is not None and share > max_bad_fraction:
+        first = manifest.skipped_examples[0] if manifest.skipped_examples else ""
+        raise DataError(
+            f"{skipped} bad records skipped, {share:.1%} of the input, more than --max-bad-fraction "
+            f"{max_bad_fraction:g} (first: {first})",
+            out,
+        )
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the complete ``staging`` folder to ``out``; an old ``out`` is moved aside first and deleted
+    only once the new one is in place."""
+    aside = None
+    if out.exists():
+        aside = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(aside, ignore_errors=True)
+        out.rename(aside)
+    try:
+        staging.rename(out)
+    except BaseException:
+        if aside is not None:
+            aside.rename(out)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> Manifest:
@@ -226,7 +291,10 @@ def read_pair_parquet(paths: Sequence[str | os.PathLike], datasource_v2: bool = 
 def iter_shard_groups(shard_dir: str | os.PathLike, validate: bool = True) -> Iterator[PairGroup]:
     """The shards as PairGroups, in order, without Ray (pyarrow only)."""
     for path in shard_paths(shard_dir, validate=validate):
-        table = pq.read_table(path, schema=PAIR_SCHEMA)
+        try:
+            table = pq.read_table(path, schema=PAIR_SCHEMA)
+        except (pa.ArrowException, OSError) as err:  # a good footer over corrupt data pages
+            raise DataError(f"corrupt Parquet data: {err}", path) from None
         yield from rows_to_groups(table)
 
 
