@@ -3,9 +3,13 @@
 own cluster-config schema (the same check ``ray up`` runs)::
 
     >>> cfg = load_cluster_config(Path(__file__).parents[1] / "cluster.yaml")
-    >>> eu = validate_cluster_config(render_cluster_config(cfg, region="eu-west-1", spot=False))
-    >>> eu["provider"]["region"]
-    'eu-west-1'
+    >>> eu = render_cluster_config(cfg, region="eu-west-1", spot=False)
+    >>> eu["provider"]["availability_zone"]
+    'eu-west-1a,eu-west-1b,eu-west-1c'
+    >>> find_secrets(eu), find_exposures(eu)
+    ([], [])
+
+``validate_cluster_config(eu)`` then runs Ray's own checks (``tests/test_cluster.py``).
 """
 
 from __future__ import annotations
@@ -24,31 +28,69 @@ SECRET_KEY_RE = re.compile(r"(api[_-]?key|secret|password|token|aws_access_key_i
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """``ray.init`` as hbt_ray's drivers call it: no dashboard (its extra dependencies are not installed),
     Ray's logging config left alone. ``address`` None joins ``$RAY_ADDRESS`` or a cluster started on this
-    machine, else starts one; ``"local"`` always starts a new instance, and that one, which surely has no
-    dashboard, also runs :func:`quiet_state_api_warnings` in every worker. ``kwargs`` go to ``ray.init``. It is the only ``ray.init`` call of the repo::
+    machine, else starts one; ``"local"`` always starts a new instance. A new instance, which surely has
+    no dashboard, also runs :func:`quiet_worker_logs` in every worker. ``kwargs`` go to ``ray.init``. It
+    is the only ``ray.init`` call of the repo::
 
         init_ray("local", num_cpus=2)
     """
     import ray
 
-    if address == "local":
-        hook = f"{__name__}.quiet_state_api_warnings"
+    if starts_new_instance(address):
+        hook = f"{__name__}.quiet_worker_logs"
         kwargs.setdefault("runtime_env", {"worker_process_setup_hook": hook})
     ray.init(address=address, include_dashboard=False, configure_logging=False, **kwargs)
 
 
-def quiet_state_api_warnings() -> None:
-    """Ray worker setup hook for an instance without a dashboard, hence without the State API: Ray Train's
-    PlacementGroupCleaner (one detached actor per run) asks that API every few seconds whether the run's
-    controller is alive and, where it cannot, logs a warning each time — 300 lines in 7 minutes of
-    ``make run``, about a check that cannot work there. Its errors still show. It runs in every worker
-    process before its first task: it and this module must not import torch (that would fix torch's
-    thread count before Ray sets ``OMP_NUM_THREADS`` for the worker's CPUs)."""
+def starts_new_instance(address: str | None) -> bool:
+    """Whether ``ray.init(address)`` starts a new local instance rather than joining a cluster (Ray's own
+    resolution: ``$RAY_ADDRESS``, then the cluster ``ray start`` last started on this machine).
+
+    >>> starts_new_instance("local"), starts_new_instance("10.0.0.1:6379")
+    (True, False)
+    """
+    if address == "local":
+        return True
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(address) is None
+    except Exception:  # Ray's private helper moved or failed: assume a cluster, add nothing
+        return False
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker setup hook for a new local instance. Two loggers talk every few seconds about things
+    that are not trouble there:
+
+    - Ray Train's PlacementGroupCleaner (one detached actor per run) asks the State API, served by the
+      dashboard we do not start, whether the run's controller is alive, and warns each time it cannot;
+    - every Ray Train worker logs each ``ray.train.report`` with its whole ``TrainingReport`` at INFO
+      (per-step detail lives in ``steps.jsonl`` and the progress bar).
+
+    Their errors and warnings still show; the cleaner is also told its own cluster's address (see
+    below). It runs in every worker process before its first task: it and
+    this module must not import torch (that would fix torch's thread count before Ray sets
+    ``OMP_NUM_THREADS`` for the worker's CPUs), so the report logger, named after its file, is found
+    by path rather than by import."""
     import logging
+    import os
+
+    import ray
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
         logging.ERROR
     )
+    context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(context).setLevel(logging.WARNING)
+    # The cleaner looks its cluster up by address None; with another Ray instance on this machine (a
+    # second sweep, an evaluation, a test session) that lookup dies with "Found multiple active Ray
+    # instances" and a traceback. Name this worker's own cluster.
+    if os.environ.get("RAY_ADDRESS", "") in ("", "local", "auto"):
+        try:
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except Exception:  # not connected yet: the cleaner then resolves the address as before
+            pass
 
 
 class ClusterConfigError(ValueError):
@@ -89,12 +131,13 @@ def render_cluster_config(
 
 
 def find_secrets(node: Any, path: str = "") -> list[str]:
-    """Paths of keys that look like credentials, or values that look like AWS / W&B keys."""
+    """Paths of keys that look like credentials, or values that look like AWS / W&B keys. The keys of
+    ``file_mounts`` are remote paths (``~/.ray/auth_token``), not settings: only their values count."""
     found: list[str] = []
     if isinstance(node, dict):
         for key, value in node.items():
             sub = f"{path}.{key}" if path else str(key)
-            if SECRET_KEY_RE.search(str(key)):
+            if SECRET_KEY_RE.search(str(key)) and path != "file_mounts":
                 found.append(sub)
             found.extend(find_secrets(value, sub))
     elif isinstance(node, list):
@@ -106,8 +149,30 @@ def find_secrets(node: Any, path: str = "") -> list[str]:
     return found
 
 
+def find_exposures(config: dict[str, Any]) -> list[str]:
+    """What would open the cluster to others: a dashboard (whose Jobs API runs code) bound beyond
+    localhost, a node that starts Ray without token authentication, or the whole working directory
+    uploaded (with any stray credential file in it) instead of the package."""
+    found = []
+    starts = [("head_start_ray_commands", c) for c in config.get("head_start_ray_commands", [])]
+    starts += [("worker_start_ray_commands", c) for c in config.get("worker_start_ray_commands", [])]
+    for where, command in starts:
+        if "ray start" not in command:
+            continue
+        host = re.search(r"--dashboard-host[= ](\S+)", command)
+        if "--head" in command and (host is None or host.group(1) not in ("127.0.0.1", "localhost")):
+            found.append(f"{where}: the dashboard must listen on 127.0.0.1 (--dashboard-host=127.0.0.1)")
+        if not re.search(r"RAY_AUTH_MODE=token\b", command):
+            found.append(f"{where}: start Ray with token authentication (export RAY_AUTH_MODE=token)")
+    for remote, local in (config.get("file_mounts") or {}).items():
+        if str(local).rstrip("/") in (".", "./", "") or Path(str(local)).name in ("", ".", ".."):
+            found.append(f"file_mounts[{remote}]: uploads the whole working directory; mount the package only")
+    return found
+
+
 def validate_cluster_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate like ``ray up`` does (defaults filled in, Ray's JSON schema, node-type checks), offline.
+    """Validate like ``ray up`` does (defaults filled in, Ray's JSON schema, node-type checks), offline,
+    and refuse secrets in the file and an exposed cluster (:func:`find_exposures`).
 
     Returns the prepared config. Raises ``jsonschema.ValidationError`` / ``ValueError`` on a bad file.
     """
@@ -116,6 +181,9 @@ def validate_cluster_config(config: dict[str, Any]) -> dict[str, Any]:
     secrets = find_secrets(config)
     if secrets:
         raise ClusterConfigError(f"cluster config holds secrets at: {', '.join(secrets)}")
+    exposures = find_exposures(config)
+    if exposures:
+        raise ClusterConfigError("cluster config is not locked down: " + "; ".join(exposures))
     prepared = prepare_config(copy.deepcopy(config))
     validate_config(prepared)
     head = prepared["head_node_type"]

@@ -9,7 +9,6 @@ import pytest
 
 from hbt_ray.config import ConfigError, load_config
 from hbt_ray.tune import (
-    SpaceError,
     TuneConfig,
     check_trial_fits,
     load_space,
@@ -116,6 +115,10 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
     assert summary.best is not None and summary.best["status"] == "TERMINATED"
     assert summary.untuned is not None and "multi_map" in summary.untuned
     assert (summary.best_model_dir / "modules.json").exists()
+    # every trial's model stays in the sweep's own folder (not in Ray's temporary session folder)
+    for alpha in (0.0, 0.5, 1.0):
+        export = Path(rows[alpha]["export_dir"])
+        assert export.is_relative_to(out / "trials") and (export / "modules.json").exists(), export
 
     # table + plots
     md = (out / "results.md").read_text()
@@ -151,8 +154,10 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
 def test_bad_space_file_is_a_clear_cli_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search: grid\nparams: {sampler.alpha: {type: uniform, low: 0, high: 1}}\n")
-    with pytest.raises(SpaceError, match=str(bad)):
-        tune_main(["--space", str(bad), f"out_dir={tmp_path}", "evaluate_untuned=false"])
+    assert tune_main(["--space", str(bad), f"out_dir={tmp_path / 'sweeps'}", "evaluate_untuned=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: params.sampler.alpha.type:") and err.count("\n") == 1, err
+    assert not (tmp_path / "sweeps").exists()
     assert os.environ.get("WANDB_API_KEY") != FAKE_KEY
 
 
@@ -196,6 +201,22 @@ def _offline_run(out: Path, trial_id: str) -> bytes:
     return (run / f"run-{trial_id}.wandb").read_bytes()
 
 
+def test_auto_mode_is_online_after_wandb_login_on_the_machine(tmp_path):
+    """On a cluster the key is entered with ``wandb login`` on the head (never in a job's runtime env):
+    ``wandb.mode=auto`` must then log online, and offline where no login exists."""
+    from hbt_ray.tune.config import WandbConfig
+    from hbt_ray.tune.wandb import initial_mode
+
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    assert initial_mode(WandbConfig(), env={"NETRC": str(netrc_file)}) == "online"
+    assert initial_mode(WandbConfig(), env={"NETRC": str(tmp_path / "none")}) == "offline"
+    other = {"NETRC": str(netrc_file), "WANDB_BASE_URL": "https://wandb.example.org"}
+    assert initial_mode(WandbConfig(), env=other) == "offline"  # logged in elsewhere only
+    assert initial_mode(WandbConfig(mode="offline"), env={"NETRC": str(netrc_file)}) == "offline"
+
+
 def test_trial_runs_without_a_key_log_offline_with_their_status(ray_local, monkeypatch, tmp_path):
     """Ray's own WandbLoggerCallback.setup raises without a key unless $WANDB_MODE says offline; ours
     runs offline, an online init that fails falls back to offline, and a failed trial says so."""
@@ -204,6 +225,7 @@ def test_trial_runs_without_a_key_log_offline_with_their_status(ray_local, monke
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     cfg = WandbConfig(init_timeout=5)
     assert initial_mode(cfg) == "offline"
     base = {"train": {"run": {"seed": 7}, "wandb": {"api_key": "not-a-key"}}}

@@ -14,6 +14,17 @@ def _rows():
     return rows
 
 
+def test_trial_ids_of_digits_stay_ids_in_the_table(tmp_path):
+    """Tune's trial ids are '<5 hex>_<5 digits>'; when the hex part is all digits, float() would read
+    '29753_00000' as 2975300000 (underscores are legal in Python numbers)."""
+    rows = [{"trial": "29753_00000", "status": "TERMINATED", "sampler.alpha": 0.5, "multi_map": 0.41},
+            {"trial": "1e300_00001", "status": "TERMINATED", "sampler.alpha": 1.0, "multi_map": 0.4}]
+    _, md_path = write_table(rows, tmp_path)
+    body = md_path.read_text().splitlines()[2:]
+    assert body[0].startswith("| 29753_00000 | TERMINATED | 0.5000 |"), body[0]
+    assert body[1].startswith("| 1e300_00001 |"), body[1]
+
+
 def test_pareto_front_excludes_dominated_and_failed():
     rows = _rows()
     # mono grows with α, cross shrinks: every finished trial at one τ trades off; τ=0.02/0.1 tie

@@ -19,7 +19,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from hbt_ray.config import load_config, read_yaml
+from hbt_ray.config import ConfigError, load_config, read_yaml
 from hbt_ray.tune import TuneConfig, run_sweep
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tune_default.yaml"
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help=f"base sweep config YAML (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("--resume", action="store_true", help="resume the sweep named by name=… (Tuner.restore)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.sampler.batch_size=16")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides before, between or after options
     overrides = list(args.overrides)
     if args.space:
         overrides.append(f"space={args.space}")
@@ -50,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
             base["train"]["model"]["name"] = "tiny"
     try:
         cfg = load_config(TuneConfig, path, overrides, base=base)
-    except ValueError as err:  # ConfigError included
-        parser.error(str(err))
+    except ValueError as err:  # ConfigError included; one line, not argparse's usage + error
+        print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        return 2
 
-    summary = run_sweep(cfg)
+    try:
+        summary = run_sweep(cfg)
+    except ConfigError as err:  # the space file, its keys, resume: checked before anything starts
+        print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        return 2
     print()
     print((summary.out_dir / "results.md").read_text())
     untuned = summary.untuned_objective
@@ -68,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {summary.out_dir}  (results.csv, results.md, *.png, wandb/, best_model/)")
     if summary.best_model_dir:
         print(f"best model: {summary.best_model_dir}")
+    failed = [r for r in summary.rows if r.get("status") == "ERROR"]
+    if summary.rows and len(failed) == len(summary.rows):
+        print(f"error: every trial failed ({len(failed)}); the first: {failed[0].get('error', '?')}", file=sys.stderr)
+        return 1
+    if failed:
+        print(f"warning: {len(failed)} of {len(summary.rows)} trials failed (results.md, column error)", file=sys.stderr)
     return 0
 
 

@@ -58,6 +58,9 @@ class TuneConfig:
     evaluate_untuned: bool = True
     #: copy the best trial's exported model to <out_dir>/<name>/best_model
     export_best: bool = True
+    #: keep every trial's exported model under <out_dir>/<name>/trials/<trial id>/ (false: only the best
+    #: model survives the sweep, in best_model/)
+    keep_trial_models: bool = True
     #: seed of the search algorithm (Optuna)
     seed: int = 0
     #: Ray to use: "" = $RAY_ADDRESS (set by `ray job submit`) else a new local instance; "auto" = the

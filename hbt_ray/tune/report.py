@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,19 @@ TABLE_COLUMNS = [
 PLOT_METRICS = [("mono_map", "mono mAP"), ("cross_map", "cross mAP"), ("multi_map", "multi mAP"), ("bias", "language bias")]
 
 
+#: a number written as text; not Python's float() syntax, which reads "29753_00000" (a trial id) as 2975300000
+NUMBER_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _num(value: Any) -> float | None:
+    """A finite number, or None (ids, labels, missing values).
+
+    >>> _num(0.5), _num("1e-3"), _num("29753_00000"), _num("nan"), _num(True)
+    (0.5, 0.001, None, None, None)
+    """
     if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str) and not NUMBER_RE.fullmatch(value.strip()):
         return None
     try:
         out = float(value)
@@ -47,8 +59,11 @@ def _num(value: Any) -> float | None:
 
 
 def _fmt(value: Any) -> str:
+    """A table cell: numbers rounded, text (trial ids, statuses, errors) as it is."""
     if value is None or value == "":
         return ""
+    if isinstance(value, str):
+        return value
     num = _num(value)
     if num is None:
         return str(value)

@@ -67,6 +67,18 @@ class ParamSpec:
             return tune.choice(list(self.values))
         return tune.grid_search(list(self.values))
 
+    def corner_values(self) -> list[Any]:
+        """The values that bound what a trial can get: ``low`` and ``high``, or every listed value.
+
+        >>> ParamSpec("int", low=1, high=8).corner_values(), ParamSpec("grid", values=[0, 0.5]).corner_values()
+        ([1, 8], [0, 0.5])
+        """
+        if self.values is not None:
+            return list(self.values)
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
 
 @dataclass
 class SearchSpace:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from hbt_ray.cluster import init_ray
-from hbt_ray.config import override, to_dict
+from hbt_ray.config import ConfigError, override, to_dict
 from hbt_ray.evaluate import METRIC_MODES, EvalConfig, evaluate, load_eval_data
 from hbt_ray.train import TrainConfig, prepare_shards, train
 from hbt_ray.tune.config import TuneConfig
@@ -49,7 +49,7 @@ from hbt_ray.tune.report import (
     plot_metrics_vs_alpha,
     write_table,
 )
-from hbt_ray.tune.space import SearchSpace, load_space, resolve_space_path
+from hbt_ray.tune.space import SearchSpace, SpaceError, load_space, resolve_space_path
 from hbt_ray.tune.wandb import SweepRun, scrub_secrets, trial_runs_callback
 
 #: Metrics copied from a trial's last result into its row of the results table.
@@ -70,6 +70,48 @@ def objective_value(summary: dict[str, Any], objectives: list[str]) -> float | N
 def trial_train_config(cfg: TuneConfig, params: dict[str, Any]) -> TrainConfig:
     """``cfg.train`` with a trial's (or the space's fixed) dotted keys applied; errors name ``train.<key>``."""
     return override(cfg.train, params, prefix="train.")
+
+
+def check_sweep(cfg: TuneConfig) -> tuple[SearchSpace, TrainConfig]:
+    """Everything about a sweep that can be checked on the driver, before Ray starts or a directory is
+    made: the space file, its ``fixed`` keys, every searched key at each of its bounds or listed values
+    (through the same typed loader a trial uses, so a typo such as ``sampler.alpah`` fails here, not in
+    every trial), and for ``resume`` that the sweep exists. → the space and the base training config
+    (shards not written yet)."""
+    space = load_space(resolve_space_path(cfg.space))
+    try:
+        base = trial_train_config(cfg, space.fixed)
+    except ConfigError as err:
+        raise SpaceError(f"{space.source}: fixed: {err}") from None
+    for key, spec in space.params.items():
+        for value in spec.corner_values():
+            try:
+                override(base, {key: value}, prefix="train.")
+            except ConfigError as err:
+                raise SpaceError(f"{space.source}: params.{key} = {value!r}: {err}") from None
+    if cfg.resume:
+        check_resumable(cfg)
+    return space, base
+
+
+def sweeps_in(out_root: Path) -> list[str]:
+    """The names of the sweeps under ``out_root`` (folders with Tune's experiment state)."""
+    if not out_root.is_dir():
+        return []
+    return sorted(d.name for d in out_root.iterdir() if (d / "tune").is_dir())
+
+
+def check_resumable(cfg: TuneConfig) -> None:
+    """``resume`` continues a sweep that exists; a missing or mistyped name is an error, never a new sweep."""
+    from ray import tune
+
+    out_root = Path(cfg.out_dir).expanduser().resolve()
+    if not cfg.name:
+        raise ConfigError(f"resume: name the sweep to resume with name=… (sweeps in {out_root}: "
+                          f"{', '.join(sweeps_in(out_root)) or 'none'})")  # fmt: skip
+    if not tune.Tuner.can_restore(str(out_root / cfg.name / "tune")):
+        raise ConfigError(f"name: no sweep {cfg.name!r} to resume in {out_root} (sweeps there: "
+                          f"{', '.join(sweeps_in(out_root)) or 'none'})")  # fmt: skip
 
 
 def trial_index(trial_name: str) -> int:
@@ -105,12 +147,13 @@ def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     ctx = tune.get_context()
-    trial_dir = Path(ctx.get_trial_dir())
     if cfg.inject_failure_trial >= 0 and trial_index(ctx.get_trial_name()) == cfg.inject_failure_trial:
         raise RuntimeError(f"injected failure in trial {ctx.get_trial_name()} (inject_failure_trial)")
     train_cfg = trial_train_config(cfg, params)
     train_cfg.run.name = ctx.get_trial_id()
-    train_cfg.run.storage_path = str(trial_dir / "train")
+    # Under the sweep's own folder, not Tune's trial dir (in Ray's temporary session folder, which Ray
+    # and the OS clean up): the α = 0 and α = 1 models stay there to be compared after the sweep.
+    train_cfg.run.storage_path = str(Path(cfg.out_dir) / cfg.name / "trials")
     train_cfg.run.export = True
     start = time.time()
     result = train(train_cfg, callbacks=[TuneReportCallback()])
@@ -214,7 +257,7 @@ def prepare_base_train_config(cfg: TuneConfig, space: SearchSpace, out_root: Pat
     """The config every trial starts from: the space's fixed keys applied, the pair shards written once
     (trials share them) and the paths made absolute, since Tune runs trials in their own directories."""
     base = trial_train_config(cfg, space.fixed)
-    shard_dir = Path(base.data.shard_dir or out_root / f"shards-{'+'.join(base.data.train)}-{base.data.limit_groups}")
+    shard_dir = Path(base.data.shard_dir or out_root / "shards")  # one folder per data fingerprint inside
     base.data.shard_dir = str(shard_dir.expanduser().resolve())
     base.run.storage_path = str(Path(base.run.storage_path).expanduser().resolve())
     if base.eval.cache_dir:
@@ -232,7 +275,7 @@ def check_trial_fits(cfg: TuneConfig, base: TrainConfig, resources: dict[str, fl
     per_trial = cfg.trial_cpus + base.run.num_workers * base.run.cpus_per_worker
     need = cfg.max_concurrent_trials * per_trial + 1.0  # + one CPU for Ray Data's read tasks
     if need > total + 1e-9:
-        raise ValueError(
+        raise ConfigError(
             f"trials need {need:g} CPUs (max_concurrent_trials={cfg.max_concurrent_trials} × (trial_cpus="
             f"{cfg.trial_cpus:g} + train.run.num_workers={base.run.num_workers} × train.run.cpus_per_worker="
             f"{base.run.cpus_per_worker:g}) + 1 for Ray Data) but the Ray cluster has {total:g}: lower "
@@ -306,12 +349,12 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     from ray import tune
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    space = load_space(resolve_space_path(cfg.space))
+    space, _ = check_sweep(cfg)  # before any directory, shard or Ray instance exists
     name = cfg.name or f"{Path(space.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_root = Path(cfg.out_dir).resolve()
     out_dir = out_root / name
-    out_dir.mkdir(parents=True, exist_ok=True)
     base = prepare_base_train_config(cfg, space, out_root)
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sweep_config.json").write_text(
         json.dumps(scrub_secrets({**to_dict(cfg), "train": to_dict(base), "space_file": space.source}), indent=2)
     )
@@ -328,6 +371,7 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
 
     tuned_cfg = copy.deepcopy(cfg)
     tuned_cfg.train = base
+    tuned_cfg.name, tuned_cfg.out_dir = name, str(out_root)  # where run_trial keeps the trial's model
     trainable = tune.with_resources(tune.with_parameters(run_trial, cfg=tuned_cfg), {"CPU": cfg.trial_cpus})
     sweep_run = SweepRun(cfg.wandb, name, out_dir)
     mode = sweep_run.start()  # decides online or offline once, for the trials too
@@ -358,6 +402,8 @@ def _summarize(
     best = max(finished, key=lambda r: r["objective"]) if finished else None
     pareto = [finished[i] for i in pareto_front(finished, cfg.objectives, cfg.modes)]
     best_model_dir = _copy_best_model(best, cfg, out_dir)
+    if not cfg.keep_trial_models:
+        shutil.rmtree(out_dir / "trials", ignore_errors=True)
     summary = SweepSummary(out_dir, rows, best, pareto, untuned, images, best_model_dir)
     report = {
         "sweep": name,

@@ -37,7 +37,7 @@ server first).
 
 >>> scrub_secrets({"wandb": {"api_key": "abc", "project": "p"}, "run": {"seed": 1}})
 {'wandb': {'api_key': '<redacted>', 'project': 'p'}, 'run': {'seed': 1}}
->>> initial_mode(WandbConfig(mode="auto"), env={})
+>>> initial_mode(WandbConfig(mode="auto"), env={}, netrc_file="/nonexistent")
 'offline'
 """
 
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import netrc
 import os
 import re
 from collections.abc import Mapping
@@ -86,12 +87,29 @@ def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def initial_mode(cfg: WandbConfig, env: Mapping[str, str] | None = None) -> str:
-    """The mode to try first: ``auto`` is online with a key in the environment, else offline."""
+def initial_mode(
+    cfg: WandbConfig, env: Mapping[str, str] | None = None, netrc_file: str | os.PathLike | None = None
+) -> str:
+    """The mode to try first: ``auto`` is online with a key in the environment or a ``wandb login`` in
+    the netrc file (``$NETRC``, else ``~/.netrc``: how a cluster's head gets the key, see README), else
+    offline."""
     env = os.environ if env is None else env
-    if cfg.mode == "auto":
-        return "online" if env.get("WANDB_API_KEY") else "offline"
-    return cfg.mode
+    if cfg.mode != "auto":
+        return cfg.mode
+    if env.get("WANDB_API_KEY"):
+        return "online"
+    path = Path(netrc_file if netrc_file is not None else env.get("NETRC") or Path.home() / ".netrc")
+    try:
+        logged_in = netrc.netrc(path).authenticators(_wandb_host(env)) is not None
+    except (OSError, netrc.NetrcParseError):
+        logged_in = False
+    return "online" if logged_in else "offline"
+
+
+def _wandb_host(env: Mapping[str, str]) -> str:
+    """The host ``wandb login`` stores the key under (``$WANDB_BASE_URL``'s, by default W&B's API)."""
+    base = env.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    return base.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
 
 
 def _settings(cfg: WandbConfig) -> dict[str, Any]:
