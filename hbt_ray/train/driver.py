@@ -19,7 +19,7 @@ from typing import Any
 from hbt_ray.config import ConfigError, to_dict
 from hbt_ray.data.records import DataError
 from hbt_ray.data.shards import Manifest, iter_shard_groups, read_manifest, shard_paths, write_shards
-from hbt_ray.data.sources import iter_pair_groups, spec_files
+from hbt_ray.data.sources import iter_pair_groups, known_langs, spec_files
 from hbt_ray.model import check_model_name
 from hbt_ray.sampler import HybridBatchSampler
 from hbt_ray.train.config import DataConfig, TrainConfig, TrainResult
@@ -58,7 +58,12 @@ def prepare_shards(data: DataConfig, run_dir: Path) -> Path:
 
     def groups() -> Any:
         for spec in data.train:
-            yield from iter_pair_groups(spec, langs=langs, limit=data.limit_groups, download=data.download)
+            spec_langs, known = langs, known_langs(spec)
+            if langs and known is not None:  # a source lacking some of the languages gives the others
+                spec_langs = [lang for lang in langs if lang in known]
+                if not spec_langs:
+                    continue
+            yield from iter_pair_groups(spec, langs=spec_langs, limit=data.limit_groups, download=data.download)
 
     stream = groups()
     first = next(stream, None)

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from hbt_ray.config import ConfigError, load_config, read_yaml
+from hbt_ray.data.records import DataError
 from hbt_ray.tune import TuneConfig, run_sweep
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tune_default.yaml"
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_sweep(cfg)
-    except ConfigError as err:  # the space file, its keys, resume: checked before anything starts
+    except (ConfigError, DataError) as err:  # the space file, its keys, resume, the data: checked first
         print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2
     print()

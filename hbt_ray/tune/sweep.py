@@ -39,6 +39,7 @@ from typing import Any
 from hbt_ray.cluster import init_ray
 from hbt_ray.config import ConfigError, override, to_dict
 from hbt_ray.evaluate import METRIC_MODES, EvalConfig, evaluate, load_eval_data
+from hbt_ray.model import check_model_name
 from hbt_ray.train import TrainConfig, prepare_shards, train
 from hbt_ray.tune.config import TuneConfig
 from hbt_ray.tune.report import (
@@ -89,6 +90,7 @@ def check_sweep(cfg: TuneConfig) -> tuple[SearchSpace, TrainConfig]:
                 override(base, {key: value}, prefix="train.")
             except ConfigError as err:
                 raise SpaceError(f"{space.source}: params.{key} = {value!r}: {err}") from None
+    check_model_name(base.model, prefix="train.model.")
     if cfg.resume:
         check_resumable(cfg)
     return space, base
@@ -353,7 +355,10 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     name = cfg.name or f"{Path(space.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_root = Path(cfg.out_dir).resolve()
     out_dir = out_root / name
-    base = prepare_base_train_config(cfg, space, out_root)
+    try:
+        base = prepare_base_train_config(cfg, space, out_root)
+    except ConfigError as err:  # the training section's keys, as this sweep's config names them
+        raise ConfigError(f"train.{err}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sweep_config.json").write_text(
         json.dumps(scrub_secrets({**to_dict(cfg), "train": to_dict(base), "space_file": space.source}), indent=2)
