@@ -24,10 +24,12 @@ import torch
 
 from hbt_ray.config import ConfigError, load_config
 from hbt_ray.data.records import DataError
-from hbt_ray.data.shards import Manifest, write_shards
+from hbt_ray.data.shards import Manifest
 from hbt_ray.data.sources import iter_pair_groups
 from hbt_ray.train import OptimConfig, RunConfig, TrainConfig, train
 from hbt_ray.train import checkpoint as ckpt
+from hbt_ray.train.config import DataConfig
+from hbt_ray.train.driver import prepare_shards, shard_dir_for, shard_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "hbt_ray" / "configs" / "train_tiny.yaml"
@@ -36,11 +38,16 @@ TINY_YAML = ROOT / "hbt_ray" / "configs" / "train_tiny.yaml"
 FAST_S = 60
 
 
+#: The data of ``small_shards``: a run with these keys and ``data.shard_dir=small_shards`` reuses them.
+SMALL = ["data.limit_groups=200", "data.rows_per_shard=100"]
+
+
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory, shared_data) -> Path:
-    """200 DDTP groups (34 languages, no Swahili) in 2 shards."""
+    """200 DDTP groups (34 languages, no Swahili) in 2 shards, written as train() writes them; → the
+    ``data.shard_dir`` to give with :data:`SMALL`."""
     out = tmp_path_factory.mktemp("bad_input_shards")
-    write_shards(iter_pair_groups("ddtp", limit=200), out, rows_per_shard=100, progress=False)
+    prepare_shards(DataConfig(train=["ddtp"], limit_groups=200, rows_per_shard=100, shard_dir=str(out)), out)
     return out
 
 
@@ -48,7 +55,7 @@ def run_train_cli(*overrides: str, timeout: float = 240) -> tuple[int, str, str,
     """``python -m hbt_ray.train --config train_tiny.yaml OVERRIDES`` → (exit code, stdout, stderr, seconds)."""
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "hbt_ray.train", "--config", str(TINY_YAML), "run.progress=false", *overrides],
+        [sys.executable, "-m", "hbt_ray.train", "--config", str(TINY_YAML), "run.progress=false", *SMALL, *overrides],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT,
     )  # fmt: skip
     return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0
@@ -107,20 +114,23 @@ def test_cli_refuses_data_langs_without_pairs_and_writes_no_shards(tmp_path):
     assert not (tmp_path / "nolangs" / "shards" / "manifest.json").exists()
 
 
-def test_data_langs_missing_from_reused_shards_are_refused(tmp_path, small_shards):
+def test_data_langs_some_of_which_the_data_lacks_are_refused(tmp_path, small_shards):
     cfg = load_config(
-        TrainConfig, TINY_YAML, [f"run.storage_path={tmp_path}", f"data.shard_dir={small_shards}", "data.langs=[en,sw]"]
-    )
-    with pytest.raises(ConfigError, match=r"^data\.langs: \['sw'\] have no pairs in the shards .* \(they have ca, cs,"):
+        TrainConfig, TINY_YAML, [f"run.storage_path={tmp_path}", f"data.shard_dir={small_shards}", *SMALL,
+                                 "data.langs=[en,sw]"]
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^data\.langs: \['sw'\] have no pairs in the shards .* \(they have en\)"):
         train(cfg)
 
 
 def test_shards_without_groups_are_refused(tmp_path):
-    empty = tmp_path / "empty_shards"
-    empty.mkdir()
-    (empty / "manifest.json").write_text(Manifest().to_json())  # an older run's manifest of nothing
-    cfg = load_config(TrainConfig, TINY_YAML, [f"run.storage_path={tmp_path}", f"data.shard_dir={empty}"])
-    with pytest.raises(DataError, match=r"empty_shards: holds no pair groups$"):
+    """write_shards refuses to write none; a manifest of nothing put in the shards' place by hand is
+    refused too."""
+    cfg = load_config(TrainConfig, TINY_YAML, [f"run.storage_path={tmp_path}", f"data.shard_dir={tmp_path / 's'}"])
+    empty = shard_dir_for(cfg.data, tmp_path)
+    empty.mkdir(parents=True)
+    (empty / "manifest.json").write_text(Manifest(fingerprint=shard_fingerprint(cfg.data)).to_json())
+    with pytest.raises(DataError, match=f"{empty.name}: holds no pair groups$"):
         train(cfg)
 
 
@@ -141,18 +151,19 @@ def count_failed_attempts(path: Path) -> ray.train.UserCallback:
 def test_data_error_in_a_worker_ends_the_run_without_retries(ray_local, tmp_path, small_shards):
     """A manifest that disagrees with its shards (German rows, no German in pairs_per_lang) can only be
     found by a worker reading the rows. Before, each of run.max_failures=2 retries met it again."""
-    shards = tmp_path / "shards"
-    shutil.copytree(small_shards, shards)
-    manifest = json.loads((shards / "manifest.json").read_text())
-    del manifest["pairs_per_lang"]["de"]
-    (shards / "manifest.json").write_text(json.dumps(manifest))
+    root = tmp_path / "shards"
+    shutil.copytree(small_shards, root)
     cfg = load_config(
         TrainConfig,
         TINY_YAML,
-        [f"run.storage_path={tmp_path}", f"data.shard_dir={shards}", "run.name=noretry", "run.progress=false",
+        [f"run.storage_path={tmp_path}", f"data.shard_dir={root}", *SMALL, "run.name=noretry", "run.progress=false",
          "run.max_failures=2", "run.max_steps=3", "run.export=false", "sampler.batch_size=8",
          "sampler.buffer_groups=32"],
     )  # fmt: skip
+    shards = shard_dir_for(cfg.data, tmp_path)  # the copy keeps its fingerprint: train() reuses it
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["pairs_per_lang"]["de"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
     failed = tmp_path / "failed_attempts.txt"
     with pytest.raises(DataError, match=r"^stream of rank \d \[group .*\]: language 'de' is not in lang_counts"):
         train(cfg, callbacks=[count_failed_attempts(failed)])

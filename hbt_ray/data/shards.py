@@ -276,10 +276,10 @@ def read_shards(shard_dir: str | os.PathLike, validate: bool = True, **read_parq
 def read_pair_parquet(paths: Sequence[str | os.PathLike], datasource_v2: bool = False, **read_parquet_kwargs: Any):
     """``ray.data.read_parquet`` of pair shard files (PAIR_SCHEMA), through Ray Data's V1 Parquet path.
 
-    Ray Data 2.60's default path (DataSourceV2) lists the files on a pool of 32 FooterReader actors,
-    started anew for every read: on a 2-core node ~3.4 s of CPU per read of 4 small shards (V1:
-    0.55 s), and ~2 minutes before the first row on a fresh 2-node cluster. The sampler reads its
-    shards again every pass, so that cost recurs; ``scripts/bench_data.py`` prints both side by side.
+    Ray Data's default path (DataSourceV2) lists the files on a pool of FooterReader actors started
+    anew for every read, which costs seconds of CPU per read on a small node and delays the first row
+    on a fresh cluster. The sampler reads its shards again every pass, so that cost recurs;
+    ``scripts/bench_data.py`` measures both paths side by side.
     The choice is made on this process's current ``DataContext``, so later reads here use it too.
     """
     import ray.data

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +41,23 @@ def shard_fingerprint(data: DataConfig) -> dict[str, Any]:
             "download": data.download, "files": files}  # fmt: skip
 
 
-def prepare_shards(data: DataConfig, run_dir: Path) -> Path:
-    """The shard directory of ``data``, written on first use: ``<data.shard_dir or run dir/shards>/<key>``,
-    where ``key`` hashes :func:`shard_fingerprint`. Another source, language list, limit or a changed
-    input file gives another key, so shards are never reused for data they were not built from."""
-    fingerprint = shard_fingerprint(data)
+def shard_dir_for(data: DataConfig, run_dir: Path, fingerprint: dict[str, Any] | None = None) -> Path:
+    """``<data.shard_dir or run dir/shards>/<key>``, ``key`` a hash of :func:`shard_fingerprint`."""
+    fingerprint = fingerprint or shard_fingerprint(data)
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(data.shard_dir).expanduser() if data.shard_dir else run_dir / "shards"
-    shard_dir = root / key
+    return (Path(data.shard_dir).expanduser() if data.shard_dir else run_dir / "shards") / key
+
+
+def prepare_shards(data: DataConfig, run_dir: Path) -> Path:
+    """The shard directory of ``data`` (:func:`shard_dir_for`), written on first use. Another source,
+    language list, limit or a changed input file gives another folder, so shards are never reused for
+    data they were not built from."""
+    fingerprint = shard_fingerprint(data)
+    shard_dir = shard_dir_for(data, run_dir, fingerprint)
     if (shard_dir / "manifest.json").exists():
         if read_manifest(shard_dir).fingerprint == fingerprint:
-            print(f"[hbt_ray.train] reusing the shards in {shard_dir}", flush=True)
             return shard_dir
-        raise DataError(f"manifest's fingerprint is not the one its name ({key}) stands for: delete it",
+        raise DataError(f"manifest's fingerprint is not the one its folder name stands for: delete {shard_dir}",
                         shard_dir / "manifest.json")  # fmt: skip
     langs = data.langs or None
 
@@ -71,7 +76,7 @@ def prepare_shards(data: DataConfig, run_dir: Path) -> Path:
         if data.langs:
             raise ConfigError(f"data.langs: {data.langs} have no pairs in data.train {data.train}")
         raise DataError("hold no pair groups", f"data.train {data.train}")
-    print(f"[hbt_ray.train] writing the shards of {'+'.join(data.train)} to {shard_dir}", flush=True)
+    print(f"[hbt_ray.train] writing the shards of {'+'.join(data.train)} to {shard_dir}", file=sys.stderr, flush=True)
     write_shards(itertools.chain([first], stream), shard_dir, data.rows_per_shard, source="+".join(data.train),
                  fingerprint=fingerprint)  # fmt: skip
     return shard_dir
