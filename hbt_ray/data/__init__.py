@@ -1,8 +1,10 @@
-"""Data layer: records, readers (LAReQA, MIRACL, generic pairs) and Parquet pair shards."""
+"""Data layer: records, readers (LAReQA, MIRACL, Tatoeba bitext, generic pairs) and Parquet pair shards."""
 
 from hbt_ray.data.records import (
+    BITEXT_GROUPS,
     PAIR_SCHEMA,
     BadRecords,
+    BitextSet,
     Candidate,
     DataError,
     EvalQuery,
@@ -14,7 +16,9 @@ from hbt_ray.data.records import (
 
 __all__ = [
     "PAIR_SCHEMA",
+    "BITEXT_GROUPS",
     "BadRecords",
+    "BitextSet",
     "Candidate",
     "DataError",
     "EvalQuery",

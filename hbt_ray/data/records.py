@@ -277,6 +277,66 @@ class EvalSet:
         return EvalSet(self.name, queries, candidates, meta)
 
 
+#: The groups of a bitext set's languages (Tatoeba's ``langs.tsv``: ``in_xlmr`` yes / no).
+BITEXT_GROUPS = ("inside_xlmr", "outside_xlmr")
+
+
+@dataclass
+class BitextSet:
+    """Sentences aligned with English, per language: ``sentences[lang][i]`` translates ``english[lang][i]``
+    (the English side differs from language to language). ``groups`` maps a language to one of
+    :data:`BITEXT_GROUPS`; a language no list places is in no group (only in the overall average).
+
+        >>> b = BitextSet("demo", {"deu": ["Hallo.", "Danke."]}, {"deu": ["Hello.", "Thanks."]},
+        ...               {"deu": "inside_xlmr"})
+        >>> b.counts(), b.head(1).english
+        ({'deu': 2}, {'deu': ['Hello.']})
+    """
+
+    name: str
+    sentences: dict[str, list[str]]
+    english: dict[str, list[str]]
+    groups: dict[str, str] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def langs(self) -> list[str]:
+        return sorted(self.sentences)
+
+    def counts(self) -> dict[str, int]:
+        return {lang: len(self.sentences[lang]) for lang in self.langs}
+
+    def group_langs(self, group: str) -> list[str]:
+        return [lang for lang in self.langs if self.groups.get(lang) == group]
+
+    def select_langs(self, langs: Iterable[str]) -> BitextSet:
+        langs = list(langs)
+        missing = [lang for lang in langs if lang not in self.sentences]
+        if missing:
+            raise KeyError(f"{self.name}: no language {missing} (has {self.langs})")
+        return BitextSet(
+            self.name,
+            {lang: self.sentences[lang] for lang in langs},
+            {lang: self.english[lang] for lang in langs},
+            {lang: g for lang, g in self.groups.items() if lang in langs},
+            dict(self.meta),
+        )
+
+    def head(self, max_pairs: int) -> BitextSet:
+        """The first ``max_pairs`` pairs of every language (file order, as LASER and MTEB read them)."""
+        if max_pairs < 1:
+            raise ValueError(f"{self.name}: max_pairs must be >= 1, got {max_pairs}")
+        meta = dict(self.meta)
+        meta["max_pairs"] = max_pairs
+        return BitextSet(
+            self.name,
+            {lang: s[:max_pairs] for lang, s in self.sentences.items()},
+            {lang: e[:max_pairs] for lang, e in self.english.items()},
+            dict(self.groups),
+            meta,
+        )
+
+
 def data_dir() -> Path:
     """Where the shared real data lives: ``$HBT_DATA_DIR``, else ``../shared/data`` next to the repo."""
     env = os.environ.get("HBT_DATA_DIR")

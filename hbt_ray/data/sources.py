@@ -1,7 +1,8 @@
 """One entry point for the other stages: eval sets and pair groups by a short *spec* string.
 
 Eval specs: ``xquad-r``, ``mlqa-r`` (from :func:`data_dir`, else the public release), ``lareqa:PATH``,
-``miracl:PATH`` or ``miracl:PATH:LANG``. Pair specs: the same plus ``ddtp`` and ``pairs:PATH``.
+``miracl:PATH`` or ``miracl:PATH:LANG``, and the bitext set ``tatoeba`` / ``tatoeba:PATH`` (a
+:class:`~hbt_ray.data.records.BitextSet`, not an EvalSet: see :func:`is_bitext_spec`). Pair specs: the same plus ``ddtp`` and ``pairs:PATH``.
 
     >>> s = load_eval_set("xquad-r", langs=["en", "de"], max_paragraphs=5)
     >>> sorted(s.counts())
@@ -16,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from hbt_ray.data.records import LANG_RE, BadRecords, EvalSet, PairGroup, data_dir
+from hbt_ray.data.records import LANG_RE, BadRecords, BitextSet, EvalSet, PairGroup, data_dir
 
 LAREQA_NAMES = ("xquad-r", "mlqa-r")
-EVAL_SPECS = "xquad-r, mlqa-r, lareqa:PATH, miracl:PATH[:LANG]"
+EVAL_SPECS = "xquad-r, mlqa-r, lareqa:PATH, miracl:PATH[:LANG], tatoeba[:PATH]"
 PAIR_SPECS = "ddtp, xquad-r, mlqa-r, lareqa:PATH, pairs:PATH, miracl:PATH[:LANG]"
 
 
@@ -32,14 +33,14 @@ def check_spec(spec: object, kind: str = "pair") -> str:
     >>> check_spec("ddtp", "eval")
     Traceback (most recent call last):
     ...
-    ValueError: unknown eval set spec 'ddtp' (known: xquad-r, mlqa-r, lareqa:PATH, miracl:PATH[:LANG])
+    ValueError: unknown eval set spec 'ddtp' (known: xquad-r, mlqa-r, lareqa:PATH, miracl:PATH[:LANG], tatoeba[:PATH])
     >>> check_spec("pairs:")
     Traceback (most recent call last):
     ...
     ValueError: pair source spec 'pairs:' names no path (pairs:PATH)
     """
-    names = ("ddtp", *LAREQA_NAMES) if kind == "pair" else LAREQA_NAMES
-    prefixes = ("lareqa", "miracl", "pairs") if kind == "pair" else ("lareqa", "miracl")
+    names = ("ddtp", *LAREQA_NAMES) if kind == "pair" else (*LAREQA_NAMES, "tatoeba")
+    prefixes = ("lareqa", "miracl", "pairs") if kind == "pair" else ("lareqa", "miracl", "tatoeba")
     what, known = ("pair source spec", PAIR_SPECS) if kind == "pair" else ("eval set spec", EVAL_SPECS)
     if isinstance(spec, str):
         if spec in names:
@@ -50,6 +51,16 @@ def check_spec(spec: object, kind: str = "pair") -> str:
                 raise ValueError(f"{what} {spec!r} names no path ({prefix}:PATH)")
             return spec
     raise ValueError(f"unknown {what} {spec!r} (known: {known})")
+
+
+def is_bitext_spec(spec: str) -> bool:
+    """True for the eval specs that name a bitext set (``tatoeba``, ``tatoeba:PATH``): subset by
+    ``max_pairs``, evaluated by bitext retrieval (:mod:`hbt_ray.evaluate.bitext`).
+
+    >>> is_bitext_spec("tatoeba"), is_bitext_spec("tatoeba:/data/tatoeba"), is_bitext_spec("xquad-r")
+    (True, True, False)
+    """
+    return spec == "tatoeba" or spec.startswith("tatoeba:")
 
 
 def spec_files(spec: str) -> list[Path]:
@@ -105,11 +116,22 @@ def load_eval_set(
     seed: int | None = None,
     bad: BadRecords | None = None,
     download: bool = False,
-) -> EvalSet:
+    max_pairs: int | None = None,
+) -> EvalSet | BitextSet:
     """The eval set named by ``spec``, optionally restricted to ``langs`` and subset to
     ``max_paragraphs`` whole parallel paragraphs (see :meth:`EvalSet.subset`). ``xquad-r`` / ``mlqa-r``
-    missing from the data folder are fetched only with ``download``."""
+    missing from the data folder are fetched only with ``download``. A bitext spec gives a
+    :class:`BitextSet` of the first ``max_pairs`` pairs per language (it has no paragraphs)."""
     check_spec(spec, "eval")
+    if is_bitext_spec(spec):
+        from hbt_ray.data.tatoeba import read_tatoeba
+
+        if max_paragraphs is not None:
+            raise ValueError(f"{spec}: a bitext set has no paragraphs: subset it with max_pairs")
+        path = spec.removeprefix("tatoeba:") if spec != "tatoeba" else None
+        return read_tatoeba(path, langs=langs, max_pairs=max_pairs)
+    if max_pairs is not None:
+        raise ValueError(f"{spec}: max_pairs subsets a bitext set (tatoeba); use max_paragraphs")
     if spec in LAREQA_NAMES:
         from hbt_ray.data.lareqa import read_lareqa_eval
 

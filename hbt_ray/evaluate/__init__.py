@@ -5,6 +5,8 @@ Stage modules: :mod:`~hbt_ray.evaluate.config` (:class:`EvalConfig`: what to eva
 :class:`EncoderActor`, cached on disk) → :mod:`~hbt_ray.evaluate.search` (FAISS, optionally sharded
 across Ray actors) → :mod:`~hbt_ray.evaluate.metrics` (mAP, recall@k, nDCG@k, MRR@k, rank distance) →
 :mod:`~hbt_ray.evaluate.result` (:class:`EvalResult`: JSON, markdown, heatmap);
+:mod:`~hbt_ray.evaluate.bitext` (Tatoeba: bitext retrieval both ways, MTEB's metrics, the pooled variant)
+→ :mod:`~hbt_ray.evaluate.bitext_result` (:class:`BitextResult`: JSON, markdown, accuracy PNG);
 :mod:`~hbt_ray.evaluate.run` ties them together (:func:`evaluate`, :func:`evaluate_embeddings`,
 :func:`load_eval_data`). The CLI is ``python -m hbt_ray.evaluate`` (``__main__.py``).
 
@@ -16,6 +18,15 @@ across Ray actors) → :mod:`~hbt_ray.evaluate.metrics` (mAP, recall@k, nDCG@k, 
     (['de→en', 'en→de'], True)
 """
 
+from hbt_ray.evaluate.bitext import (
+    DIRECTIONS,
+    MTEB_METRICS,
+    evaluate_bitext,
+    evaluate_bitext_embeddings,
+    mteb_scores,
+    summarize,
+)
+from hbt_ray.evaluate.bitext_result import BitextResult
 from hbt_ray.evaluate.config import (
     DEFAULT_METRICS,
     METRIC_FAMILIES,
@@ -32,6 +43,7 @@ from hbt_ray.evaluate.encode import (
     TextEncoder,
     encode_eval_set,
     encode_eval_set_ray,
+    encode_texts,
     encode_texts_ray,
     is_model_spec,
     load_encoder,
@@ -55,6 +67,9 @@ from hbt_ray.evaluate.search import (
 
 __all__ = [
     "DEFAULT_METRICS",
+    "DIRECTIONS",
+    "MTEB_METRICS",
+    "BitextResult",
     "METRIC_FAMILIES",
     "METRIC_MODES",
     "SETTINGS",
@@ -71,7 +86,12 @@ __all__ = [
     "build_index",
     "encode_eval_set",
     "encode_eval_set_ray",
+    "encode_texts",
     "encode_texts_ray",
+    "evaluate_bitext",
+    "evaluate_bitext_embeddings",
+    "mteb_scores",
+    "summarize",
     "evaluate",
     "evaluate_embeddings",
     "is_model_spec",

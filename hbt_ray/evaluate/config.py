@@ -20,7 +20,7 @@ from typing import Literal
 
 from hbt_ray.config import ConfigError
 from hbt_ray.data.records import LANG_RE
-from hbt_ray.data.sources import check_spec, known_langs
+from hbt_ray.data.sources import check_spec, is_bitext_spec, known_langs
 
 #: Retrieval settings (see :mod:`hbt_ray.evaluate`).
 SETTINGS = ("mono", "cross", "multi")
@@ -35,6 +35,16 @@ METRIC_MODES: dict[str, Literal["max", "min"]] = {
     "multi_map": "max",
     "mean_map": "max",
     "bias": "min",
+    # Tatoeba (hbt_ray.evaluate.bitext): nearest-neighbour accuracy, both directions averaged, over all
+    # languages and per langs.tsv group; MTEB's main score (F1, language → English); the pooled variant.
+    "tatoeba_acc": "max",
+    "tatoeba_inside_xlmr_acc": "max",
+    "tatoeba_outside_xlmr_acc": "max",
+    "tatoeba_to_eng_f1": "max",
+    "tatoeba_inside_xlmr_to_eng_f1": "max",
+    "tatoeba_outside_xlmr_to_eng_f1": "max",
+    "tatoeba_pooled_acc": "max",
+    "tatoeba_pooled_mrr@10": "max",
 }
 
 
@@ -56,10 +66,11 @@ class EvalConfig:
     :func:`hbt_ray.evaluate.load_eval_data` reads the eval set it names."""
 
     # --- what: the eval set and its subset
-    data: str = "xquad-r"  # eval set spec for hbt_ray.data.sources.load_eval_set (xquad-r, miracl:PATH, …)
+    data: str = "xquad-r"  # eval set spec for hbt_ray.data.sources.load_eval_set (xquad-r, tatoeba, …)
     langs: list[str] | None = None  # languages to keep; None (or empty) = all of the eval set
     max_paragraphs: int | None = None  # keep the first N whole parallel paragraphs; None = all
     subset_seed: int | None = None  # draw the N paragraphs at random with this seed; None = the first N
+    max_pairs: int | None = None  # tatoeba: keep the first N pairs of every language; None = all
     #: xquad-r / mlqa-r not in the data folder: fetch the public files (checksum-verified); false = an error
     download: bool = False
     # --- how: settings, metrics, search
@@ -98,6 +109,15 @@ class EvalConfig:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.max_paragraphs is not None and self.max_paragraphs < 1:
             raise ConfigError(f"max_paragraphs: must be >= 1, got {self.max_paragraphs}")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ConfigError(f"max_pairs: must be >= 1, got {self.max_pairs}")
+        # Each subset key fits one kind of set; the other one would be dropped without a word.
+        if is_bitext_spec(self.data) and self.max_paragraphs is not None:
+            raise ConfigError(
+                f"max_paragraphs: {self.data} has no paragraphs: set max_pairs (and max_paragraphs=null)"
+            )
+        if not is_bitext_spec(self.data) and self.max_pairs is not None:
+            raise ConfigError(f"max_pairs: only for tatoeba[:PATH]; {self.data} is subset by max_paragraphs")
 
 
 def check_langs(key: str, langs: list[str], specs: list[str]) -> None:

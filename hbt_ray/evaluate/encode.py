@@ -357,3 +357,31 @@ def encode_eval_set_ray(model: ModelSpec, eval_set: EvalSet, cfg: EvalConfig) ->
         )
         _save_cached(path, matrix)
     return _unflatten(matrix, spans)
+
+
+def encode_texts(
+    model: ModelSpec | TextEncoder, texts: Sequence[str], kinds: Sequence[str], cfg: EvalConfig
+) -> np.ndarray:
+    """Encode a flat list of texts the way :func:`hbt_ray.evaluate.evaluate` encodes an eval set: a spec on
+    Ray Data actors, an in-memory encoder in this process; cached under ``cfg.cache_dir`` (an in-memory
+    encoder only when it has a ``fingerprint``). Rows follow ``texts``."""
+    if is_model_spec(model):
+        fingerprint: str | None = spec_fingerprint(model)
+    else:
+        fingerprint = model_fingerprint(model) if getattr(model, "fingerprint", None) is not None else None
+    texts_fp = texts_fingerprint(texts, kinds)
+    path = _cache_path(cfg.cache_dir, fingerprint, texts_fp, cfg.float16) if fingerprint else None
+    matrix = _load_cached(path, len(texts))
+    if matrix is not None:
+        return matrix
+    if is_model_spec(model):
+        matrix = encode_texts_ray(
+            model, texts, kinds, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.float16,
+            cfg.show_progress, cpus_per_actor=cfg.cpus_per_actor, actor_threads=cfg.actor_threads,
+        )  # fmt: skip
+    else:
+        matrix = _encode_by_kind(model, texts, kinds, cfg.batch_size, cfg.show_progress)
+        if cfg.float16:
+            matrix = matrix.astype(np.float16)
+    _save_cached(path, matrix)
+    return matrix

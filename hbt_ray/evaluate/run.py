@@ -11,6 +11,9 @@ Settings as LAReQA (Roy et al., 2020) and arXiv 2408.10536 define them, for an :
   2023) = per query, the highest minus the lowest rank of its relevant candidates in the pooled
   ranking; mean per query language, macro over languages (lower is less biased).
 
+A :class:`~hbt_ray.data.records.BitextSet` (``data: tatoeba``) is evaluated by bitext retrieval instead
+(:mod:`hbt_ray.evaluate.bitext`): :func:`evaluate` dispatches on the kind of set.
+
 Example on hand-made embeddings (2 languages, 2 parallel questions)::
 
     >>> from hbt_ray.data.records import Candidate, EvalQuery
@@ -35,8 +38,10 @@ from dataclasses import asdict
 import numpy as np
 from tqdm.auto import tqdm
 
-from hbt_ray.data.records import DataError, EvalSet
+from hbt_ray.data.records import BitextSet, DataError, EvalSet
 from hbt_ray.data.sources import load_eval_set
+from hbt_ray.evaluate.bitext import evaluate_bitext, subset_bitext
+from hbt_ray.evaluate.bitext_result import BitextResult
 from hbt_ray.evaluate.config import SETTINGS, EvalConfig, parse_metric
 from hbt_ray.evaluate.encode import (
     EvalEmbeddings,
@@ -52,16 +57,19 @@ from hbt_ray.evaluate.result import EvalResult
 from hbt_ray.evaluate.search import LocalSearcher, RaySearcher, make_searcher
 
 
-def load_eval_data(cfg: EvalConfig) -> EvalSet:
+def load_eval_data(cfg: EvalConfig) -> EvalSet | BitextSet:
     """The eval set ``cfg`` names: ``cfg.data`` restricted to ``cfg.langs`` and subset to
-    ``cfg.max_paragraphs`` whole parallel paragraphs (drawn with ``cfg.subset_seed``, else the first).
+    ``cfg.max_paragraphs`` whole parallel paragraphs (drawn with ``cfg.subset_seed``, else the first);
+    for ``tatoeba[:PATH]`` a BitextSet of the first ``cfg.max_pairs`` pairs per language.
 
     >>> load_eval_data(EvalConfig(langs=["en", "de"], max_paragraphs=2)).langs
     ['de', 'en']
+    >>> load_eval_data(EvalConfig(data="tatoeba", langs=["deu"], max_pairs=2)).counts()
+    {'deu': 2}
     """
     return load_eval_set(
         cfg.data, langs=cfg.langs or None, max_paragraphs=cfg.max_paragraphs, seed=cfg.subset_seed,
-        download=cfg.download,
+        download=cfg.download, max_pairs=cfg.max_pairs,
     )  # fmt: skip
 
 
@@ -188,9 +196,12 @@ def evaluate_embeddings(
     return result
 
 
-def subset_eval_set(eval_set: EvalSet, cfg: EvalConfig) -> EvalSet:
+def subset_eval_set(eval_set: EvalSet | BitextSet, cfg: EvalConfig) -> EvalSet | BitextSet:
     """Apply ``cfg.langs``, ``cfg.max_paragraphs`` and ``cfg.subset_seed`` (via ``EvalSet.subset``) to an
-    eval set loaded elsewhere. A no-op on the set :func:`load_eval_data` returns for the same ``cfg``."""
+    eval set loaded elsewhere (a BitextSet: ``cfg.langs`` and ``cfg.max_pairs``). A no-op on the set
+    :func:`load_eval_data` returns for the same ``cfg``."""
+    if isinstance(eval_set, BitextSet):
+        return subset_bitext(eval_set, cfg)
     if cfg.langs:
         eval_set = eval_set.select_langs(cfg.langs)
     if cfg.max_paragraphs is not None:
@@ -198,10 +209,16 @@ def subset_eval_set(eval_set: EvalSet, cfg: EvalConfig) -> EvalSet:
     return eval_set
 
 
-def evaluate(model: ModelSpec | TextEncoder, eval_set: EvalSet, cfg: EvalConfig) -> EvalResult:
+def evaluate(
+    model: ModelSpec | TextEncoder, eval_set: EvalSet | BitextSet, cfg: EvalConfig
+) -> EvalResult | BitextResult:
     """Encode + search + metrics. ``model``: a spec / model dir / ModelConfig (encoded on Ray Data by a pool of
     ``cfg.concurrency`` actors) or an in-memory encoder (encoded in this process, as the trainer does).
-    ``eval_set`` is usually ``load_eval_data(cfg)``; it is subset by ``cfg`` (:func:`subset_eval_set`)."""
+    ``eval_set`` is usually ``load_eval_data(cfg)``; it is subset by ``cfg`` (:func:`subset_eval_set`).
+    A BitextSet gives a :class:`BitextResult` (:func:`hbt_ray.evaluate.bitext.evaluate_bitext`); both
+    results have the flat ``summary`` the trainer and the tuner read."""
+    if isinstance(eval_set, BitextSet):
+        return evaluate_bitext(model, eval_set, cfg)
     t0 = time.perf_counter()
     eval_set = subset_eval_set(eval_set, cfg)
     if is_model_spec(model):
