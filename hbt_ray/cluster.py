@@ -43,7 +43,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
 
 
 def starts_new_instance(address: str | None) -> bool:
-    """Whether ``ray.init(address)`` starts a new local instance rather than joining a cluster (Ray's own
+    """Whether Ray started with ``address`` is a new local instance rather than a cluster joined (Ray's own
     resolution: ``$RAY_ADDRESS``, then the cluster ``ray start`` last started on this machine).
 
     >>> starts_new_instance("local"), starts_new_instance("10.0.0.1:6379")

@@ -265,7 +265,7 @@ def check_shard_schema(path: str | os.PathLike, expected_rows: int | None = None
 def read_shards(shard_dir: str | os.PathLike, validate: bool = True, **read_parquet_kwargs: Any):
     """The shards as a ``ray.data.Dataset`` (rows = PAIR_SCHEMA dicts), schema-checked first.
 
-    Needs Ray initialised (``ray.init()``) or starts a local one, as ``ray.data`` does.
+    Needs a running Ray (``hbt_ray.cluster.init_ray``) or starts a local one, as ``ray.data`` does.
     """
     paths = shard_paths(shard_dir, validate=validate)
     if not paths:
