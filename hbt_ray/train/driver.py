@@ -34,7 +34,7 @@ SHARD_FORMAT = 1
 def shard_fingerprint(data: DataConfig) -> dict[str, Any]:
     """What the shards of ``data`` are built from: sources, their files (size, modification time),
     languages, limits, reader options and the shard format. Shards are reused only for an equal one."""
-    files = {spec: [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in spec_files(spec)]
+    files = {spec: [[str(p), st.st_size, st.st_mtime_ns] for p in spec_files(spec) for st in [p.stat()]]
              for spec in data.train}  # fmt: skip
     return {"format": SHARD_FORMAT, "train": list(data.train), "langs": sorted(data.langs),
             "limit_groups": data.limit_groups, "rows_per_shard": data.rows_per_shard,

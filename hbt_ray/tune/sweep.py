@@ -255,10 +255,10 @@ def rows_from_results(result_grid: Any, swept: list[str], cfg: TuneConfig) -> li
     return rows
 
 
-def prepare_base_train_config(cfg: TuneConfig, space: SearchSpace, out_root: Path) -> TrainConfig:
-    """The config every trial starts from: the space's fixed keys applied, the pair shards written once
-    (trials share them) and the paths made absolute, since Tune runs trials in their own directories."""
-    base = trial_train_config(cfg, space.fixed)
+def prepare_base_train_config(base: TrainConfig, out_root: Path) -> TrainConfig:
+    """The config every trial starts from (``base``: the space's fixed keys applied, as
+    :func:`check_sweep` returns it), with the pair shards written once (trials share them) and the paths
+    made absolute, since Tune runs trials in their own directories."""
     shard_dir = Path(base.data.shard_dir or out_root / "shards")  # one folder per data fingerprint inside
     base.data.shard_dir = str(shard_dir.expanduser().resolve())
     base.run.storage_path = str(Path(base.run.storage_path).expanduser().resolve())
@@ -351,12 +351,12 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     from ray import tune
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    space, _ = check_sweep(cfg)  # before any directory, shard or Ray instance exists
+    space, base = check_sweep(cfg)  # before any directory, shard or Ray instance exists
     name = cfg.name or f"{Path(space.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_root = Path(cfg.out_dir).resolve()
     out_dir = out_root / name
     try:
-        base = prepare_base_train_config(cfg, space, out_root)
+        base = prepare_base_train_config(base, out_root)
     except ConfigError as err:  # the training section's keys, as this sweep's config names them
         raise ConfigError(f"train.{err}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
