@@ -32,6 +32,8 @@ from hbt_ray.evaluate.bitext_result import BitextResult
 from hbt_ray.evaluate.config import EvalConfig
 from hbt_ray.evaluate.result import EvalResult
 from hbt_ray.evaluate.run import evaluate, load_eval_data
+from hbt_ray.model.names import describe_model
+from hbt_ray.provenance import provenance
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -108,9 +110,12 @@ def main(argv: list[str] | None = None) -> EvalResult | BitextResult:
             ray.shutdown()
     if message is not None:
         _fail(message)
-    result.config["command"] = "python -m hbt_ray.evaluate " + " ".join(
+    command = "python -m hbt_ray.evaluate " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
+    result.config["command"] = command
+    result.config["provenance"] = provenance(command)
+    result.config["model_description"] = describe_model(args.model)
     if isinstance(result, BitextResult):
         files = result.write(args.out, reference)
         print(result.to_markdown(reference))

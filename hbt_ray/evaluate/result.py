@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from hbt_ray.provenance import provenance_lines
+
 
 @dataclass
 class EvalResult:
@@ -42,9 +44,12 @@ class EvalResult:
     def to_markdown(self) -> str:
         """A report: run facts, the summary, per-language / per-pair tables, the cross mAP matrix, timings."""
         lines = [f"# Evaluation: {self.name}", ""]
-        for key in ("command", "model", "data"):
-            if key in self.config:
-                lines.append(f"- {key}: `{self.config[key]}`")
+        if "provenance" in self.config:
+            lines.append(provenance_lines(self.config["provenance"], self.config.get("model_description")))
+        else:
+            lines += [f"- {key}: `{self.config[key]}`" for key in ("command", "model") if key in self.config]
+        if "data" in self.config:
+            lines.append(f"- data: `{self.config['data']}`")
         counts = self.counts.get("queries", {})
         if counts:
             lines.append(

