@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> EvalResult | BitextResult:
         message = str(err)
     if message is not None:  # printed outside the except: see _fail
         _fail(message)
+    command = "python -m hbt_ray.evaluate " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    prov = provenance(command)  # at the start: the commit (and whether it was clean) of the code that runs
     started_ray = False
     if not ray.is_initialized():
         init_ray(num_cpus=args.num_cpus)
@@ -110,11 +114,8 @@ def main(argv: list[str] | None = None) -> EvalResult | BitextResult:
             ray.shutdown()
     if message is not None:
         _fail(message)
-    command = "python -m hbt_ray.evaluate " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-    )
-    result.config["command"] = command
-    result.config["provenance"] = provenance(command)
+    result.config["command"] = prov["command"]
+    result.config["provenance"] = prov
     result.config["model_description"] = describe_model(args.model)
     if isinstance(result, BitextResult):
         files = result.write(args.out, reference)
