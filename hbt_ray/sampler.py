@@ -4,17 +4,20 @@ A training step draws ``batch_size`` pair groups **globally** (``batch_size // w
 and takes **one pair from each group**, so parallel copies of one item never meet in a batch. What
 kind of pair depends on the strategy:
 
-``x-x-mono``  every pair is (L, L) for one language L per step, p(L) ∝ n_L^(1/T).
-``x-y``       every pair is (X, Y), X ≠ Y, drawn among the group's languages (see below).
-``x-x``       every pair is (L, L), L drawn per pair among the group's languages (LAReQA's X-X).
+``x-x-mono``  every pair is (L, L) for one language L per step, p(L) ∝ n_L^(1/T) (among the languages
+              with at least ``batch_size`` groups in the data: a batch of one language needs them).
+``x-y``       every pair is (X, Y), X ≠ Y: X drawn per pair ∝ p(X), Y among the group's other languages.
+``x-x``       every pair is (L, L), L drawn per pair ∝ p(L): standard multilingual fine-tuning, languages
+              mixed within a batch (LAReQA's X-X).
 ``hybrid``    per step: ``x-x-mono`` with probability ``alpha``, else ``x-y`` (the paper's method).
 ``hybrid-sample``  the ratio per pair: each pair is (L, L) (L per pair, as ``x-x``) with probability
               ``alpha``, else (X, Y). Batches are labelled ``hybrid-sample``.
 
-Language weights: ``p(L) ∝ n_L^(1/T)`` over the languages of ``lang_counts`` (restricted to
-``languages`` if given), T = ``lang_temperature`` (T=1 proportional to data, large T uniform). A
-per-pair language is drawn with the weights p restricted to the group's languages; a cross pair draws
-X that way, then Y ≠ X the same way. With ``lang_pairs`` (``["en-de", "de-en:2"]``: query language,
+Language weights: ``p(L) ∝ n_L^(1/T)`` over the languages of ``lang_counts`` (the whole data's counts,
+restricted to ``languages`` if given), T = ``lang_temperature`` (T=1 proportional to data, large T
+uniform). Languages are drawn first and groups holding them second, so p(L) holds over the data, not
+over what the buffer happens to hold: a step's or a pair's language is drawn ∝ p, then a group with it
+is taken from the buffer. With ``lang_pairs`` (``["en-de", "de-en:2"]``: query language,
 passage language, optional weight after ``:``; ``X>Y`` is accepted too) only the listed pairs are drawn,
 with weight p(X)·p(Y)·w.
 
@@ -33,11 +36,19 @@ whose split is a little longer or shorter just starts its next pass a bit earlie
 twice: its copy from the next pass is deferred until the first has been drawn (``stream_waits``; at
 most ``buffer_groups`` deferred rows, then reading pauses).
 
-Shortage. If a rank's buffer has fewer than its share of groups with the step's language L, the rest
-of its slice is filled per ``on_short``: ``next-lang`` (default) takes (M, M) pairs of the next most
-probable languages M, ``x-x`` takes (L', L') pairs with L' per group, ``error`` raises. A cross step
-short of groups with two usable languages fills with ``x-x`` pairs. Every filled pair is counted
-(``fallback_pairs``).
+Recycling. A language drawn more often than the stream brings its groups (a small language at a
+tempered p(L): the upsampling T > 1 asks for) takes groups used before: per language the reservoir of
+its most recently used groups (at least ``RESERVOIR_MIN``), drawn when the buffer has too few fresh
+ones (``recycled_pairs``). So a monolingual step is monolingual even when its language is rare in
+the buffer, and the sources and languages trained on follow p(L) even when the stream does not mix
+them (the training driver also interleaves the sources when it writes the shards).
+
+Shortage. If a rank has fewer than its share of groups with the step's language L even so (early in
+the first pass, or a language with very few groups), the rest of its slice is filled per ``on_short``:
+``next-lang`` (default) takes (M, M) pairs of the next most probable languages M, ``x-x`` takes (L', L')
+pairs with L' per group, ``error`` raises. Pairs of x-x / x-y draws short of their language are filled
+with (L', L') pairs of whatever the buffer holds. Every filled pair is counted (``fallback_pairs``,
+``fallback_share``); a training run fails when the share exceeds ``max_fallback_share``.
 
 Determinism and resume: same config + same streams → same batches. :meth:`state_dict` stores the
 step, the stream position (pass, rows read), the buffer contents and the deferred rows;
@@ -87,6 +98,8 @@ from hbt_ray.data.records import LANG_RE, DataError, Pair, PairGroup  # noqa: F4
 
 Strategy = Literal["x-x-mono", "x-x", "x-y", "hybrid", "hybrid-sample"]
 OnShort = Literal["next-lang", "x-x", "error"]
+#: Fewest recently used groups kept per language for recycling (more for large per-rank batches).
+RESERVOIR_MIN = 256
 StreamFactory = Callable[[int], Iterable[Any]]
 
 
@@ -105,6 +118,7 @@ class SamplerConfig:
     shuffle: bool = True  # False: oldest eligible groups first
     steps_per_epoch: int | None = None  # None: num_groups // batch_size
     on_short: OnShort = "next-lang"
+    max_fallback_share: float = 0.01  # a run whose fallback pairs exceed this share fails (1.0: allow all)
     max_negatives: int = 0  # hard negatives per pair (from the group, passage language)
     step_log: int = 100_000  # per-step records kept (most recent)
 
@@ -121,6 +135,8 @@ class SamplerConfig:
             raise ConfigError(f"steps_per_epoch: {self.steps_per_epoch} must be >= 1")
         if self.max_negatives < 0:
             raise ConfigError(f"max_negatives: {self.max_negatives} must be >= 0")
+        if not 0.0 <= self.max_fallback_share <= 1.0:
+            raise ConfigError(f"max_fallback_share: {self.max_fallback_share} is not in [0, 1]")
         for lang in self.languages or []:
             if not LANG_RE.match(lang):
                 raise ConfigError(f"languages: {lang!r} is not a language code")
@@ -177,6 +193,7 @@ class Batch:
     group_ids: list[str]
     rank: int = 0
     fallback_pairs: int = 0  # pairs of this slice not of the step's kind (shortage)
+    sources: list[str] = dataclasses.field(default_factory=list)  # per pair: the group's source
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -270,6 +287,12 @@ class HybridBatchSampler:
         weights = lang_weights({lang: counts[lang] for lang in self.langs}, cfg.lang_temperature)
         self.p = np.array([weights[lang] for lang in self.langs])
         self._p_cum = np.cumsum(self.p)
+        # A monolingual step needs batch_size distinct groups in its language: languages with fewer in
+        # the whole data are not drawn for one (decided from the data's counts, so every rank agrees).
+        fills = np.array([counts[lang] >= cfg.batch_size for lang in self.langs])
+        self.mono_langs = [lang for lang, ok in zip(self.langs, fills) if ok] or list(self.langs)
+        mono_p = self.p * fills if fills.any() else self.p
+        self._mono_p_cum = np.cumsum(mono_p)
         self._p_order = np.argsort(-self.p, kind="stable")  # next-lang fallback order
         n_langs = len(self.langs)
         self._pair_w: np.ndarray | None = None
@@ -282,7 +305,8 @@ class HybridBatchSampler:
                 pair_w[self.lang_index[src], self.lang_index[dst]] = w
             self._pair_w = pair_w * self.p[:, None] * self.p[None, :]
 
-        size = cfg.buffer_groups
+        # The buffer's slots, plus per_rank spare ones for groups recycled within a step (see _recycle).
+        size = cfg.buffer_groups + self.per_rank
         self._rows: list[Any] = [None] * size
         self._ids: list[str | None] = [None] * size
         self._lang_pos = np.full((size, n_langs), -1, dtype=np.int16)  # slot × lang → index in row lists
@@ -297,6 +321,11 @@ class HybridBatchSampler:
         self._qs: list[Any] = [None] * size  # per slot: the row's queries / passages lists
         self._ps: list[Any] = [None] * size
         self._plans: dict[tuple, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        # Per language, the most recently used groups that hold it: drawn again when the buffer has too
+        # few fresh ones (a small language drawn at its tempered p(L) is used more often than the
+        # stream brings it — the upsampling lang_temperature asks for).
+        self._reservoir_size = max(4 * self.per_rank, RESERVOIR_MIN)
+        self._reservoir: list[deque] = [deque(maxlen=self._reservoir_size) for _ in self.langs]
         self._stream: Iterator[Any] | None = None
         self._stream_pass = 0
         self._stream_pos = 0  # rows read from the current pass
@@ -340,7 +369,8 @@ class HybridBatchSampler:
         if strategy == "hybrid":
             strategy = "x-x-mono" if rng.random() < cfg.alpha else "x-y"
         if strategy == "x-x-mono":
-            lang = int(np.searchsorted(self._p_cum, rng.random() * self._p_cum[-1], side="right"))
+            cum = self._mono_p_cum
+            lang = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
             return "x-x-mono", min(lang, len(self.langs) - 1), None
         if strategy == "x-y":
             return "x-y", -1, None
@@ -366,7 +396,7 @@ class HybridBatchSampler:
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (slots, qlang, plang)
         fallback = 0
         if kind == "x-x-mono":
-            slots = self._pick(rng, self._has[lang], k, taken)
+            slots = self._pick_lang(rng, lang, k, taken)
             parts.append((slots, np.full(len(slots), lang), np.full(len(slots), lang)))
             missing = k - len(slots)
             if missing:
@@ -375,16 +405,19 @@ class HybridBatchSampler:
                 self._short_steps += 1
                 parts += self._fill_short(rng, lang, missing, taken)
         elif kind == "x-y":
-            parts += self._cross_part(rng, k, taken)
-            fallback += k - len(parts[0][0])
+            cross, short = self._cross_part(rng, k, taken)
+            parts += cross
+            fallback += short
         elif kind == "x-x":
-            parts.append(self._xx_part(rng, k, taken))
+            xx, short = self._xx_part(rng, k, taken)
+            parts += xx
+            fallback += short
         else:
             n_mono = int(mono_mask.sum())
-            cross = self._cross_part(rng, k - n_mono, taken)
-            fallback += (k - n_mono) - len(cross[0][0])
-            parts += cross
-            parts.append(self._xx_part(rng, n_mono, taken))
+            cross, short = self._cross_part(rng, k - n_mono, taken)
+            xx, short_xx = self._xx_part(rng, n_mono, taken)
+            parts += cross + xx
+            fallback += short + short_xx
         slots = np.concatenate([p[0] for p in parts]).astype(np.int64)
         qlang = np.concatenate([p[1] for p in parts]).astype(np.int64)
         plang = np.concatenate([p[2] for p in parts]).astype(np.int64)
@@ -426,34 +459,110 @@ class HybridBatchSampler:
         u = rng.random(len(slots)) * cum[:, -1]
         return np.minimum((cum <= u[:, None]).sum(axis=1), len(self.langs) - 1)
 
-    def _xx_part(self, rng: np.random.Generator, k: int, taken: np.ndarray) -> tuple[np.ndarray, ...]:
-        slots = self._pick(rng, self._alive, k, taken)
-        langs = self._draw_lang(rng, slots)
-        return slots, langs, langs
+    def _draw_from_p(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n language indices drawn ∝ p(L) over the data (not over what the buffer holds)."""
+        u = rng.random(n) * self._p_cum[-1]
+        return np.minimum(np.searchsorted(self._p_cum, u, side="right"), len(self.langs) - 1)
 
-    def _cross_part(
-        self, rng: np.random.Generator, k: int, taken: np.ndarray
-    ) -> list[tuple[np.ndarray, ...]]:
-        slots = self._pick(rng, self._cross_ok, k, taken)
-        if self._pair_w is None:
-            weights = (self._lang_pos[slots] >= 0) * self.p[None, :]
-            qlang = self._draw_lang(rng, slots, weights=weights.copy())
-            plang = self._draw_lang(rng, slots, exclude=qlang, weights=weights)
-        else:
-            has = (self._lang_pos[slots] >= 0).astype(float)
-            weights = (has[:, :, None] * has[:, None, :] * self._pair_w[None]).reshape(len(slots), -1)
-            cum = np.cumsum(weights, axis=1)
-            u = rng.random(len(slots)) * cum[:, -1]
-            flat = np.minimum((cum <= u[:, None]).sum(axis=1), weights.shape[1] - 1)
-            qlang, plang = np.divmod(flat, len(self.langs))
-        parts = [(slots, qlang, plang)]
-        missing = k - len(slots)
-        if missing:
+    def _pick_lang(
+        self, rng: np.random.Generator, lang: int, n: int, taken: np.ndarray, other: int | None = None
+    ) -> np.ndarray:
+        """Up to n slots holding ``lang`` (and, with ``other`` ≥ 0, that language too; with -1 any
+        second language): fresh groups from the buffer first, then recycled ones (:meth:`_recycle`)."""
+        eligible = self._has[lang]
+        if other is not None:
+            eligible = eligible & (self._cross_ok if other < 0 else self._has[other])
+        slots = self._pick(rng, eligible, n, taken)
+        if len(slots) < n:
+            slots = np.concatenate([slots, self._recycle(rng, lang, n - len(slots), taken, other)])
+        return slots
+
+    def _recycle(
+        self, rng: np.random.Generator, lang: int, n: int, taken: np.ndarray, other: int | None
+    ) -> np.ndarray:
+        """Up to n groups of ``lang`` used before (its reservoir), not in the buffer, put into spare slots
+        for this step (released, and so back in the reservoirs, with the batch)."""
+        in_buffer, seen, rows = self._in_buffer, set(), []
+        for row in self._reservoir[lang]:
+            gid = row["group_id"]
+            if gid in in_buffer or gid in seen:
+                continue
+            cols = self._lang_plan(row["langs"], gid)[0]
+            if other is not None and (len(cols) < 2 if other < 0 else other not in cols):
+                continue
+            seen.add(gid)
+            rows.append(row)
+        if not rows:
+            return np.zeros(0, dtype=np.int64)
+        if len(rows) > n:
+            if self.cfg.shuffle:
+                rows = [rows[i] for i in sorted(rng.choice(len(rows), n, replace=False).tolist())]
+            else:
+                rows = rows[:n]  # the least recently used first
+        spare = np.flatnonzero(~self._alive[self.cfg.buffer_groups :])[: len(rows)] + self.cfg.buffer_groups
+        counts, cols_all, poss_all = [], [], []
+        for slot, row in zip(spare.tolist(), rows):
+            cols, poss = self._lang_plan(row["langs"], row["group_id"])
+            counts.append(len(cols))
+            cols_all.extend(cols)
+            poss_all.extend(poss)
+            self._rows[slot], self._ids[slot] = row, row["group_id"]
+            self._qs[slot], self._ps[slot] = row["queries"], row["passages"]
+            in_buffer.add(row["group_id"])
+        self._index_slots(spare.tolist(), counts, cols_all, poss_all)
+        taken[spare] = True
+        self._recycled_pairs += len(spare)
+        return spare.astype(np.int64)
+
+    def _xx_part(self, rng: np.random.Generator, k: int, taken: np.ndarray) -> tuple[list, int]:
+        """k (L, L) pairs, L drawn per pair ∝ p(L); (parts, pairs that had to be filled otherwise)."""
+        parts, short = [], 0
+        drawn = self._draw_from_p(rng, k)
+        for lang in np.unique(drawn).tolist():
+            need = int((drawn == lang).sum())
+            slots = self._pick_lang(rng, lang, need, taken)
+            parts.append((slots, np.full(len(slots), lang), np.full(len(slots), lang)))
+            short += need - len(slots)
+        if short:  # a language with fewer groups than asked of it: (L', L') pairs of whatever is there
             self._short_steps += 1
-            part = self._xx_part(rng, missing, taken)
-            self._cross_fallback += missing
-            parts.append(part)
-        return parts
+            self._xx_fallback += short
+            slots = self._pick(rng, self._alive, short, taken)
+            langs = self._draw_lang(rng, slots)
+            parts.append((slots, langs, langs))
+        return parts, short
+
+    def _cross_part(self, rng: np.random.Generator, k: int, taken: np.ndarray) -> tuple[list, int]:
+        """k (X, Y) pairs, X ≠ Y: X drawn per pair ∝ p(L), Y among the group's other languages ∝ p (with
+        ``lang_pairs``: (X, Y) drawn ∝ their weight); (parts, pairs filled with x-x pairs for want)."""
+        parts, short = [], 0
+        n_langs = len(self.langs)
+        if self._pair_w is None:
+            drawn = self._draw_from_p(rng, k)
+            for lang in np.unique(drawn).tolist():
+                need = int((drawn == lang).sum())
+                slots = self._pick_lang(rng, lang, need, taken, other=-1)
+                if len(slots):
+                    weights = (self._lang_pos[slots] >= 0) * self.p[None, :]
+                    qlang = np.full(len(slots), lang)
+                    parts.append((slots, qlang, self._draw_lang(rng, slots, exclude=qlang, weights=weights)))
+                short += need - len(slots)
+        else:
+            flat_w = self._pair_w.reshape(-1)
+            cum = np.cumsum(flat_w)
+            drawn = np.minimum(np.searchsorted(cum, rng.random(k) * cum[-1], side="right"), len(flat_w) - 1)
+            for pair in np.unique(drawn).tolist():
+                need = int((drawn == pair).sum())
+                q, p = divmod(pair, n_langs)
+                slots = self._pick_lang(rng, q, need, taken, other=p)
+                parts.append((slots, np.full(len(slots), q), np.full(len(slots), p)))
+                short += need - len(slots)
+        if short:
+            self._short_steps += 1
+            self._cross_fallback += short
+            slots = self._pick(rng, self._alive, short, taken)
+            langs = self._draw_lang(rng, slots)
+            parts.append((slots, langs, langs))
+        return parts, short
 
     def _fill_short(self, rng: np.random.Generator, lang: int, missing: int, taken: np.ndarray) -> list:
         policy = self.cfg.on_short
@@ -464,8 +573,10 @@ class HybridBatchSampler:
                 f"stream of rank {self.rank}",
                 f"pass {self._stream_pass}, row {self._stream_pos}",
             )
-        if policy == "x-x":
-            return [self._xx_part(rng, missing, taken)]
+        if policy == "x-x":  # (L', L') pairs, L' per group among its languages, of whatever the buffer holds
+            slots = self._pick(rng, self._alive, missing, taken)
+            langs = self._draw_lang(rng, slots)
+            return [(slots, langs, langs)]
         parts = []
         for other in self._p_order:
             if other == lang or missing == 0:
@@ -504,12 +615,19 @@ class HybridBatchSampler:
             group_ids=[ids[s] for s in slot_list],
             rank=self.rank,
             fallback_pairs=fallback,
+            sources=[rows[s]["source"] if "source" in rows[s] else "" for s in slot_list],
         )
 
     # ------------------------------------------------------------------ buffer
-    def _release(self, slots: np.ndarray) -> None:
-        """Free slots (their rows stay referenced until overwritten: at most buffer_groups rows)."""
+    def _release(self, slots: np.ndarray, keep: bool = True) -> None:
+        """Free slots (their rows stay referenced until overwritten: at most buffer_groups rows); with
+        ``keep``, the used groups join the reservoirs of their languages."""
         ids = self._ids
+        if keep:
+            reservoir, rows = self._reservoir, self._rows
+            for slot in slots.tolist():
+                for col in np.flatnonzero(self._lang_pos[slot] >= 0).tolist():
+                    reservoir[col].append(rows[slot])
         self._in_buffer.difference_update([ids[s] for s in slots.tolist()])
         self._alive[slots] = False
         self._cross_ok[slots] = False
@@ -618,7 +736,7 @@ class HybridBatchSampler:
         """Fill the free slots. Hot loop (one iteration per group read): the common case (no deferred
         rows, a known language tuple, a group not in the buffer) stays inline; the rest goes through
         :meth:`_admit`."""
-        free = np.flatnonzero(~self._alive)
+        free = np.flatnonzero(~self._alive[: self.cfg.buffer_groups])  # the spare slots stay free
         if len(free) == 0:
             return
         counts: list[int] = []
@@ -706,6 +824,9 @@ class HybridBatchSampler:
         self._fallback_pairs = np.zeros(n, dtype=np.int64)
         self._short_steps = 0
         self._cross_fallback = 0
+        self._xx_fallback = 0
+        self._recycled_pairs = 0
+        self._source_pairs: dict[str, int] = {}
         self._stream_waits = 0
         self._groups_read = 0
         self._groups_skipped = 0
@@ -717,6 +838,8 @@ class HybridBatchSampler:
         if kind == "x-x-mono":
             self._mono_steps[lang] += 1
         np.add.at(self._pair_counts, (qlang, plang), 1)
+        for source in batch.sources:
+            self._source_pairs[source] = self._source_pairs.get(source, 0) + 1
         self._step_log.append((batch.step, kind, batch.lang, fallback))
 
     def stats(self) -> dict[str, Any]:
@@ -741,11 +864,16 @@ class HybridBatchSampler:
             "query_pairs_by_lang": {langs[i]: int(n) for i, n in enumerate(self._pair_counts.sum(1)) if n},
             "passage_pairs_by_lang": {langs[i]: int(n) for i, n in enumerate(self._pair_counts.sum(0)) if n},
             "pairs_by_lang_pair": per_pair,
-            "fallback_pairs": int(self._fallback_pairs.sum()) + self._cross_fallback,
+            "pairs_by_source": dict(sorted(self._source_pairs.items())),
+            "fallback_pairs": self.fallback_pairs(),
+            "fallback_share": self.fallback_pairs() / pairs if pairs else 0.0,
             "mono_fallback_pairs_by_lang": {
                 langs[i]: int(n) for i, n in enumerate(self._fallback_pairs) if n
             },
             "cross_fallback_pairs": self._cross_fallback,
+            "xx_fallback_pairs": self._xx_fallback,
+            "recycled_pairs": self._recycled_pairs,
+            "mono_langs": list(self.mono_langs),
             "short_steps": self._short_steps,
             "groups_read": self._groups_read,
             "groups_skipped_no_language": self._groups_skipped,
@@ -754,6 +882,10 @@ class HybridBatchSampler:
             "buffer_groups": int(self._alive.sum()),
             "steps_per_epoch": self.steps_per_epoch,
         }
+
+    def fallback_pairs(self) -> int:
+        """Pairs so far that are not what their step's strategy asked for (see "Shortage")."""
+        return int(self._fallback_pairs.sum()) + self._cross_fallback + self._xx_fallback
 
     def step_log(self) -> list[tuple[int, str, str | None, int]]:
         """The most recent (step, strategy, lang, fallback pairs) records."""
@@ -784,8 +916,20 @@ class HybridBatchSampler:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly at ``self.step`` (plain data, picklable)."""
         slots = np.flatnonzero(self._alive).tolist()
+        unique: dict[str, int] = {}  # a group is in the reservoir of each of its languages: stored once
+        reservoir_rows: list[Any] = []
+        reservoirs = []
+        for res in self._reservoir:
+            idx = []
+            for row in res:
+                i = unique.get(row["group_id"])
+                if i is None:
+                    i = unique[row["group_id"]] = len(reservoir_rows)
+                    reservoir_rows.append(_plain(dict(row)))
+                idx.append(i)
+            reservoirs.append(idx)
         return {
-            "version": 1,
+            "version": 2,
             "config": dataclasses.asdict(self.cfg),
             "rank": self.rank,
             "world_size": self.world_size,
@@ -795,6 +939,8 @@ class HybridBatchSampler:
             "arrivals": self._arrivals,
             "buffer": [(s, int(self._arrival[s]), _plain(dict(self._rows[s]))) for s in slots],
             "deferred": [_plain(dict(row)) for row in self._deferred],
+            "reservoir_rows": reservoir_rows,
+            "reservoirs": reservoirs,
             "stats": self._stats_state(),
         }
 
@@ -806,6 +952,9 @@ class HybridBatchSampler:
             "fallback_pairs": self._fallback_pairs.tolist(),
             "short_steps": self._short_steps,
             "cross_fallback": self._cross_fallback,
+            "xx_fallback": self._xx_fallback,
+            "recycled_pairs": self._recycled_pairs,
+            "source_pairs": dict(self._source_pairs),
             "stream_waits": self._stream_waits,
             "groups_read": self._groups_read,
             "groups_skipped": self._groups_skipped,
@@ -814,7 +963,7 @@ class HybridBatchSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the stream is re-opened at (pass, rows read) on the next step."""
-        if state.get("version") != 1:
+        if state.get("version") not in (1, 2):  # 1: before the reservoirs (they start empty)
             raise ValueError(f"sampler state: unknown version {state.get('version')!r}")
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
             raise ValueError(
@@ -838,7 +987,7 @@ class HybridBatchSampler:
                 raise ValueError(
                     f"sampler state: sampler.{key} was {state['config'].get(key)!r}, now {mine[key]!r}"
                 )
-        self._release(np.arange(self._alive.shape[0]))
+        self._release(np.arange(self._alive.shape[0]), keep=False)
         self._in_buffer.clear()
         self.step = int(state["step"])
         close = getattr(self._stream, "close", None)
@@ -873,10 +1022,17 @@ class HybridBatchSampler:
         self._fallback_pairs = np.array(st["fallback_pairs"], dtype=np.int64)
         self._short_steps = st["short_steps"]
         self._cross_fallback = st["cross_fallback"]
+        self._xx_fallback = st.get("xx_fallback", 0)
+        self._recycled_pairs = st.get("recycled_pairs", 0)
+        self._source_pairs = dict(st.get("source_pairs", {}))
         self._stream_waits = st["stream_waits"]
         self._groups_read = saved_reads
         self._groups_skipped = st["groups_skipped"]
         self._stats_passes = st["passes"]
+        rows = state.get("reservoir_rows", [])
+        for res, idx in zip(self._reservoir, state.get("reservoirs", [[] for _ in self.langs])):
+            res.clear()
+            res.extend(rows[i] for i in idx)
 
 
 __all__ = [

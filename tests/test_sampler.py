@@ -157,11 +157,13 @@ def test_hybrid_alpha_and_language_shares_over_10k_batches(ddtp_rows):
         assert abs(share - p_lang) < 4 * np.sqrt(p_lang * (1 - p_lang) / n_mono) + 1e-3, lang
     assert st["pairs"] == 160_000
     assert sum(st["pairs_by_lang_pair"].values()) == 160_000
-    # fallbacks happened for rare languages with a 4096-group buffer, and are all counted
-    assert (
-        st["fallback_pairs"] == sum(st["mono_fallback_pairs_by_lang"].values()) + st["cross_fallback_pairs"]
+    # every fallback is counted; rare languages drawn at their tempered p(L) come back from the
+    # reservoirs of used groups, so fallbacks stay rare (languages with < batch_size groups get no mono step)
+    assert st["fallback_pairs"] == (
+        sum(st["mono_fallback_pairs_by_lang"].values()) + st["cross_fallback_pairs"] + st["xx_fallback_pairs"]
     )
-    assert st["stream_passes"] >= 2  # 160k groups drawn from 49,790: the stream was re-opened
+    assert st["fallback_share"] < 0.01 and st["recycled_pairs"] > 0
+    assert st["stream_passes"] >= 1  # 160k pairs drawn from 49,790 groups: the stream was re-opened
     table = sampler.format_stats()
     assert "mono step share" in table and "\nen " in table
 
@@ -217,15 +219,15 @@ def test_ranks_agree_and_global_batches_are_unique(ddtp_rows):
             assert slices[0].epoch == epoch
             union = [g for b in slices for g in b.group_ids]
             assert len(union) == 128 and len(set(union)) == 128
-    passes = [s.stats()["stream_passes"] for s in samplers]
-    # 300 steps × 32 groups per rank + a 1,024 buffer: the small splits (~9,960 groups) were re-opened,
-    # the big one (~19,900) is still in its first pass; all ran the same steps
-    assert passes[0] == 0 and all(p >= 1 for p in passes[1:]), passes
+    # splits of ~19,900 and ~9,960 groups: whatever a rank's split holds, all ran the same steps
+    assert [s.stats()["steps"] for s in samplers] == [300] * world
 
 
 def test_shortage_fallback_policies(mlqa_rows):
-    # tiny buffer: a rank holds 40 groups; MLQA-R groups have 1–7 languages; ask for 32 per step
+    # tiny buffer: a rank holds 40 groups, 32 per step; Hindi's groups come last in the stream, so a Hindi
+    # step before they arrive (neither the buffer nor the used groups hold any) is short
     base = dict(strategy="x-x-mono", batch_size=32, buffer_groups=40, seed=1, lang_temperature=1e6)
+    mlqa_rows = [r for r in mlqa_rows if "hi" not in r["langs"]] + [r for r in mlqa_rows if "hi" in r["langs"]]
     s = _sampler(mlqa_rows, SamplerConfig(**base, on_short="next-lang"))
     for batch in s.batches(200):
         _check_batch(batch, 32)
@@ -304,7 +306,9 @@ def test_same_seed_same_stream_and_exact_resume(mlqa_rows, strategy):
 
 
 def test_unshuffled_is_fifo(mlqa_rows):
-    s = _sampler(mlqa_rows, SamplerConfig(strategy="x-x", batch_size=8, buffer_groups=8, shuffle=False))
+    # every MLQA-R group holds English: English-only steps take the groups in stream order
+    cfg = SamplerConfig(strategy="x-x-mono", languages=["en"], batch_size=8, buffer_groups=8, shuffle=False)
+    s = _sampler(mlqa_rows, cfg)
     ids = [g for b in s.batches(10) for g in b.group_ids]
     assert ids == [r["group_id"] for r in mlqa_rows[:80]]
 

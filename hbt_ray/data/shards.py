@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -73,6 +74,31 @@ class Manifest:
 
 def groups_to_table(groups: list[PairGroup]) -> pa.Table:
     return pa.Table.from_pylist([g.to_row() for g in groups], schema=PAIR_SCHEMA)
+
+
+#: Groups :func:`interleave` holds to shuffle: data up to this size is shuffled as a whole.
+SHUFFLE_BUFFER = 1_000_000
+
+
+def interleave(groups: Iterable[PairGroup], seed: int = 0, buffer_size: int = SHUFFLE_BUFFER) -> Iterator[PairGroup]:
+    """``groups`` in a seeded random order, so that shards written from several sources (read one after
+    the other) each hold all of them, and every rank's part of the shards holds each source and language
+    in its share. A full shuffle up to ``buffer_size`` groups, a buffered one beyond::
+
+        >>> [g.group_id for g in interleave([PairGroup(str(i), "s", {}) for i in range(6)], seed=1)]
+        ['4', '0', '2', '1', '5', '3']
+    """
+    rng = np.random.default_rng(seed)
+    buffer: list[PairGroup] = []
+    for group in groups:
+        if len(buffer) < buffer_size:
+            buffer.append(group)
+            continue
+        i = int(rng.integers(len(buffer)))
+        yield buffer[i]
+        buffer[i] = group
+    for i in rng.permutation(len(buffer)).tolist():
+        yield buffer[i]
 
 
 def write_shards(

@@ -208,3 +208,4 @@ class TrainResult:
     checkpoint_path: str | None  # the last Ray Train checkpoint
     model_path: str | None  # exported sentence-transformers dir (run.export)
     history: list[dict[str, Any]] = field(default_factory=list)  # per-step log lines of rank 0
+    mix: dict[str, Any] = field(default_factory=dict)  # what it trained on: pairs per language / source (mix.json)

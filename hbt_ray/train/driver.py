@@ -19,16 +19,23 @@ from typing import Any
 
 from hbt_ray.config import ConfigError, to_dict
 from hbt_ray.data.records import DataError
-from hbt_ray.data.shards import Manifest, iter_shard_groups, read_manifest, shard_paths, write_shards
+from hbt_ray.data.shards import (
+    Manifest,
+    interleave,
+    iter_shard_groups,
+    read_manifest,
+    shard_paths,
+    write_shards,
+)
 from hbt_ray.data.sources import iter_pair_groups, known_langs, spec_files
 from hbt_ray.model import check_model_name
 from hbt_ray.sampler import HybridBatchSampler
 from hbt_ray.train.config import DataConfig, TrainConfig, TrainResult
 from hbt_ray.train.deepspeed import worker_env_vars
-from hbt_ray.train.worker import train_loop_per_worker, use_gpu
+from hbt_ray.train.worker import MIX_FILE, train_loop_per_worker, use_gpu
 
 #: Bump when the shards' content for the same inputs changes (schema, reader behaviour).
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2  # 2: groups interleaved across sources (data.shards.interleave)
 
 
 def shard_fingerprint(data: DataConfig) -> dict[str, Any]:
@@ -77,7 +84,8 @@ def prepare_shards(data: DataConfig, run_dir: Path) -> Path:
             raise ConfigError(f"data.langs: {data.langs} have no pairs in data.train {data.train}")
         raise DataError("hold no pair groups", f"data.train {data.train}")
     print(f"[hbt_ray.train] writing the shards of {'+'.join(data.train)} to {shard_dir}", file=sys.stderr, flush=True)
-    write_shards(itertools.chain([first], stream), shard_dir, data.rows_per_shard, source="+".join(data.train),
+    # Interleaved: read one after the other, the sources would sit in different shards (and ranks).
+    write_shards(interleave(itertools.chain([first], stream)), shard_dir, data.rows_per_shard, source="+".join(data.train),
                  fingerprint=fingerprint)  # fmt: skip
     return shard_dir
 
@@ -177,6 +185,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             "cfg": to_dict(cfg),
             "lang_counts": dict(manifest.pairs_per_lang),
             "num_groups": manifest.groups,
+            "sources": sorted(manifest.groups_per_source),
             "shard_paths": paths,
             "run_dir": str(run_dir),
             "tokenizer_texts": texts,
@@ -208,6 +217,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     if steps_log.exists():
         history = [json.loads(line) for line in steps_log.read_text().splitlines() if line.strip()]
     model_dir = run_dir / "model"
+    mix_file = run_dir / MIX_FILE
     return TrainResult(
         run_dir=str(run_dir),
         steps=int((result.metrics or {}).get("step", 0)),
@@ -215,4 +225,5 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         model_path=str(model_dir) if cfg.run.export and model_dir.exists() else None,
         history=history,
+        mix=json.loads(mix_file.read_text()) if mix_file.exists() else {},
     )

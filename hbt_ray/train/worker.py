@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hbt_ray.config import load_config
+from hbt_ray.data.records import DataError
 from hbt_ray.data.streams import shard_streams
 from hbt_ray.loss import ContrastiveModule
 from hbt_ray.model import export_from_state_dict, load_dual_encoder
@@ -40,6 +41,13 @@ from hbt_ray.train.config import TrainConfig
 from hbt_ray.train.deepspeed import build_optimizer, consolidated_state_dict, deepspeed_config, zero_stage
 
 PHASES = ("data", "forward", "sync", "backward", "optimizer")
+#: Steps before the fallback share is held to ``sampler.max_fallback_share`` (one short early step of a
+#: few pairs is not yet a share).
+FALLBACK_GRACE_STEPS = 10
+
+
+class FallbackShareError(DataError):
+    """Too many pairs were not of their step's kind (see the sampler's "Shortage"); never retried."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,6 +76,43 @@ def all_reduce_mean(values: list[float]) -> list[float]:
     return [float(x) for x in t.cpu()]
 
 
+MIX_FILE = "mix.json"
+
+
+def _mix_counts(batch: Any, langs: list[str], sources: list[str]) -> list[float]:
+    """A batch slice as counts: pairs per query language, per source, then fallback pairs and pairs."""
+    lang_index = {lang: i for i, lang in enumerate(langs)}
+    out = [0.0] * (len(langs) + len(sources) + 2)
+    for lang in batch.query_langs:
+        out[lang_index[lang]] += 1
+    source_index = {src: len(langs) + i for i, src in enumerate(sources)}
+    for src in batch.sources:
+        if src in source_index:
+            out[source_index[src]] += 1
+    out[-2], out[-1] = float(batch.fallback_pairs), float(len(batch.queries))
+    return out
+
+
+def mix_summary(mix: dict[str, Any], target: dict[str, float], sampler: Any = None) -> dict[str, Any]:
+    """The run's mix with each language's share of query pairs beside its target p(L)::
+
+        >>> mix_summary({"pairs": 4, "fallback_pairs": 0, "pairs_by_lang": {"en": 3, "de": 1},
+        ...              "pairs_by_source": {"ddtp": 4}}, {"en": 0.7, "de": 0.3})["share_by_lang"]
+        {'de': {'pairs': 1, 'share': 0.25, 'target': 0.3}, 'en': {'pairs': 3, 'share': 0.75, 'target': 0.7}}
+    """
+    pairs = max(1, mix["pairs"])
+    out = {**mix, "fallback_share": mix["fallback_pairs"] / pairs}
+    out["share_by_lang"] = {
+        lang: {"pairs": mix["pairs_by_lang"].get(lang, 0), "share": mix["pairs_by_lang"].get(lang, 0) / pairs,
+               "target": target[lang]}  # fmt: skip
+        for lang in sorted(target)
+    }
+    if sampler is not None:
+        out["mono_langs"] = list(sampler.mono_langs)
+        out["strategy"], out["alpha"] = sampler.cfg.strategy, sampler.cfg.alpha
+    return out
+
+
 def batch_fingerprint(queries: list[str], passages: list[str]) -> str:
     h = hashlib.sha1()
     for text in (*queries, *passages):
@@ -87,6 +132,9 @@ class TrainRecipe:
         self.rank_tokens: list[int] = []  # every rank's real tokens this step, before and after the deal
         self.eval_set: Any = None
         self.progress: Any = None
+        # What the run trained on (every rank's pairs, summed each step): query language, source, fallbacks.
+        self.mix: dict[str, Any] = {"pairs": 0, "fallback_pairs": 0, "pairs_by_lang": {}, "pairs_by_source": {}}
+        self.step_mix: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -139,7 +187,8 @@ class TrainRecipe:
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
-            self.step_no, self.skipped = ckpt.load_checkpoint(checkpoint, self.engine, self.batches, self.rank)
+            self.step_no, self.skipped, mix = ckpt.load_checkpoint(checkpoint, self.engine, self.batches, self.rank)
+            self.mix.update(mix)
             if self.rank == 0:
                 print(f"[hbt_ray.train] resumed at step {self.step_no} from {checkpoint.path}", flush=True)
         else:
@@ -167,6 +216,8 @@ class TrainRecipe:
         t0 = time.perf_counter()
         losses, taus, langs, strategies, prints, candidates = [], [], set(), [], [], []
         pairs, nonfinite_at = 0, 0
+        mix_langs, mix_sources = self.batches.sampler.langs, self.job.get("sources") or []
+        step_counts = [0.0] * (len(mix_langs) + len(mix_sources) + 2)
         phase = dict.fromkeys(PHASES, 0.0)
         for micro_index in range(cfg.optim.grad_accum):
             t_phase = time.perf_counter()
@@ -186,9 +237,12 @@ class TrainRecipe:
             # all-reduce sums the candidates each query is scored against (passages + negatives of
             # every rank when loss.gather, else this rank's) and carries rank 0's "report due".
             report_due = self.rank == 0 and time.perf_counter() - self.last_report >= cfg.run.report_every_s
-            mean_loss, mean_candidates, mean_due = all_reduce_mean(
-                [float(loss.detach()), float(n_local), float(report_due)]
+            # ... and the mix of the step's pairs: query languages, sources, fallback pairs, pairs.
+            local = _mix_counts(batch, mix_langs, mix_sources)
+            mean_loss, mean_candidates, mean_due, *mean_mix = all_reduce_mean(
+                [float(loss.detach()), float(n_local), float(report_due), *local]
             )
+            step_counts = [a + b * world for a, b in zip(step_counts, mean_mix)]
             self.report_now = self.report_now or mean_due > 0  # rank 0's decision, on every rank
             candidates.append(round(mean_candidates * world) if cfg.loss.gather else n_local)
             t_phase = _add_time(phase, "sync", t_phase)
@@ -207,6 +261,7 @@ class TrainRecipe:
             strategies.append(batch.strategy)
             prints.append(batch_fingerprint(list(batch.queries), list(batch.passages)))
         self.step_no += 1  # a skipped step still consumed its batches: the stream stays aligned
+        self._add_mix(step_counts, mix_langs, mix_sources)
         if nonfinite_at:
             self._skip_nonfinite(f"step {self.step_no} (micro-batch {nonfinite_at}/{cfg.optim.grad_accum})")
         dt = time.perf_counter() - t0
@@ -225,9 +280,35 @@ class TrainRecipe:
             "strategy": ",".join(sorted(set(strategies))),
             "langs": ",".join(sorted(langs)),
             "skipped_steps": self.skipped,
+            "fallback_pairs": self.mix["fallback_pairs"],
+            "fallback_share": self.mix["fallback_pairs"] / max(1, self.mix["pairs"]),
             "candidates": max(candidates),
             **{f"time_{k}_s": v for k, v in phase.items()},
         }
+
+    def _add_mix(self, counts: list[float], langs: list[str], sources: list[str]) -> None:
+        """Add one step's summed counts to the run's mix; fail when the fallback share is too high."""
+        n = [round(c) for c in counts]
+        by_lang = {lang: c for lang, c in zip(langs, n) if c}
+        by_source = {src: c for src, c in zip(sources, n[len(langs) :]) if c}
+        fallback, pairs = n[-2], n[-1]
+        self.step_mix = {"pairs_by_lang": by_lang, "pairs_by_source": by_source, "fallback_pairs": fallback}
+        mix = self.mix
+        mix["pairs"] += pairs
+        mix["fallback_pairs"] += fallback
+        for key, new in (("pairs_by_lang", by_lang), ("pairs_by_source", by_source)):
+            for name, c in new.items():
+                mix[key][name] = mix[key].get(name, 0) + c
+        share, limit = mix["fallback_pairs"] / max(1, mix["pairs"]), self.cfg.sampler.max_fallback_share
+        if share > limit and self.step_no >= min(FALLBACK_GRACE_STEPS, self.cfg.run.max_steps):
+            short = self.batches.sampler.stats()["mono_fallback_pairs_by_lang"]
+            raise FallbackShareError(
+                f"{mix['fallback_pairs']} of {mix['pairs']} pairs ({share:.1%}) were fallbacks, not of their "
+                f"step's kind (short languages on rank {self.rank}: {short or 'none'}; cross/x-x shortages "
+                f"otherwise); more than sampler.max_fallback_share={limit}: raise sampler.buffer_groups, "
+                "lower sampler.batch_size or lang_temperature, or allow it (sampler.max_fallback_share=1)",
+                f"step {self.step_no}",
+            )
 
     def _skip_nonfinite(self, where: str) -> None:
         run = self.cfg.run
@@ -256,6 +337,7 @@ class TrainRecipe:
                 "torch_threads": torch.get_num_threads(),
                 "rank_tokens": self.rank_tokens,  # balance_tokens: per rank, before then after the deal
                 "malloc_mmap_max": os.environ.get("MALLOC_MMAP_MAX_"),
+                **self.step_mix,  # every rank's pairs of this step: query languages, sources, fallbacks
             }  # fmt: skip
             with open(self.steps_log, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -289,7 +371,7 @@ class TrainRecipe:
         run = self.cfg.run
         if (run.checkpoint_every and self.step_no % run.checkpoint_every == 0) or self.done:
             ckpt.save_checkpoint(self.engine, self.batches, step=self.step_no, skipped=self.skipped,
-                                 rank=self.rank, world=self.world, metrics=self.metrics)  # fmt: skip
+                                 rank=self.rank, world=self.world, metrics=self.metrics, mix=self.mix)  # fmt: skip
             # The controller registers a reported checkpoint when it drains the worker's result queue;
             # a crash before that loses it. The next step's report blocks until the queue is drained,
             # so from then on the checkpoint is safe.
@@ -315,6 +397,10 @@ class TrainRecipe:
         if self.progress is not None:
             self.progress.close()
         self.batches.close()  # the prefetch thread, and the sampler's Ray Data iterators (they hold resources)
+        if self.rank == 0:
+            sampler = self.batches.sampler
+            target = {lang: float(p) for lang, p in zip(sampler.langs, sampler.p)}
+            (self.run_dir / MIX_FILE).write_text(json.dumps(mix_summary(self.mix, target, sampler), indent=1))
         if not self.cfg.run.export:
             return
         state_dict = consolidated_state_dict(self.engine)  # collective under ZeRO-3
