@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # without this release on disk, point pip at PyTorch's CPU wheel index with TORCH_PIP_ARGS.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= dev,offline
+EXTRAS ?= dev,offline,mteb
 
 .PHONY: install run test lint bench clean
 

@@ -198,14 +198,28 @@ def _load(
     return [read_miracl_lang(path, lang, split, bad) for lang in chosen]
 
 
+#: MIRACL languages with little pretraining and training data (Swahili, Yoruba, Telugu, Bengali): the
+#: evaluation averages them apart (``mono_low_resource_*``).
+LOW_RESOURCE = ("bn", "sw", "te", "yo")
+
+
 def read_miracl_eval(
     path: str | os.PathLike | None,
     langs: Sequence[str] | None = None,
     split: str = "dev",
     bad: BadRecords | None = None,
+    pool: str = "corpus",
 ) -> EvalSet:
     """Monolingual eval set per language: queries = topics with >= 1 relevant document, candidates =
-    the whole corpus. ``path=None`` reads the HF hub (network) instead."""
+    the whole corpus (``pool="judged"``: only the passages judged for some topic of the split).
+    ``meta["low_resource"]`` lists :data:`LOW_RESOURCE`. ``path=None`` reads the HF hub (network)::
+
+        >>> root = Path(__file__).parents[2] / "tests" / "fixtures" / "miracl"
+        >>> read_miracl_eval(root, langs=["sw"], pool="judged").counts()
+        {'sw': (3, 9)}
+    """
+    if pool not in ("corpus", "judged"):
+        raise ValueError(f"pool: {pool!r} is not 'corpus' or 'judged'")
     queries: dict[str, list[EvalQuery]] = {}
     candidates: dict[str, list[Candidate]] = {}
     no_relevant = {}
@@ -226,8 +240,10 @@ def read_miracl_eval(
         candidates[lang] = [
             Candidate(f"{lang}:{d}", text, f"{lang}:{first_judge[d]}" if d in first_judge else "")
             for d, text in m.corpus.items()
+            if pool == "corpus" or d in first_judge
         ]
-    meta = {"source": str(path) if path is not None else "hf:miracl/miracl", "split": split}
+    meta = {"source": str(path) if path is not None else "hf:miracl/miracl", "split": split, "pool": pool,
+            "low_resource": list(LOW_RESOURCE)}  # fmt: skip
     meta["topics_without_relevant"] = no_relevant
     return EvalSet(f"miracl-{split}", queries, candidates, meta)
 

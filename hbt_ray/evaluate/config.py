@@ -45,6 +45,11 @@ METRIC_MODES: dict[str, Literal["max", "min"]] = {
     "tatoeba_outside_xlmr_to_eng_f1": "max",
     "tatoeba_pooled_acc": "max",
     "tatoeba_pooled_mrr@10": "max",
+    # MIRACL (monolingual retrieval): its measures, over all languages and the low-resource ones
+    "mono_ndcg@10": "max",
+    "mono_recall@100": "max",
+    "mono_low_resource_ndcg@10": "max",
+    "mono_low_resource_recall@100": "max",
 }
 
 
@@ -73,6 +78,9 @@ class EvalConfig:
     max_pairs: int | None = None  # tatoeba: keep the first N pairs of every language; None = all
     #: xquad-r / mlqa-r not in the data folder: fetch the public files (checksum-verified); false = an error
     download: bool = False
+    #: miracl:PATH: the candidates of a language — its whole corpus, or only the passages judged for
+    #: some topic of the split (small pools, as MIRACL's judged-only evaluations use)
+    miracl_pool: Literal["corpus", "judged"] = "corpus"
     # --- how: settings, metrics, search
     settings: list[str] = field(default_factory=lambda: list(SETTINGS))  # of mono, cross, multi
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))  # map, recall@k, ndcg@k, mrr@k
@@ -118,6 +126,11 @@ class EvalConfig:
             )
         if not is_bitext_spec(self.data) and self.max_pairs is not None:
             raise ConfigError(f"max_pairs: only for tatoeba[:PATH]; {self.data} is subset by max_paragraphs")
+        if self.data.startswith("miracl:") and self.settings != ["mono"]:
+            # MIRACL's topics have no parallel copies: cross is empty, multi would search every corpus
+            raise ConfigError(f"settings: {self.settings}: MIRACL is monolingual retrieval: settings=[mono]")
+        if self.miracl_pool != "corpus" and not self.data.startswith("miracl:"):
+            raise ConfigError(f"miracl_pool: only for miracl:PATH, not {self.data}")
 
 
 def check_langs(key: str, langs: list[str], specs: list[str]) -> None:

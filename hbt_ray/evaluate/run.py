@@ -69,7 +69,7 @@ def load_eval_data(cfg: EvalConfig) -> EvalSet | BitextSet:
     """
     return load_eval_set(
         cfg.data, langs=cfg.langs or None, max_paragraphs=cfg.max_paragraphs, seed=cfg.subset_seed,
-        download=cfg.download, max_pairs=cfg.max_pairs,
+        download=cfg.download, max_pairs=cfg.max_pairs, miracl_pool=cfg.miracl_pool,
     )  # fmt: skip
 
 
@@ -181,6 +181,10 @@ def evaluate_embeddings(
         if table:
             for metric in cfg.metrics:
                 result.summary[f"{setting}_{metric}"] = _macro(table, metric)
+    low = [lang for lang in eval_set.meta.get("low_resource", []) if lang in result.mono]
+    if low:  # MIRACL: the low-resource languages' average beside all languages'
+        for metric in cfg.metrics:
+            result.summary[f"mono_low_resource_{metric}"] = _macro({k: result.mono[k] for k in low}, metric)
     if result.multi:
         result.summary["bias"] = _macro(result.multi, "bias")
     if "map" in cfg.metrics:
