@@ -70,9 +70,26 @@ def host_facts() -> dict[str, Any]:
 def provenance(command: str | None = None) -> dict[str, Any]:
     """The command (default: this process's ``sys.argv``), commit, UTC date and host of a result."""
     if command is None:
-        command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+        command = " ".join([_program(), *(shlex.quote(a) for a in sys.argv[1:])])
     date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     return {"command": command, "commit": git_commit(), "date": date, "host": host_facts()}
+
+
+def _program() -> str:
+    """How this process was started: ``python -m hbt_ray.tune`` for a package's ``__main__``, else
+    ``python <script>``."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "__main__.py":
+        try:
+            return "python -m " + ".".join(argv0.resolve().parent.relative_to(_REPO).parts)
+        except ValueError:
+            return "python -m " + argv0.parent.name
+    if argv0.suffix == ".py":
+        try:
+            return "python " + str(argv0.resolve().relative_to(_REPO))
+        except ValueError:
+            return "python " + str(argv0)
+    return argv0.name
 
 
 def provenance_lines(prov: dict[str, Any], model: str | None = None) -> str:

@@ -46,6 +46,7 @@ def _overrides(tmp_path: Path) -> list[str]:
         "train.eval.show_progress=false",
         "train.eval.batch_size=64",
         "inject_failure_trial=3",  # the 4th trial (α=0.25) raises; the other three must finish
+        "interpolate=[0.5]",  # WiSE-FT: each trial also evaluates the halfway weights
         "wandb.mode=offline",
         "train.model.name=tiny",
         "train.model.query_max_len=24",
@@ -113,6 +114,19 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
             assert isinstance(row[key], float), (alpha, key, row)
         assert 0.0 < row["multi_map"] <= 1.0 and row["train_steps"] == 6
     assert summary.best is not None and summary.best["status"] == "TERMINATED"
+    # "best" is the argmax of the objective over the finished trials
+    finished = [r for r in summary.rows if r["status"] == "TERMINATED"]
+    assert summary.best["objective"] == max(r["objective"] for r in finished)
+    # α reaches the sampler of every trial: α = 0 trains on cross-lingual steps only, α = 1 on mono ones
+    for alpha, allowed in ((0.0, {"x-y"}), (1.0, {"x-x-mono"}), (0.5, {"x-y", "x-x-mono"})):
+        run_dir = Path(rows[alpha]["export_dir"]).parent
+        strategies = {json.loads(line)["strategy"] for line in (run_dir / "steps.jsonl").read_text().splitlines()}
+        assert strategies <= allowed and strategies, (alpha, strategies)
+        # WiSE-FT: λ = 1 and λ = 0.5 evaluated; the row reports the better one
+        tried = json.loads((run_dir / "interpolate.json").read_text())
+        assert [t["interpolate"] for t in tried] == [1.0, 0.5]
+        assert rows[alpha]["interpolate"] == max(tried, key=lambda t: t["objective"])["interpolate"]
+        assert rows[alpha]["fallback_share"] == 0.0
     assert summary.untuned is not None and "multi_map" in summary.untuned
     assert (summary.best_model_dir / "modules.json").exists()
     # every trial's model stays in the sweep's own folder (not in Ray's temporary session folder)
@@ -122,12 +136,16 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
 
     # table + plots
     md = (out / "results.md").read_text()
-    assert md.count("\n") == 2 + 4 and "ERROR" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 1 + 4 and "ERROR" in md
+    assert table[2].startswith("| untuned (reference) | reference |")  # the untuned model first
+    assert "- commit: `" in md and "- model: tiny" in md
     assert (out / "results.csv").exists()
     for name in ("multi_map_vs_alpha.png", "bias_vs_alpha.png", "multi_map_alpha_tau_heatmap.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     report = json.loads((out / "summary.json").read_text())
     assert report["errored"] == 1 and report["trials"] == 4
+    assert report["provenance"]["command"] and report["model"].startswith("tiny")
 
     # offline W&B: one run per trial (incl. the failed one) + the summary run, grouped by sweep
     runs = sorted((out / "wandb").glob("offline-run-*"))

@@ -39,6 +39,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     unpad: bool = True  # dense layers on real tokens only (BERT/XLM-R layouts; see hbt_ray.model.packed)
     freeze_word_embeddings: bool = False  # e5-small's 96M-param embedding table, frozen on CPU
+    #: freeze the embedding layer (all of it) and the first N transformer layers: keeps what the lower
+    #: layers knew (a recipe knob; 0 = train every layer)
+    freeze_layers: int = 0
     seed: int = 0
     cache_dir: str = ""  # "" → $HBT_CACHE_DIR or ~/.cache/hbt_ray
     # tiny preset
@@ -61,6 +64,8 @@ class ModelConfig:
             raise ConfigError(
                 f"tiny_hidden_size: {self.tiny_hidden_size} is not divisible by tiny_heads={self.tiny_heads}"
             )
+        if self.freeze_layers < 0:
+            raise ConfigError(f"freeze_layers: must be >= 0, got {self.freeze_layers}")
         if self.tiny_vocab_size < 100:
             raise ConfigError(f"tiny_vocab_size: {self.tiny_vocab_size} is too small (need >= 100)")
 

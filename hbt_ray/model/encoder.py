@@ -64,6 +64,8 @@ class DualEncoder(torch.nn.Module):
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.freeze_word_embeddings:
             backbone.get_input_embeddings().weight.requires_grad_(False)
+        if cfg.freeze_layers:
+            freeze_lower_layers(backbone, cfg.freeze_layers)
         #: True when forward skips pad tokens (:mod:`hbt_ray.model.packed`); else the backbone runs padded.
         self.packed = cfg.unpad and packed_forward_supported(backbone)
 
@@ -210,6 +212,19 @@ def _add_unused_pooler(path: Path, backbone: torch.nn.Module) -> None:
         tensors["pooler.dense.weight"] = torch.eye(size)
         tensors["pooler.dense.bias"] = torch.zeros(size)
         save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def freeze_lower_layers(backbone: torch.nn.Module, n: int) -> None:
+    """Freeze the embedding layer and the first ``n`` transformer layers of a BERT / XLM-R layout
+    (``embeddings``, ``encoder.layer``); ValueError when the model has no such layout or fewer layers."""
+    embeddings = getattr(backbone, "embeddings", None)
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    if embeddings is None or layers is None:
+        raise ValueError(f"model.freeze_layers: {type(backbone).__name__} has no embeddings / encoder.layer")
+    if n > len(layers):
+        raise ValueError(f"model.freeze_layers: {n} is more than the model's {len(layers)} layers")
+    for module in (embeddings, *list(layers)[:n]):
+        module.requires_grad_(False)
 
 
 def export_from_state_dict(

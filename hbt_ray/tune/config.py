@@ -67,6 +67,10 @@ class TuneConfig:
     #: cluster this machine belongs to (e.g. on a `ray up` head node); or an explicit address
     ray_address: str = ""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    #: WiSE-FT: besides its fine-tuned weights (λ = 1), each trial evaluates λ·tuned + (1 − λ)·start for
+    #: these λ and reports the best under the objective (its ``interpolate`` column): an evaluation, not
+    #: a retraining, per λ
+    interpolate: list[float] = field(default_factory=list)
     #: testing aid: make the trial with this index (0-based, in start order) raise
     inject_failure_trial: int = -1
 
@@ -77,6 +81,9 @@ class TuneConfig:
         for metric in self.objectives:
             if metric not in METRIC_MODES:
                 raise ConfigError(f"objective: {metric!r} is not one of {sorted(METRIC_MODES)}")
+        for i, lam in enumerate(self.interpolate):
+            if not 0.0 <= lam <= 1.0:
+                raise ConfigError(f"interpolate[{i}]: {lam} is not in [0, 1]")
 
     @property
     def objectives(self) -> list[str]:

@@ -31,9 +31,13 @@ TABLE_COLUMNS = [
     ("multi_map", "multi mAP"),
     ("mean_map", "mean mAP"),
     ("bias", "bias (rank dist.)"),
+    ("interpolate", "λ (WiSE-FT)"),
+    ("fallback_share", "fallback"),
     ("pairs_per_s", "pairs/s"),
     ("objective", "objective"),
 ]
+#: The ``trial`` of the reference row: the model before any training, first in the table, dashed in plots.
+UNTUNED = "untuned (reference)"
 PLOT_METRICS = [("mono_map", "mono mAP"), ("cross_map", "cross mAP"), ("multi_map", "multi mAP"), ("bias", "language bias")]
 
 
@@ -91,9 +95,15 @@ def pareto_front(rows: Sequence[dict], metrics: Sequence[str], modes: Sequence[s
     return front
 
 
-def write_table(rows: Sequence[dict], out_dir: Path, extra_columns: Sequence[str] = ()) -> tuple[Path, Path]:
-    """``results.csv`` (every key of every row) and ``results.md`` (the readable columns)."""
+def write_table(
+    rows: Sequence[dict], out_dir: Path, extra_columns: Sequence[str] = (), untuned: dict | None = None,
+    header: str = "",
+) -> tuple[Path, Path]:
+    """``results.csv`` (every key of every row) and ``results.md`` (the readable columns, after
+    ``header``); ``untuned`` (the model before training, its summary) is the first row of both."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if untuned is not None:
+        rows = [{"trial": UNTUNED, "status": "reference", **untuned}, *rows]
     keys: list[str] = []
     for row in rows:
         keys.extend(k for k in row if k not in keys)
@@ -109,7 +119,7 @@ def write_table(rows: Sequence[dict], out_dir: Path, extra_columns: Sequence[str
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(k)) for k, _ in columns) + " |")
     md_path = out_dir / "results.md"
-    md_path.write_text("\n".join(lines) + "\n")
+    md_path.write_text((header + "\n\n" if header else "") + "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
@@ -131,8 +141,9 @@ def _tau_groups(rows: Sequence[dict]) -> list[tuple[str, list[dict]]]:
     return groups
 
 
-def plot_metrics_vs_alpha(rows: Sequence[dict], out_dir: Path) -> list[Path]:
-    """One PNG per metric: the metric against α, one line per τ (group)."""
+def plot_metrics_vs_alpha(rows: Sequence[dict], out_dir: Path, untuned: dict | None = None) -> list[Path]:
+    """One PNG per metric: the metric against α, one line per τ (group); the untuned model's value (when
+    given) as a dashed reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,6 +159,8 @@ def plot_metrics_vs_alpha(rows: Sequence[dict], out_dir: Path) -> list[Path]:
             pts = sorted((_num(r[ALPHA]), _num(r.get(metric))) for r in members if _num(r.get(metric)) is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        if untuned is not None and _num(untuned.get(metric)) is not None:
+            ax.axhline(_num(untuned[metric]), color="black", linestyle="--", linewidth=1, label="untuned")
         ax.set_xlabel("α (share of monolingual batches)")
         ax.set_ylabel(label)
         ax.set_title(f"{label} vs α")

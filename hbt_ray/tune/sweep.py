@@ -39,7 +39,8 @@ from typing import Any
 from hbt_ray.cluster import init_ray
 from hbt_ray.config import ConfigError, override, to_dict
 from hbt_ray.evaluate import METRIC_MODES, EvalConfig, evaluate, load_eval_data
-from hbt_ray.model import check_model_name
+from hbt_ray.model import check_model_name, describe_model
+from hbt_ray.provenance import provenance, provenance_lines
 from hbt_ray.train import TrainConfig, prepare_shards, train
 from hbt_ray.tune.config import TuneConfig
 from hbt_ray.tune.report import (
@@ -54,7 +55,8 @@ from hbt_ray.tune.space import SearchSpace, SpaceError, load_space, resolve_spac
 from hbt_ray.tune.wandb import SweepRun, scrub_secrets, trial_runs_callback
 
 #: Metrics copied from a trial's last result into its row of the results table.
-ROW_METRICS = ("mono_map", "cross_map", "multi_map", "mean_map", "bias", "pairs_per_s", "train_steps")
+ROW_METRICS = ("mono_map", "cross_map", "multi_map", "mean_map", "bias", "interpolate", "fallback_share",
+               "pairs_per_s", "train_steps")  # fmt: skip
 
 
 def objective_value(summary: dict[str, Any], objectives: list[str]) -> float | None:
@@ -162,16 +164,39 @@ def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
     if result.model_path is None:
         raise RuntimeError(f"trial {ctx.get_trial_name()}: training exported no model ({result.run_dir})")
     summary = evaluate_model(result.model_path, train_cfg.eval, cfg.objectives)
+    lam, model_path = 1.0, result.model_path
+    if cfg.interpolate:
+        lam, model_path, summary = _best_interpolation(cfg, train_cfg, Path(result.run_dir), model_path, summary)
     final = {
         **{k: v for k, v in summary.items() if _scalar(v)},
         "pairs_per_s": _mean_pairs_per_s(result.history) or result.metrics.get("pairs_per_s"),
         "train_steps": result.steps,
         "train_seconds": time.time() - start,
-        "export_dir": str(result.model_path),
+        "export_dir": str(model_path),
+        "interpolate": lam,
+        "fallback_share": result.mix.get("fallback_share"),
         "final": 1,
     }
     final.update({f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
     tune.report(final)
+
+
+def _best_interpolation(
+    cfg: TuneConfig, train_cfg: TrainConfig, run_dir: Path, tuned: str, tuned_summary: dict[str, Any]
+) -> tuple[float, str, dict[str, Any]]:
+    """WiSE-FT: evaluate ``cfg.interpolate``'s λ·tuned + (1 − λ)·start beside λ = 1; → the best (λ, model
+    dir, summary) under the objective. All of them go to ``<run dir>/interpolate.json``."""
+    from hbt_ray.model.interpolate import interpolate_model
+
+    tried = [(1.0, tuned, tuned_summary)]
+    for lam in sorted(set(cfg.interpolate) - {1.0}):
+        out = interpolate_model(train_cfg.model, tuned, lam, run_dir / f"model_wise_{lam:g}")
+        tried.append((lam, str(out), evaluate_model(str(out), train_cfg.eval, cfg.objectives)))
+    (run_dir / "interpolate.json").write_text(
+        json.dumps([{"interpolate": lam, "model": path, **s} for lam, path, s in tried], indent=1, default=str)
+    )
+    scored = [t for t in tried if t[2].get("objective") is not None]
+    return max(scored, key=lambda t: t[2]["objective"]) if scored else tried[0]
 
 
 def make_search_alg(space: SearchSpace, cfg: TuneConfig) -> Any:
@@ -396,8 +421,10 @@ def _summarize(
 ) -> tuple[SweepSummary, dict[str, Any]]:
     """Table, plots, best model and ``summary.json`` of a finished sweep; → the summary and the report."""
     rows = rows_from_results(result_grid, space.swept_keys, cfg)
-    write_table(rows, out_dir)
-    images = plot_metrics_vs_alpha(rows, out_dir)
+    prov = provenance()
+    model = describe_model(cfg.train.model.name)
+    write_table(rows, out_dir, untuned=untuned, header=f"# Sweep {name}\n\n" + provenance_lines(prov, model))
+    images = plot_metrics_vs_alpha(rows, out_dir, untuned)
     for metric in cfg.objectives:
         heat = plot_alpha_tau_heatmap(rows, metric, out_dir)
         if heat is not None:
@@ -412,6 +439,8 @@ def _summarize(
     summary = SweepSummary(out_dir, rows, best, pareto, untuned, images, best_model_dir)
     report = {
         "sweep": name,
+        "provenance": prov,
+        "model": model,
         "objective": cfg.objective,
         "untuned_objective": summary.untuned_objective,
         "best_objective": None if best is None else best["objective"],

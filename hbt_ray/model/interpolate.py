@@ -1,0 +1,40 @@
+"""WiSE-FT (Wortsman et al. 2022): the weights ``λ·θ_tuned + (1 − λ)·θ_start`` of a fine-tuned encoder
+and the encoder it started from, exported as a model directory — a recipe knob that costs an
+evaluation, not a retraining (λ = 1: the fine-tuned model, 0: the starting one).
+
+    >>> interpolate_model(ModelConfig(name="tiny"), "runs/x/model", 1.5, "out")
+    Traceback (most recent call last):
+    ...
+    ValueError: interpolate: λ=1.5 is not in [0, 1]
+
+``tests/test_interpolate.py`` checks the weights; :mod:`hbt_ray.tune` evaluates a list of λ per trial.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from hbt_ray.model.config import ModelConfig
+from hbt_ray.model.encoder import export_from_state_dict, load_dual_encoder
+
+
+def interpolate_model(
+    start: ModelConfig, tuned_dir: str | os.PathLike, lam: float, out_dir: str | os.PathLike
+) -> Path:
+    """Export ``λ·tuned + (1 − λ)·start`` (floating-point weights; others, e.g. position ids, from the
+    tuned model) to ``out_dir``. ``start`` is the config training began from: ``load_dual_encoder(start)``
+    must give the weights it started with (pretrained weights; for ``tiny``, the same seed)."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"interpolate: λ={lam} is not in [0, 1]")
+    tuned = load_dual_encoder(ModelConfig(name=str(tuned_dir)))
+    initial = load_dual_encoder(start).backbone.state_dict()
+    mixed = {}
+    for key, value in tuned.backbone.state_dict().items():
+        base = initial.get(key)
+        if base is None or base.shape != value.shape:
+            raise ValueError(f"interpolate: {tuned_dir} and {start.name} differ at {key}: not the same model")
+        mixed[key] = torch.lerp(base.to(value.dtype), value, lam) if value.is_floating_point() else value
+    return export_from_state_dict(tuned.cfg, mixed, out_dir, backbone=tuned.backbone, tokenizer=tuned.tokenizer)
