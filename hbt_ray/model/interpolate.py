@@ -12,8 +12,11 @@ evaluation, not a retraining (λ = 1: the fine-tuned model, 0: the starting one)
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,3 +41,25 @@ def interpolate_model(
             raise ValueError(f"interpolate: {tuned_dir} and {start.name} differ at {key}: not the same model")
         mixed[key] = torch.lerp(base.to(value.dtype), value, lam) if value.is_floating_point() else value
     return export_from_state_dict(tuned.cfg, mixed, out_dir, backbone=tuned.backbone, tokenizer=tuned.tokenizer)
+
+
+def best_interpolation(
+    start: ModelConfig,
+    tuned: str,
+    tuned_scores: dict[str, Any],
+    lams: Sequence[float],
+    run_dir: Path,
+    evaluate: Callable[[str], dict[str, Any]],
+) -> tuple[float, str, dict[str, Any]]:
+    """Evaluate each λ of ``lams`` (``evaluate(model dir)`` → scores with an ``objective``, higher is
+    better) beside λ = 1 (``tuned``, ``tuned_scores``); → the best (λ, model dir, scores). Every λ's
+    scores go to ``run_dir/interpolate.json``, the models to ``run_dir/model_wise_<λ>``."""
+    tried = [(1.0, tuned, tuned_scores)]
+    for lam in sorted(set(lams) - {1.0}):
+        out = str(interpolate_model(start, tuned, lam, run_dir / f"model_wise_{lam:g}"))
+        tried.append((lam, out, evaluate(out)))
+    (run_dir / "interpolate.json").write_text(
+        json.dumps([{"interpolate": lam, "model": path, **s} for lam, path, s in tried], indent=1, default=str)
+    )
+    scored = [t for t in tried if t[2].get("objective") is not None]
+    return max(scored, key=lambda t: t[2]["objective"]) if scored else tried[0]

@@ -166,7 +166,12 @@ def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
     summary = evaluate_model(result.model_path, train_cfg.eval, cfg.objectives)
     lam, model_path = 1.0, result.model_path
     if cfg.interpolate:
-        lam, model_path, summary = _best_interpolation(cfg, train_cfg, Path(result.run_dir), model_path, summary)
+        from hbt_ray.model.interpolate import best_interpolation
+
+        lam, model_path, summary = best_interpolation(
+            train_cfg.model, model_path, summary, cfg.interpolate, Path(result.run_dir),
+            lambda path: evaluate_model(path, train_cfg.eval, cfg.objectives),
+        )  # fmt: skip
     final = {
         **{k: v for k, v in summary.items() if _scalar(v)},
         "pairs_per_s": _mean_pairs_per_s(result.history) or result.metrics.get("pairs_per_s"),
@@ -179,24 +184,6 @@ def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
     }
     final.update({f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
     tune.report(final)
-
-
-def _best_interpolation(
-    cfg: TuneConfig, train_cfg: TrainConfig, run_dir: Path, tuned: str, tuned_summary: dict[str, Any]
-) -> tuple[float, str, dict[str, Any]]:
-    """WiSE-FT: evaluate ``cfg.interpolate``'s λ·tuned + (1 − λ)·start beside λ = 1; → the best (λ, model
-    dir, summary) under the objective. All of them go to ``<run dir>/interpolate.json``."""
-    from hbt_ray.model.interpolate import interpolate_model
-
-    tried = [(1.0, tuned, tuned_summary)]
-    for lam in sorted(set(cfg.interpolate) - {1.0}):
-        out = interpolate_model(train_cfg.model, tuned, lam, run_dir / f"model_wise_{lam:g}")
-        tried.append((lam, str(out), evaluate_model(str(out), train_cfg.eval, cfg.objectives)))
-    (run_dir / "interpolate.json").write_text(
-        json.dumps([{"interpolate": lam, "model": path, **s} for lam, path, s in tried], indent=1, default=str)
-    )
-    scored = [t for t in tried if t[2].get("objective") is not None]
-    return max(scored, key=lambda t: t[2]["objective"]) if scored else tried[0]
 
 
 def make_search_alg(space: SearchSpace, cfg: TuneConfig) -> Any:
