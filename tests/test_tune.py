@@ -47,6 +47,9 @@ def _overrides(tmp_path: Path) -> list[str]:
         "train.eval.batch_size=64",
         "inject_failure_trial=3",  # the 4th trial (α=0.25) raises; the other three must finish
         "interpolate=[0.5]",  # WiSE-FT: each trial also evaluates the halfway weights
+        # a second eval set at the end of each trial (and for the untuned model): Tatoeba
+        "extra_evals.tato.data=tatoeba", "extra_evals.tato.langs=[deu,kzj]", "extra_evals.tato.max_pairs=20",
+        "extra_evals.tato.show_progress=false",
         "wandb.mode=offline",
         "train.model.name=tiny",
         "train.model.query_max_len=24",
@@ -78,6 +81,12 @@ def test_trial_index_from_trial_name():
 def test_bad_objective_names_key():
     with pytest.raises(ConfigError, match="^objective: 'accuracy' is not one of"):
         load_config(TuneConfig, None, ["objective=accuracy"])
+    with pytest.raises(ConfigError, match=r"^objective: 'tato/tatoeba_acc': no extra_evals\.tato \(have \[\]\)"):
+        load_config(TuneConfig, None, ["objective=tato/tatoeba_acc"])
+    cfg = load_config(TuneConfig, None, ["objective=tato/tatoeba_outside_xlmr_acc", "extra_evals.tato.data=tatoeba"])
+    assert cfg.modes == ["max"] and cfg.extra_evals["tato"].data == "tatoeba"
+    with pytest.raises(ConfigError, match=r"^interpolate\[0\]: 1\.5 is not in \[0, 1\]"):
+        load_config(TuneConfig, None, ["interpolate=[1.5]"])
 
 
 def test_a_bad_training_key_names_its_full_path():
@@ -127,6 +136,9 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
         assert [t["interpolate"] for t in tried] == [1.0, 0.5]
         assert rows[alpha]["interpolate"] == max(tried, key=lambda t: t["objective"])["interpolate"]
         assert rows[alpha]["fallback_share"] == 0.0
+        assert 0.0 <= rows[alpha]["tato/tatoeba_outside_xlmr_acc"] <= 1.0
+        assert all("tato/tatoeba_acc" in t for t in tried)
+    assert "tato/tatoeba_acc" in summary.untuned
     assert summary.untuned is not None and "multi_map" in summary.untuned
     assert (summary.best_model_dir / "modules.json").exists()
     # every trial's model stays in the sweep's own folder (not in Ray's temporary session folder)
@@ -139,7 +151,7 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 1 + 4 and "ERROR" in md
     assert table[2].startswith("| untuned (reference) | reference |")  # the untuned model first
-    assert "- commit: `" in md and "- model: tiny" in md
+    assert "- commit: `" in md and "- model: tiny" in md and "tato/tatoeba_outside_xlmr_acc" in table[0]
     assert (out / "results.csv").exists()
     for name in ("multi_map_vs_alpha.png", "bias_vs_alpha.png", "multi_map_alpha_tau_heatmap.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

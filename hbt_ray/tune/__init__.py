@@ -12,7 +12,13 @@ the best model) with :mod:`~hbt_ray.tune.report` (results table, Pareto front, p
 """
 
 from hbt_ray.tune.config import TuneConfig, WandbConfig
-from hbt_ray.tune.report import pareto_front, plot_alpha_tau_heatmap, plot_metrics_vs_alpha, write_table
+from hbt_ray.tune.report import (
+    objective_value,
+    pareto_front,
+    plot_alpha_tau_heatmap,
+    plot_metrics_vs_alpha,
+    write_table,
+)
 from hbt_ray.tune.space import ParamSpec, SearchSpace, SpaceError, load_space, parse_space, resolve_space_path
 from hbt_ray.tune.sweep import (
     SweepSummary,
@@ -20,7 +26,6 @@ from hbt_ray.tune.sweep import (
     evaluate_model,
     make_scheduler,
     make_search_alg,
-    objective_value,
     run_sweep,
     run_trial,
     trial_index,

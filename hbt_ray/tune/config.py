@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hbt_ray.config import ConfigError
-from hbt_ray.evaluate import METRIC_MODES
+from hbt_ray.evaluate import METRIC_MODES, EvalConfig
 from hbt_ray.train import TrainConfig
 
 
@@ -71,6 +71,10 @@ class TuneConfig:
     #: these λ and reports the best under the objective (its ``interpolate`` column): an evaluation, not
     #: a retraining, per λ
     interpolate: list[float] = field(default_factory=list)
+    #: more eval sets, scored at the end of each trial and for the untuned model (not in intermediate
+    #: evaluations): ``{name: eval section}``; their metrics are ``<name>/<metric>`` (e.g.
+    #: ``tatoeba/tatoeba_outside_xlmr_acc``), usable in ``objective`` unless ASHA ranks on it
+    extra_evals: dict[str, EvalConfig] = field(default_factory=dict)
     #: testing aid: make the trial with this index (0-based, in start order) raise
     inject_failure_trial: int = -1
 
@@ -79,8 +83,14 @@ class TuneConfig:
         if not self.objectives:
             raise ConfigError(f"objective: name at least one of {sorted(METRIC_MODES)}")
         for metric in self.objectives:
-            if metric not in METRIC_MODES:
+            name, _, base = metric.rpartition("/")
+            if base not in METRIC_MODES:
                 raise ConfigError(f"objective: {metric!r} is not one of {sorted(METRIC_MODES)}")
+            if name and name not in self.extra_evals:
+                raise ConfigError(f"objective: {metric!r}: no extra_evals.{name} (have {sorted(self.extra_evals)})")
+        for name in self.extra_evals:
+            if not name or "/" in name:
+                raise ConfigError(f"extra_evals: {name!r} is not a name (no '/', not empty)")
         for i, lam in enumerate(self.interpolate):
             if not 0.0 <= lam <= 1.0:
                 raise ConfigError(f"interpolate[{i}]: {lam} is not in [0, 1]")
@@ -93,4 +103,4 @@ class TuneConfig:
     @property
     def modes(self) -> list[str]:
         """``"max"`` or ``"min"`` for each objective metric."""
-        return [METRIC_MODES[m] for m in self.objectives]
+        return [METRIC_MODES[m.rpartition("/")[2]] for m in self.objectives]

@@ -18,6 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hbt_ray.evaluate import METRIC_MODES
+from hbt_ray.tune.config import TuneConfig
+
 ALPHA = "sampler.alpha"
 TAU = "loss.temperature"
 #: Columns of the results table, in order; metrics missing from a run are left blank.
@@ -218,3 +221,76 @@ def plot_alpha_tau_heatmap(rows: Sequence[dict], metric: str, out_dir: Path, bin
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+#: Metrics copied from a trial's last result into its row of the results table.
+ROW_METRICS = ("mono_map", "cross_map", "multi_map", "mean_map", "bias", "interpolate", "fallback_share",
+               "pairs_per_s", "train_steps")  # fmt: skip
+
+
+#: The extra evals' metrics shown in results.md (results.csv has all of them).
+EXTRA_COLUMNS = ("mono_map", "cross_map", "multi_map", "tatoeba_acc", "tatoeba_outside_xlmr_acc")
+
+
+def objective_value(summary: dict[str, Any], objectives: list[str]) -> float | None:
+    """The scalar the sweep ranks by: one metric, or for several the mean (a ``min`` metric negated)."""
+    values = []
+    for metric in objectives:
+        value = summary.get(metric)
+        if value is None:
+            return None
+        values.append(-float(value) if METRIC_MODES[metric.rpartition("/")[2]] == "min" else float(value))
+    return sum(values) / len(values)
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) or value is None
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: message`` of the original exception inside Ray's wrappers (one line, no colour codes)."""
+    cause = error
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).splitlines() if ln.strip()]
+    message = lines[-1] if lines else ""
+    return f"{type(cause).__name__}: {message.strip()[:300]}"
+
+
+def _dotted_get(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def rows_from_results(result_grid: Any, swept: list[str], cfg: TuneConfig) -> list[dict[str, Any]]:
+    """One row per trial (swept keys, α, τ, metrics, status, error), sorted by α then τ."""
+    rows = []
+    for result in result_grid:
+        metrics = dict(result.metrics or {})
+        config = result.config or {}
+        row: dict[str, Any] = {
+            "trial": metrics.get("trial_id") or Path(result.path).name,
+            "status": "ERROR" if result.error else ("TERMINATED" if metrics.get("final") else "STOPPED"),
+        }
+        for key in swept:
+            row[key] = config.get(key)
+        for key in (ALPHA, TAU):
+            if key not in row:
+                value = config.get(key)
+                row[key] = value if value is not None else _dotted_get(cfg.train, key)
+        for key in ROW_METRICS:
+            if key in metrics:
+                row[key] = metrics[key]
+        for key, value in metrics.items():  # the extra evals' metrics
+            if "/" in key and key.split("/", 1)[0] in cfg.extra_evals and _scalar(value):
+                row[key] = value
+        if result.error is None and metrics.get("final"):
+            row["objective"] = objective_value(metrics, cfg.objectives)
+        if metrics.get("export_dir"):
+            row["export_dir"] = metrics["export_dir"]
+        if result.error is not None:
+            row["error"] = describe_error(result.error)
+        rows.append(row)
+    rows.sort(key=lambda r: (r.get(ALPHA) is None, r.get(ALPHA) or 0.0, r.get(TAU) or 0.0, r["trial"]))
+    return rows

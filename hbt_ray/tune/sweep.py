@@ -44,30 +44,17 @@ from hbt_ray.provenance import provenance, provenance_lines
 from hbt_ray.train import TrainConfig, prepare_shards, train
 from hbt_ray.tune.config import TuneConfig
 from hbt_ray.tune.report import (
-    ALPHA,
-    TAU,
+    EXTRA_COLUMNS,
+    _scalar,
+    objective_value,
     pareto_front,
     plot_alpha_tau_heatmap,
     plot_metrics_vs_alpha,
+    rows_from_results,
     write_table,
 )
 from hbt_ray.tune.space import SearchSpace, SpaceError, load_space, resolve_space_path
 from hbt_ray.tune.wandb import SweepRun, scrub_secrets, trial_runs_callback
-
-#: Metrics copied from a trial's last result into its row of the results table.
-ROW_METRICS = ("mono_map", "cross_map", "multi_map", "mean_map", "bias", "interpolate", "fallback_share",
-               "pairs_per_s", "train_steps")  # fmt: skip
-
-
-def objective_value(summary: dict[str, Any], objectives: list[str]) -> float | None:
-    """The scalar the sweep ranks by: one metric, or for several the mean (a ``min`` metric negated)."""
-    values = []
-    for metric in objectives:
-        value = summary.get(metric)
-        if value is None:
-            return None
-        values.append(-float(value) if METRIC_MODES[metric] == "min" else float(value))
-    return sum(values) / len(values)
 
 
 def trial_train_config(cfg: TuneConfig, params: dict[str, Any]) -> TrainConfig:
@@ -125,11 +112,16 @@ def trial_index(trial_name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def evaluate_model(model: Any, eval_cfg: EvalConfig, objectives: list[str]) -> dict[str, Any]:
-    """Evaluate a model (spec, ModelConfig or exported dir) on the eval section; → the summary dict
-    with its ``objective``."""
+def evaluate_model(
+    model: Any, eval_cfg: EvalConfig, objectives: list[str], extra: dict[str, EvalConfig] | None = None
+) -> dict[str, Any]:
+    """Evaluate a model (spec, ModelConfig or exported dir) on the eval section, and on each ``extra``
+    one (keys ``<name>/<metric>``); → the summary dict with its ``objective``."""
     result = evaluate(model, load_eval_data(eval_cfg), eval_cfg)
     summary = dict(result.summary)
+    for name, section in (extra or {}).items():
+        more = evaluate(model, load_eval_data(section), section).summary
+        summary.update({f"{name}/{k}": v for k, v in more.items()})
     summary["objective"] = objective_value(summary, objectives)
     return summary
 
@@ -139,10 +131,6 @@ def _mean_pairs_per_s(history: list[dict[str, Any]]) -> float | None:
     values = [h["pairs_per_s"] for h in history if isinstance(h.get("pairs_per_s"), (int, float))]
     values = values[len(values) // 2 :]
     return sum(values) / len(values) if values else None
-
-
-def _scalar(value: Any) -> bool:
-    return isinstance(value, (int, float, str, bool)) or value is None
 
 
 def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
@@ -163,14 +151,14 @@ def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
     result = train(train_cfg, callbacks=[TuneReportCallback()])
     if result.model_path is None:
         raise RuntimeError(f"trial {ctx.get_trial_name()}: training exported no model ({result.run_dir})")
-    summary = evaluate_model(result.model_path, train_cfg.eval, cfg.objectives)
+    summary = evaluate_model(result.model_path, train_cfg.eval, cfg.objectives, cfg.extra_evals)
     lam, model_path = 1.0, result.model_path
     if cfg.interpolate:
         from hbt_ray.model.interpolate import best_interpolation
 
         lam, model_path, summary = best_interpolation(
             train_cfg.model, model_path, summary, cfg.interpolate, Path(result.run_dir),
-            lambda path: evaluate_model(path, train_cfg.eval, cfg.objectives),
+            lambda path: evaluate_model(path, train_cfg.eval, cfg.objectives, cfg.extra_evals),
         )  # fmt: skip
     final = {
         **{k: v for k, v in summary.items() if _scalar(v)},
@@ -205,6 +193,8 @@ def make_scheduler(space: SearchSpace, cfg: TuneConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     metric = cfg.objectives[0]
+    if "/" in metric:
+        raise ValueError(f"scheduler asha ranks on intermediate evaluations of train.eval: not {metric} (extra_evals)")
     eval_every = int(space.fixed.get("run.eval_every") or cfg.train.run.eval_every)
     if eval_every <= 0:
         raise ValueError("scheduler asha needs intermediate evaluations: set train.run.eval_every > 0")
@@ -219,52 +209,6 @@ def make_scheduler(space: SearchSpace, cfg: TuneConfig) -> Any:
         grace_period=2 * eval_every,
         reduction_factor=2,
     )
-
-
-def describe_error(error: BaseException) -> str:
-    """``Type: message`` of the original exception inside Ray's wrappers (one line, no colour codes)."""
-    cause = error
-    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
-        cause = cause.cause
-    lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).splitlines() if ln.strip()]
-    message = lines[-1] if lines else ""
-    return f"{type(cause).__name__}: {message.strip()[:300]}"
-
-
-def _dotted_get(obj: Any, key: str) -> Any:
-    for part in key.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
-def rows_from_results(result_grid: Any, swept: list[str], cfg: TuneConfig) -> list[dict[str, Any]]:
-    """One row per trial (swept keys, α, τ, metrics, status, error), sorted by α then τ."""
-    rows = []
-    for result in result_grid:
-        metrics = dict(result.metrics or {})
-        config = result.config or {}
-        row: dict[str, Any] = {
-            "trial": metrics.get("trial_id") or Path(result.path).name,
-            "status": "ERROR" if result.error else ("TERMINATED" if metrics.get("final") else "STOPPED"),
-        }
-        for key in swept:
-            row[key] = config.get(key)
-        for key in (ALPHA, TAU):
-            if key not in row:
-                value = config.get(key)
-                row[key] = value if value is not None else _dotted_get(cfg.train, key)
-        for key in ROW_METRICS:
-            if key in metrics:
-                row[key] = metrics[key]
-        if result.error is None and metrics.get("final"):
-            row["objective"] = objective_value(metrics, cfg.objectives)
-        if metrics.get("export_dir"):
-            row["export_dir"] = metrics["export_dir"]
-        if result.error is not None:
-            row["error"] = describe_error(result.error)
-        rows.append(row)
-    rows.sort(key=lambda r: (r.get(ALPHA) is None, r.get(ALPHA) or 0.0, r.get(TAU) or 0.0, r["trial"]))
-    return rows
 
 
 def prepare_base_train_config(base: TrainConfig, out_root: Path) -> TrainConfig:
@@ -383,7 +327,7 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     untuned = None
     if cfg.evaluate_untuned:
         print(f"[hbt_ray.tune] evaluating the untuned model {base.model.name} on {base.eval.data} …", flush=True)
-        untuned = evaluate_model(base.model, base.eval, cfg.objectives)
+        untuned = evaluate_model(base.model, base.eval, cfg.objectives, cfg.extra_evals)
         (out_dir / "untuned.json").write_text(json.dumps(untuned, indent=2, default=str))
 
     tuned_cfg = copy.deepcopy(cfg)
@@ -410,7 +354,9 @@ def _summarize(
     rows = rows_from_results(result_grid, space.swept_keys, cfg)
     prov = provenance()
     model = describe_model(cfg.train.model.name)
-    write_table(rows, out_dir, untuned=untuned, header=f"# Sweep {name}\n\n" + provenance_lines(prov, model))
+    extra = [f"{e}/{m}" for e in cfg.extra_evals for m in EXTRA_COLUMNS if any(f"{e}/{m}" in r for r in rows)]
+    header = f"# Sweep {name}\n\n" + provenance_lines(prov, model)
+    write_table(rows, out_dir, extra_columns=extra, untuned=untuned, header=header)
     images = plot_metrics_vs_alpha(rows, out_dir, untuned)
     for metric in cfg.objectives:
         heat = plot_alpha_tau_heatmap(rows, metric, out_dir)
