@@ -20,6 +20,8 @@ from hbt_ray.tune import (
 )
 from hbt_ray.tune.__main__ import main as tune_main
 
+ROOT = Path(__file__).resolve().parents[1]
+
 FAKE_KEY = "hbtfake0123456789abcdef0123456789abcdef01"
 
 
@@ -271,3 +273,16 @@ def test_trial_runs_without_a_key_log_offline_with_their_status(ray_local, monke
         for expected in (b"train.run.seed", b"sampler.alpha", b"loss", b"trial_status", b"ERROR"):
             assert expected in records, (trial_id, expected)
         assert b"not-a-key" not in records
+
+
+def test_the_recipe_sweep_config_passes_every_driver_check():
+    """``hbt_ray/configs/tune_recipe.yaml`` + ``tune_spaces/recipe.yaml`` (issue 19): every searched key at
+    its bounds / values through the typed loader, the extra evals and the objective."""
+    from hbt_ray.tune.sweep import check_sweep
+
+    cfg = load_config(TuneConfig, ROOT / "hbt_ray" / "configs" / "tune_recipe.yaml", ["name=recipe-check"])
+    space, base = check_sweep(cfg)
+    assert {"loss.temperature", "optim.lr", "model.freeze_layers", "data.train", "sampler.alpha"} <= set(space.params)
+    assert trial_train_config(cfg, {"data.train": "mlqa-r,ddtp"}).data.train == ["mlqa-r", "ddtp"]
+    assert set(cfg.extra_evals) == {"mlqa", "tatoeba"} and cfg.interpolate == [0.5]
+    assert base.eval.max_paragraphs >= 30  # a pool big enough to rank recipes
