@@ -106,7 +106,7 @@ def test_the_embedded_default_loads_with_its_eval_section_under_train():
     from hbt_ray.tune.__main__ import DEFAULT_CONFIG
 
     cfg = load_config(TuneConfig, DEFAULT_CONFIG)
-    assert (cfg.train.eval.data, cfg.train.eval.max_paragraphs, cfg.train.eval.actor_threads) == ("xquad-r", 6, 2)
+    assert (cfg.train.eval.data, cfg.train.eval.max_paragraphs, cfg.train.eval.actor_threads) == ("xquad-r", 30, 2)
     assert load_space(resolve_space_path(cfg.space)).params["sampler.alpha"].values == [0.0, 0.5, 1.0]
 
 

@@ -324,6 +324,9 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
 
     check_trial_fits(cfg, base, ray.cluster_resources())
     make_scheduler(space, cfg)  # a bad scheduler setting fails here, before any evaluation or W&B run
+    prov = provenance()  # at the start: the commit (and whether it was clean) of the code that runs
+    prov["eval_pool"] = describe_pool(base.eval)
+    print(f"[hbt_ray.tune] every evaluation: {prov['eval_pool']}", flush=True)
     untuned = None
     if cfg.evaluate_untuned:
         print(f"[hbt_ray.tune] evaluating the untuned model {base.model.name} on {base.eval.data} …", flush=True)
@@ -339,7 +342,7 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     trial_runs = trial_runs_callback(cfg.wandb, mode, name, out_dir, {"train": to_dict(base)})
     try:
         result_grid = _tuner(cfg, space, trainable, name, out_root, [trial_runs] if trial_runs else []).fit()
-        summary, report = _summarize(cfg, result_grid, space, name, out_dir, untuned)
+        summary, report = _summarize(cfg, result_grid, space, name, out_dir, untuned, prov)
     except BaseException:
         sweep_run.abort()
         raise
@@ -347,15 +350,26 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     return summary
 
 
+def describe_pool(eval_cfg: EvalConfig) -> str:
+    """How big the evaluation is: ``xquad-r: 7 languages, 1,435 queries, 1,204 candidates (30 whole
+    paragraphs per language)`` — differences between trials mean something only on a pool large enough."""
+    counts = load_eval_data(eval_cfg).counts()
+    if eval_cfg.max_pairs is not None or all(isinstance(c, int) for c in counts.values()):
+        return f"{eval_cfg.data}: {len(counts)} languages, {sum(counts.values()):,} pairs"
+    queries, candidates = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    subset = f"{eval_cfg.max_paragraphs} whole paragraphs per language" if eval_cfg.max_paragraphs else "all"
+    return f"{eval_cfg.data}: {len(counts)} languages, {queries:,} queries, {candidates:,} candidates ({subset})"
+
+
 def _summarize(
-    cfg: TuneConfig, result_grid: Any, space: SearchSpace, name: str, out_dir: Path, untuned: dict[str, Any] | None
-) -> tuple[SweepSummary, dict[str, Any]]:
+    cfg: TuneConfig, result_grid: Any, space: SearchSpace, name: str, out_dir: Path,
+    untuned: dict[str, Any] | None, prov: dict[str, Any],
+) -> tuple[SweepSummary, dict[str, Any]]:  # fmt: skip
     """Table, plots, best model and ``summary.json`` of a finished sweep; → the summary and the report."""
     rows = rows_from_results(result_grid, space.swept_keys, cfg)
-    prov = provenance()
     model = describe_model(cfg.train.model.name)
     extra = [f"{e}/{m}" for e in cfg.extra_evals for m in EXTRA_COLUMNS if any(f"{e}/{m}" in r for r in rows)]
-    header = f"# Sweep {name}\n\n" + provenance_lines(prov, model)
+    header = f"# Sweep {name}\n\n" + provenance_lines(prov, model) + f"\n- evaluation: {prov['eval_pool']}"
     write_table(rows, out_dir, extra_columns=extra, untuned=untuned, header=header)
     images = plot_metrics_vs_alpha(rows, out_dir, untuned)
     for metric in cfg.objectives:
