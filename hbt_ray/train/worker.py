@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from hbt_ray.config import load_config
-from hbt_ray.data.records import DataError
 from hbt_ray.data.streams import shard_streams
 from hbt_ray.loss import ContrastiveModule
 from hbt_ray.model import export_from_state_dict, load_dual_encoder
@@ -39,17 +38,10 @@ from hbt_ray.train import checkpoint as ckpt
 from hbt_ray.train.batches import PrefetchedBatches, batch_preparer, deal_by_tokens
 from hbt_ray.train.config import TrainConfig
 from hbt_ray.train.deepspeed import build_optimizer, consolidated_state_dict, deepspeed_config, zero_stage
+from hbt_ray.train.gradcache import cached_step, num_chunks
+from hbt_ray.train.mix import FALLBACK_GRACE_STEPS, MIX_FILE, FallbackShareError, mix_counts, mix_summary
 
 PHASES = ("data", "forward", "sync", "backward", "optimizer")
-#: Steps before the fallback share is held to ``sampler.max_fallback_share`` (one short early step of a
-#: few pairs is not yet a share).
-FALLBACK_GRACE_STEPS = 10
-
-
-class FallbackShareError(DataError):
-    """Too many pairs were not of their step's kind (see the sampler's "Shortage"); never retried."""
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the step."""
 
@@ -74,43 +66,6 @@ def all_reduce_mean(values: list[float]) -> list[float]:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return [float(x) for x in t.cpu()]
-
-
-MIX_FILE = "mix.json"
-
-
-def _mix_counts(batch: Any, langs: list[str], sources: list[str]) -> list[float]:
-    """A batch slice as counts: pairs per query language, per source, then fallback pairs and pairs."""
-    lang_index = {lang: i for i, lang in enumerate(langs)}
-    out = [0.0] * (len(langs) + len(sources) + 2)
-    for lang in batch.query_langs:
-        out[lang_index[lang]] += 1
-    source_index = {src: len(langs) + i for i, src in enumerate(sources)}
-    for src in batch.sources:
-        if src in source_index:
-            out[source_index[src]] += 1
-    out[-2], out[-1] = float(batch.fallback_pairs), float(len(batch.queries))
-    return out
-
-
-def mix_summary(mix: dict[str, Any], target: dict[str, float], sampler: Any = None) -> dict[str, Any]:
-    """The run's mix with each language's share of query pairs beside its target p(L)::
-
-        >>> mix_summary({"pairs": 4, "fallback_pairs": 0, "pairs_by_lang": {"en": 3, "de": 1},
-        ...              "pairs_by_source": {"ddtp": 4}}, {"en": 0.7, "de": 0.3})["share_by_lang"]
-        {'de': {'pairs': 1, 'share': 0.25, 'target': 0.3}, 'en': {'pairs': 3, 'share': 0.75, 'target': 0.7}}
-    """
-    pairs = max(1, mix["pairs"])
-    out = {**mix, "fallback_share": mix["fallback_pairs"] / pairs}
-    out["share_by_lang"] = {
-        lang: {"pairs": mix["pairs_by_lang"].get(lang, 0), "share": mix["pairs_by_lang"].get(lang, 0) / pairs,
-               "target": target[lang]}  # fmt: skip
-        for lang in sorted(target)
-    }
-    if sampler is not None:
-        out["mono_langs"] = list(sampler.mono_langs)
-        out["strategy"], out["alpha"] = sampler.cfg.strategy, sampler.cfg.alpha
-    return out
 
 
 def batch_fingerprint(queries: list[str], passages: list[str]) -> str:
@@ -153,14 +108,17 @@ class TrainRecipe:
         self.encoder = load_dual_encoder(cfg.model, train_texts=self.job.get("tokenizer_texts"))
         module = ContrastiveModule(self.encoder, cfg.loss)
         stage = zero_stage(cfg.deepspeed, world)
+        module.same_calls_every_rank = stage == 3 and world > 1
         if rank == 0 and stage != cfg.deepspeed.zero_stage:
             print(f"[hbt_ray.train] one worker, no offload: ZeRO stage {stage} instead of "
                   f"{cfg.deepspeed.zero_stage} (deepspeed.single_worker_stage)", flush=True)  # fmt: skip
         micro = cfg.sampler.batch_size // world
+        chunks = num_chunks(micro, cfg.loss.chunk_size) if cfg.loss.grad_cache else 1
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module,
             optimizer=build_optimizer(module, cfg.optim),
-            config=deepspeed_config(cfg.optim, cfg.deepspeed, cfg.run.max_steps, micro, world),
+            config=deepspeed_config(cfg.optim, cfg.deepspeed, cfg.run.max_steps, math.ceil(micro / chunks), world,
+                                    chunks=chunks),  # fmt: skip
             dist_init_required=False,
         )
         # Each rank streams its own disjoint part of the shards (files r::world, read lazily by Ray Data
@@ -229,7 +187,12 @@ class TrainRecipe:
             )
             n_local = len(prepared[6]) + sum(prepared[6])  # passages + hard negatives on this rank
             t_phase = _add_time(phase, "data", t_phase)
-            loss, tau = self.engine(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask)
+            if cfg.loss.grad_cache:  # embed without a graph, loss, gradients w.r.t. the embeddings
+                batch_on_device = (q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, prepared[6])
+                loss, replay = cached_step(self.engine, self.engine.module, batch_on_device, cfg.loss.chunk_size)
+                tau = self.engine.module.temperature().detach()
+            else:
+                loss, tau = self.engine(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask)
             t_phase = _add_time(phase, "forward", t_phase)
             if cfg.run.debug_nan_at_step is not None and self.step_no + 1 == cfg.run.debug_nan_at_step:
                 loss = loss * float("nan")
@@ -238,7 +201,7 @@ class TrainRecipe:
             # every rank when loss.gather, else this rank's) and carries rank 0's "report due".
             report_due = self.rank == 0 and time.perf_counter() - self.last_report >= cfg.run.report_every_s
             # ... and the mix of the step's pairs: query languages, sources, fallback pairs, pairs.
-            local = _mix_counts(batch, mix_langs, mix_sources)
+            local = mix_counts(batch, mix_langs, mix_sources)
             mean_loss, mean_candidates, mean_due, *mean_mix = all_reduce_mean(
                 [float(loss.detach()), float(n_local), float(report_due), *local]
             )
@@ -249,9 +212,13 @@ class TrainRecipe:
             if not math.isfinite(mean_loss):
                 nonfinite_at = micro_index + 1
                 break
-            self.engine.backward(loss)
-            t_phase = _add_time(phase, "backward", t_phase)
-            self.engine.step()  # the optimizer update at the accumulation boundary (ZeRO reductions included)
+            if cfg.loss.grad_cache:  # each chunk re-encoded with its dropout, one engine micro-step each
+                replay()
+                t_phase = _add_time(phase, "backward", t_phase)
+            else:
+                self.engine.backward(loss)
+                t_phase = _add_time(phase, "backward", t_phase)
+                self.engine.step()  # the optimizer update at the accumulation boundary (ZeRO reductions included)
             _add_time(phase, "optimizer", t_phase)
             losses.append(mean_loss)
             taus.append(float(tau))
