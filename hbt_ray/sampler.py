@@ -4,8 +4,7 @@ A training step draws ``batch_size`` pair groups **globally** (``batch_size // w
 and takes **one pair from each group**, so parallel copies of one item never meet in a batch. What
 kind of pair depends on the strategy:
 
-``x-x-mono``  every pair is (L, L) for one language L per step, p(L) ∝ n_L^(1/T) (among the languages
-              with at least ``batch_size`` groups in the data: a batch of one language needs them).
+``x-x-mono``  every pair is (L, L) for one language L per step, p(L) ∝ n_L^(1/T).
 ``x-y``       every pair is (X, Y), X ≠ Y: X drawn per pair ∝ p(X), Y among the group's other languages.
 ``x-x``       every pair is (L, L), L drawn per pair ∝ p(L): standard multilingual fine-tuning, languages
               mixed within a batch (LAReQA's X-X).
@@ -15,7 +14,9 @@ kind of pair depends on the strategy:
 
 Language weights: ``p(L) ∝ n_L^(1/T)`` over the languages of ``lang_counts`` (the whole data's counts,
 restricted to ``languages`` if given), T = ``lang_temperature`` (T=1 proportional to data, large T
-uniform). Languages are drawn first and groups holding them second, so p(L) holds over the data, not
+uniform), over the languages with at least ``min_lang_groups`` groups (default ``batch_size``: what one
+monolingual batch needs; rarer ones are left out and listed in ``excluded_langs``). Languages are drawn
+first and groups holding them second, so p(L) holds over the data, not
 over what the buffer happens to hold: a step's or a pair's language is drawn ∝ p, then a group with it
 is taken from the buffer. With ``lang_pairs`` (``["en-de", "de-en:2"]``: query language,
 passage language, optional weight after ``:``; ``X>Y`` is accepted too) only the listed pairs are drawn,
@@ -119,6 +120,9 @@ class SamplerConfig:
     steps_per_epoch: int | None = None  # None: num_groups // batch_size
     on_short: OnShort = "next-lang"
     max_fallback_share: float = 0.01  # a run whose fallback pairs exceed this share fails (1.0: allow all)
+    #: languages with fewer groups in the data are not drawn (None: batch_size — what one monolingual
+    #: batch needs; a language rarer than that cannot fill its share of steps without fallbacks)
+    min_lang_groups: int | None = None
     max_negatives: int = 0  # hard negatives per pair (from the group, passage language)
     step_log: int = 100_000  # per-step records kept (most recent)
 
@@ -135,6 +139,8 @@ class SamplerConfig:
             raise ConfigError(f"steps_per_epoch: {self.steps_per_epoch} must be >= 1")
         if self.max_negatives < 0:
             raise ConfigError(f"max_negatives: {self.max_negatives} must be >= 0")
+        if self.min_lang_groups is not None and self.min_lang_groups < 1:
+            raise ConfigError(f"min_lang_groups: {self.min_lang_groups} must be >= 1")
         if not 0.0 <= self.max_fallback_share <= 1.0:
             raise ConfigError(f"max_fallback_share: {self.max_fallback_share} is not in [0, 1]")
         for lang in self.languages or []:
@@ -278,6 +284,20 @@ class HybridBatchSampler:
             if missing:
                 raise ConfigError(f"sampler.languages: {missing} have no pairs (data has {sorted(counts)})")
             counts = {lang: counts[lang] for lang in cfg.languages}
+        # Languages too rare to fill their draws are left out (decided from the whole data's counts, so
+        # every rank agrees): as if the data did not have them, but named in the stats and by the driver.
+        min_groups = cfg.min_lang_groups if cfg.min_lang_groups is not None else cfg.batch_size
+        rare = {lang: n for lang, n in counts.items() if 0 < n < min_groups}
+        if cfg.languages is not None and rare:
+            raise ConfigError(
+                f"sampler.languages: {sorted(rare)} have fewer groups than sampler.min_lang_groups={min_groups} "
+                f"({', '.join(f'{k}: {v}' for k, v in sorted(rare.items()))})"
+            )
+        if len(rare) < sum(1 for n in counts.values() if n > 0):
+            counts = {lang: n for lang, n in counts.items() if lang not in rare}
+        else:  # none has enough: draw them all (the shortage shows as fallbacks)
+            rare = {}
+        self.excluded_langs = dict(sorted(rare.items()))
         self.langs: list[str] = sorted(lang for lang, n in counts.items() if n > 0)
         if not self.langs:
             raise ConfigError("sampler.languages: no language with pairs left")
@@ -287,12 +307,6 @@ class HybridBatchSampler:
         weights = lang_weights({lang: counts[lang] for lang in self.langs}, cfg.lang_temperature)
         self.p = np.array([weights[lang] for lang in self.langs])
         self._p_cum = np.cumsum(self.p)
-        # A monolingual step needs batch_size distinct groups in its language: languages with fewer in
-        # the whole data are not drawn for one (decided from the data's counts, so every rank agrees).
-        fills = np.array([counts[lang] >= cfg.batch_size for lang in self.langs])
-        self.mono_langs = [lang for lang, ok in zip(self.langs, fills) if ok] or list(self.langs)
-        mono_p = self.p * fills if fills.any() else self.p
-        self._mono_p_cum = np.cumsum(mono_p)
         self._p_order = np.argsort(-self.p, kind="stable")  # next-lang fallback order
         n_langs = len(self.langs)
         self._pair_w: np.ndarray | None = None
@@ -369,7 +383,7 @@ class HybridBatchSampler:
         if strategy == "hybrid":
             strategy = "x-x-mono" if rng.random() < cfg.alpha else "x-y"
         if strategy == "x-x-mono":
-            cum = self._mono_p_cum
+            cum = self._p_cum
             lang = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
             return "x-x-mono", min(lang, len(self.langs) - 1), None
         if strategy == "x-y":
@@ -873,7 +887,7 @@ class HybridBatchSampler:
             "cross_fallback_pairs": self._cross_fallback,
             "xx_fallback_pairs": self._xx_fallback,
             "recycled_pairs": self._recycled_pairs,
-            "mono_langs": list(self.mono_langs),
+            "excluded_langs": dict(self.excluded_langs),
             "short_steps": self._short_steps,
             "groups_read": self._groups_read,
             "groups_skipped_no_language": self._groups_skipped,

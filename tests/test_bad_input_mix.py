@@ -136,7 +136,8 @@ def test_a_run_whose_fallbacks_exceed_the_share_fails_naming_it(ray_local, tmp_p
     # Cross pairs asked only between English and the rarest language of 200 DDTP groups: a step of 32
     # needs 32 groups holding both, the data has a handful — most pairs are fallbacks.
     base = ["data.train=[ddtp]", "data.limit_groups=200", "data.rows_per_shard=100", "run.num_workers=1",
-            "sampler.batch_size=16", "sampler.buffer_groups=64", "sampler.strategy=x-y", "run.max_steps=4"]  # fmt: skip
+            "sampler.batch_size=16", "sampler.buffer_groups=64", "sampler.strategy=x-y", "run.max_steps=4",
+            "sampler.min_lang_groups=1"]  # fmt: skip  # rare languages drawn too: their shortage shows
     probe = _config(tmp_path, "run.name=probe", *base)
     from hbt_ray.train.driver import prepare_shards
 
@@ -154,3 +155,29 @@ def test_a_run_whose_fallbacks_exceed_the_share_fails_naming_it(ray_local, tmp_p
 def test_max_fallback_share_is_a_share():
     with pytest.raises(ConfigError, match=r"sampler\.max_fallback_share: 2\.0 is not in \[0, 1\]"):
         load_config(TrainConfig, TINY_YAML, ["sampler.max_fallback_share=2"])
+
+
+def test_languages_too_rare_to_fill_their_draws_are_left_out_and_named(shared_data):
+    """Before, a language with a handful of groups was drawn at its tempered p(L) all the same: in the
+    first steps (empty reservoirs) each draw of it was a fallback — 2.5 % of make run's first 10 steps,
+    above the ceiling. Now languages with fewer than ``min_lang_groups`` (default: batch_size) groups in
+    the data are not drawn, and the stats, mix.json and the driver name them."""
+    rows = [g.to_row() for g in read_pairs(shared_data / "ddtp" / "pairs.jsonl.gz", progress=False, limit=3000)]
+    counts, n = count_pairs(rows)
+    cfg = SamplerConfig(strategy="x-y", batch_size=32, lang_temperature=2.0, buffer_groups=512)
+    s = HybridBatchSampler(cfg, lambda _: iter(rows), 0, 1, counts, num_groups=n)
+    rare = {lang: c for lang, c in counts.items() if c < 32}
+    assert rare and s.excluded_langs == dict(sorted(rare.items()))
+    assert not set(rare) & set(s.langs)
+    for _ in range(100):
+        batch = s.next_batch()
+        assert not set(batch.query_langs + batch.passage_langs) & set(rare)
+    assert s.stats()["fallback_pairs"] == 0 and s.stats()["excluded_langs"] == s.excluded_langs
+    loose = HybridBatchSampler(SamplerConfig(batch_size=32, min_lang_groups=1), lambda _: iter(rows), 0, 1, counts,
+                               num_groups=n)  # fmt: skip
+    assert not loose.excluded_langs
+    lang = min(rare, key=rare.get)
+    with pytest.raises(ConfigError, match=rf"^sampler\.languages: \['{lang}'\] have fewer groups than "
+                                          r"sampler\.min_lang_groups=32"):  # fmt: skip
+        HybridBatchSampler(SamplerConfig(batch_size=32, languages=["en", lang]), lambda _: iter(rows), 0, 1, counts,
+                           num_groups=n)  # fmt: skip

@@ -106,7 +106,10 @@ def check_inputs(cfg: TrainConfig, manifest: Manifest, shard_dir: Path) -> None:
             f"(they have {', '.join(sorted(manifest.pairs_per_lang))})"
         )
     counts, world = dict(manifest.pairs_per_lang), cfg.run.num_workers
-    HybridBatchSampler(cfg.sampler, lambda _pass: iter(()), 0, world, counts, num_groups=manifest.groups)
+    sampler = HybridBatchSampler(cfg.sampler, lambda _pass: iter(()), 0, world, counts, num_groups=manifest.groups)
+    if sampler.excluded_langs:
+        rare = ", ".join(f"{k} ({v})" for k, v in sampler.excluded_langs.items())
+        print(f"[hbt_ray.train] not drawn, fewer groups than sampler.min_lang_groups: {rare}", file=sys.stderr)
 
 
 #: Errors of the configuration or of the data: a retry reads the same config and the same files and

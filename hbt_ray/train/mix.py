@@ -49,6 +49,6 @@ def mix_summary(mix: dict[str, Any], target: dict[str, float], sampler: Any = No
         for lang in sorted(target)
     }
     if sampler is not None:
-        out["mono_langs"] = list(sampler.mono_langs)
+        out["excluded_langs"] = dict(sampler.excluded_langs)
         out["strategy"], out["alpha"] = sampler.cfg.strategy, sampler.cfg.alpha
     return out
