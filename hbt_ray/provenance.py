@@ -31,8 +31,9 @@ _REPO = Path(__file__).resolve().parents[1]
 
 
 def git_commit(repo: Path = _REPO) -> str:
-    """HEAD's hash, ``+dirty`` when tracked files differ from it; ``unknown`` outside a git checkout (an
-    installed wheel) — a result then says so rather than naming a commit it did not come from."""
+    """HEAD's hash, ``+dirty(<files>)`` when tracked files differ from it (the first three named);
+    ``unknown`` outside a git checkout (an installed wheel) — a result then says so rather than naming a
+    commit it did not come from."""
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()  # fmt: skip
@@ -40,7 +41,10 @@ def git_commit(repo: Path = _REPO) -> str:
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return head + ("+dirty" if dirty else "")
+    if not dirty:
+        return head
+    files = [line[3:] for line in dirty.splitlines()]
+    return f"{head}+dirty({', '.join(files[:3])}{', …' if len(files) > 3 else ''})"
 
 
 def cpu_model() -> str:
