@@ -38,12 +38,12 @@ def git_commit(repo: Path = _REPO) -> str:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()  # fmt: skip
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+                               capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    if not dirty:
+    files = [line[3:] for line in dirty.splitlines() if line.strip()]  # "XY path": two status letters, a space
+    if not files:
         return head
-    files = [line[3:] for line in dirty.splitlines()]
     return f"{head}+dirty({', '.join(files[:3])}{', …' if len(files) > 3 else ''})"
 
 
