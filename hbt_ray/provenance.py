@@ -31,13 +31,17 @@ _REPO = Path(__file__).resolve().parents[1]
 
 
 def git_commit(repo: Path = _REPO) -> str:
-    """HEAD's hash, ``+dirty(<files>)`` when tracked files differ from it (the first three named);
+    """HEAD's hash, ``+dirty(<files>)`` when tracked files outside ``results/`` differ from it (the first
+    three named);
     ``unknown`` outside a git checkout (an installed wheel) — a result then says so rather than naming a
     commit it did not come from."""
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        # results/ holds outputs, not the code that made them: a result file rewritten by an earlier
+        # step of a regeneration does not make the code dirty
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)results"],
                                capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return "unknown"
