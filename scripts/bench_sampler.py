@@ -125,6 +125,9 @@ class _Tee:
         for stream in self.streams:
             stream.flush()
 
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, …: the terminal's (Ray asks)
+        return getattr(self.streams[0], name)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
