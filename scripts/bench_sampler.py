@@ -208,9 +208,11 @@ def main() -> None:
                 f"first batch after {t_first:.1f} s (pipeline start + {args.buffer_groups} groups buffered)"
             )
             print(sampler.format_stats().splitlines()[0])
+            print(f"RESULT sampler_pairs_per_s={sampler_rate:.0f} stream_pairs_per_s={stream_rate:.0f}")
+            sys.stdout.flush()
+            time.sleep(2)  # let Ray Data's iterator threads of the closed passes wind down before shutdown
     finally:
         ray.shutdown()
-    print(f"RESULT sampler_pairs_per_s={sampler_rate:.0f} stream_pairs_per_s={stream_rate:.0f}")
 
 
 if __name__ == "__main__":
