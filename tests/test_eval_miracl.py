@@ -5,6 +5,7 @@ the low-resource languages, on the whole corpus or the judged passages only."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "miracl"
 
 
-def _evaluate(out: Path, *args: str) -> subprocess.CompletedProcess:
+def _evaluate(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # a new local Ray of 1 CPU, whatever Ray this test session runs (RAY_ADDRESS is not passed on)
+    env = env or {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run(
         [sys.executable, "-m", "hbt_ray.evaluate", "--model", "tiny", "--data", f"miracl:{FIXTURES}",
          "--out", str(out), "--num-cpus", "1", *args],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
     )  # fmt: skip
 
 
@@ -53,3 +56,12 @@ def test_miracl_pool_is_for_miracl_only(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.strip() == "error: miracl_pool: only for miracl:PATH, not xquad-r"
+
+
+def test_num_cpus_with_a_running_cluster_is_one_line(tmp_path):
+    """--num-cpus sizes a new local Ray; with RAY_ADDRESS set the CLI joins that cluster instead, where
+    ray.init refused the argument with a traceback."""
+    proc = _evaluate(tmp_path, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: --num-cpus: sizes a new local Ray, but this joins the running one at "
+                                   "RAY_ADDRESS=127.0.0.1:1: drop --num-cpus, or unset RAY_ADDRESS")  # fmt: skip

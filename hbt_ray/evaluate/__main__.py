@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from hbt_ray.cluster import init_ray
+from hbt_ray.cluster import init_ray, starts_new_instance
 from hbt_ray.config import ConfigError, load_config
 from hbt_ray.data.records import DataError
 from hbt_ray.data.sources import is_bitext_spec
@@ -82,6 +82,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {out}: exists and is not a directory")
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus: must be >= 1, got {args.num_cpus}")
+    if args.num_cpus is not None and not starts_new_instance(None):
+        raise ConfigError(
+            f"--num-cpus: sizes a new local Ray, but this joins the running one at "
+            f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS') or '(ray start)'}: drop --num-cpus, or unset RAY_ADDRESS"
+        )
 
 
 def main(argv: list[str] | None = None) -> EvalResult | BitextResult | dict[str, Any]:
