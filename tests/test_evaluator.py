@@ -241,8 +241,11 @@ def test_config_errors_name_the_key():
 
 
 def test_metric_modes_maximise_every_map_and_minimise_the_bias():
-    lareqa = {k: v for k, v in METRIC_MODES.items() if not k.startswith("tatoeba_")}
+    lareqa = {k: v for k, v in METRIC_MODES.items() if not k.startswith("tatoeba_") and "@" not in k}
     assert lareqa == {"mono_map": "max", "cross_map": "max", "multi_map": "max", "mean_map": "max", "bias": "min"}
+    miracl = {k: v for k, v in METRIC_MODES.items() if "@" in k and not k.startswith("tatoeba_")}
+    assert set(miracl) == {"mono_ndcg@10", "mono_recall@100", "mono_low_resource_ndcg@10",
+                           "mono_low_resource_recall@100"} and set(miracl.values()) == {"max"}  # fmt: skip
     tatoeba = {k: v for k, v in METRIC_MODES.items() if k.startswith("tatoeba_")}
     assert "tatoeba_outside_xlmr_acc" in tatoeba and set(tatoeba.values()) == {"max"}  # accuracies, F1, MRR
 

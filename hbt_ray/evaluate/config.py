@@ -128,7 +128,10 @@ class EvalConfig:
             raise ConfigError(f"max_pairs: only for tatoeba[:PATH]; {self.data} is subset by max_paragraphs")
         if self.data.startswith("miracl:") and self.settings != ["mono"]:
             # MIRACL's topics have no parallel copies: cross is empty, multi would search every corpus
-            raise ConfigError(f"settings: {self.settings}: MIRACL is monolingual retrieval: settings=[mono]")
+            if self.settings == list(SETTINGS):  # the default: MIRACL's one setting instead
+                self.settings = ["mono"]
+            else:
+                raise ConfigError(f"settings: {self.settings}: MIRACL is monolingual retrieval: settings=[mono]")
         if self.miracl_pool != "corpus" and not self.data.startswith("miracl:"):
             raise ConfigError(f"miracl_pool: only for miracl:PATH, not {self.data}")
 
