@@ -36,7 +36,7 @@ from hbt_ray.evaluate import METRIC_MODES, EvalConfig, evaluate, load_eval_data
 from hbt_ray.train import TrainConfig, train
 
 #: The report's metrics: the LAReQA ones its eval set (train.eval, xquad-r) computes.
-METRICS = [m for m in METRIC_MODES if not m.startswith("tatoeba_")]
+METRICS = [m for m in METRIC_MODES if not m.startswith("tatoeba_") and "@" not in m]  # the LAReQA ones (not MIRACL's @k)
 SPLITS = ("seen", "heldout")
 
 
