@@ -540,9 +540,7 @@ class HybridBatchSampler:
         if short:  # a language with fewer groups than asked of it: (L', L') pairs of whatever is there
             self._short_steps += 1
             self._xx_fallback += short
-            slots = self._pick(rng, self._alive, short, taken)
-            langs = self._draw_lang(rng, slots)
-            parts.append((slots, langs, langs))
+            parts.append(self._any_xx(rng, short, taken))
         return parts, short
 
     def _cross_part(self, rng: np.random.Generator, k: int, taken: np.ndarray) -> tuple[list, int]:
@@ -573,10 +571,15 @@ class HybridBatchSampler:
         if short:
             self._short_steps += 1
             self._cross_fallback += short
-            slots = self._pick(rng, self._alive, short, taken)
-            langs = self._draw_lang(rng, slots)
-            parts.append((slots, langs, langs))
+            parts.append(self._any_xx(rng, short, taken))
         return parts, short
+
+    def _any_xx(self, rng: np.random.Generator, n: int, taken: np.ndarray) -> tuple[np.ndarray, ...]:
+        """n (L', L') pairs of whatever the buffer holds, L' per group among its languages: the fill of
+        every shortage."""
+        slots = self._pick(rng, self._alive, n, taken)
+        langs = self._draw_lang(rng, slots)
+        return slots, langs, langs
 
     def _fill_short(self, rng: np.random.Generator, lang: int, missing: int, taken: np.ndarray) -> list:
         policy = self.cfg.on_short
@@ -587,10 +590,8 @@ class HybridBatchSampler:
                 f"stream of rank {self.rank}",
                 f"pass {self._stream_pass}, row {self._stream_pos}",
             )
-        if policy == "x-x":  # (L', L') pairs, L' per group among its languages, of whatever the buffer holds
-            slots = self._pick(rng, self._alive, missing, taken)
-            langs = self._draw_lang(rng, slots)
-            return [(slots, langs, langs)]
+        if policy == "x-x":
+            return [self._any_xx(rng, missing, taken)]
         parts = []
         for other in self._p_order:
             if other == lang or missing == 0:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from hbt_ray.provenance import provenance_lines
+from hbt_ray.evaluate.result import run_facts
 
 #: Bar colours per group of langs.tsv; a language in no group is grey.
 GROUP_COLOURS = {"inside_xlmr": "tab:blue", "outside_xlmr": "tab:orange", None: "tab:gray"}
@@ -65,12 +65,7 @@ class BitextResult:
     def to_markdown(self, reference: BitextResult | None = None) -> str:
         """Run facts, the summary, per-language table (both directions, pooled), the absorbing languages."""
         lines = [f"# Bitext evaluation: {self.name}", ""]
-        if "provenance" in self.config:
-            lines.append(provenance_lines(self.config["provenance"], self.config.get("model_description")))
-        else:
-            lines += [f"- {key}: `{self.config[key]}`" for key in ("command", "model") if key in self.config]
-        if "data" in self.config:
-            lines.append(f"- data: `{self.config['data']}`")
+        lines += run_facts(self.config)
         pairs = self.counts.get("pairs", {})
         if pairs:
             lines.append(f"- languages: {len(pairs)}; pairs {sum(pairs.values())}")

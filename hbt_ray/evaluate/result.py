@@ -44,12 +44,7 @@ class EvalResult:
     def to_markdown(self) -> str:
         """A report: run facts, the summary, per-language / per-pair tables, the cross mAP matrix, timings."""
         lines = [f"# Evaluation: {self.name}", ""]
-        if "provenance" in self.config:
-            lines.append(provenance_lines(self.config["provenance"], self.config.get("model_description")))
-        else:
-            lines += [f"- {key}: `{self.config[key]}`" for key in ("command", "model") if key in self.config]
-        if "data" in self.config:
-            lines.append(f"- data: `{self.config['data']}`")
+        lines += run_facts(self.config)
         counts = self.counts.get("queries", {})
         if counts:
             lines.append(
@@ -127,3 +122,14 @@ class EvalResult:
         if self.cross:
             files["png"] = self.plot_heatmap(out / "cross_map.png")
         return files
+
+
+def run_facts(config: dict[str, Any]) -> list[str]:
+    """The report's head lines: provenance (command, commit, date, host, model) and the data."""
+    if "provenance" in config:
+        lines = [provenance_lines(config["provenance"], config.get("model_description"))]
+    else:
+        lines = [f"- {key}: `{config[key]}`" for key in ("command", "model") if key in config]
+    if "data" in config:
+        lines.append(f"- data: `{config['data']}`")
+    return lines
