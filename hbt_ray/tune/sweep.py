@@ -331,7 +331,7 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     if cfg.evaluate_untuned:
         print(f"[hbt_ray.tune] evaluating the untuned model {base.model.name} on {base.eval.data} …", flush=True)
         untuned = evaluate_model(base.model, base.eval, cfg.objectives, cfg.extra_evals)
-        (out_dir / "untuned.json").write_text(json.dumps(untuned, indent=2, default=str))
+        (out_dir / "untuned.json").write_text(json.dumps({**untuned, "provenance": prov}, indent=2, default=str))
 
     tuned_cfg = copy.deepcopy(cfg)
     tuned_cfg.train = base
