@@ -284,5 +284,8 @@ def test_the_recipe_sweep_config_passes_every_driver_check():
     space, base = check_sweep(cfg)
     assert {"loss.temperature", "optim.lr", "model.freeze_layers", "data.train", "sampler.alpha"} <= set(space.params)
     assert trial_train_config(cfg, {"data.train": "mlqa-r,ddtp"}).data.train == ["mlqa-r", "ddtp"]
-    assert set(cfg.extra_evals) == {"mlqa", "tatoeba"} and cfg.interpolate == [0.5]
+    assert set(cfg.extra_evals) == {"mlqa", "tatoeba"} and 0.5 in cfg.interpolate
     assert base.eval.max_paragraphs >= 30  # a pool big enough to rank recipes
+    # chosen on a dev pool disjoint from the one make run reports on (the first paragraphs)
+    default = load_config(TuneConfig, ROOT / "hbt_ray" / "configs" / "tune_default.yaml", [])
+    assert base.eval.skip_paragraphs >= (default.train.eval.max_paragraphs or 0) > 0

@@ -192,20 +192,22 @@ class EvalSet:
             dict(self.meta),
         )
 
-    def subset(self, max_paragraphs: int, seed: int | None = None) -> EvalSet:
+    def subset(self, max_paragraphs: int, seed: int | None = None, skip: int = 0) -> EvalSet:
         """Keep ``max_paragraphs`` whole *parallel paragraphs*, with all their queries and candidates.
 
         A parallel paragraph is a connected unit: the paragraphs (per language) whose queries share a
         ``link``, plus the paragraphs of their relevant candidates. Every kept query therefore keeps
         its relevant candidates and its parallel queries (with theirs) in every language. Candidates
         that belong to no query's unit (e.g. unjudged corpus documents) are dropped. ``seed=None``
-        keeps the first units in file order; a seed draws a random (reproducible) sample.
+        keeps the first units in file order; a seed draws a random (reproducible) sample. ``skip`` first
+        drops that many units in file order: ``subset(30, skip=30)`` is a split disjoint from ``subset(30)``
+        (a dev pool to choose a recipe on, the first one to report it on).
 
             >>> s = EvalSet("t", {"en": [EvalQuery("en:1", "q", "1", ("en:a",), "en:p1"),
             ...                          EvalQuery("en:2", "q", "2", ("en:b",), "en:p2")]},
             ...             {"en": [Candidate("en:a", "a", "en:p1"), Candidate("en:b", "b", "en:p2")]})
-            >>> s.subset(1).counts()
-            {'en': (1, 1)}
+            >>> s.subset(1).counts(), [q.qid for q in s.subset(1, skip=1).queries["en"]]
+            ({'en': (1, 1)}, ['en:2'])
         """
         if max_paragraphs < 1:
             raise ValueError(f"{self.name}: max_paragraphs must be >= 1, got {max_paragraphs}")
@@ -257,6 +259,9 @@ class EvalSet:
             if root not in seen:
                 seen.add(root)
                 roots.append(root)
+        if skip < 0:
+            raise ValueError(f"{self.name}: skip must be >= 0, got {skip}")
+        roots = roots[skip:]
         if seed is not None and len(roots) > max_paragraphs:
             keep = set(random.Random(seed).sample(roots, max_paragraphs))
         else:
@@ -273,7 +278,7 @@ class EvalSet:
             for lang in self.langs
         }
         meta = dict(self.meta)
-        meta["subset"] = {"max_paragraphs": max_paragraphs, "seed": seed, "units": len(keep)}
+        meta["subset"] = {"max_paragraphs": max_paragraphs, "seed": seed, "skip": skip, "units": len(keep)}
         return EvalSet(self.name, queries, candidates, meta)
 
 

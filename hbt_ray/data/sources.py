@@ -118,9 +118,11 @@ def load_eval_set(
     download: bool = False,
     max_pairs: int | None = None,
     miracl_pool: str = "corpus",
+    skip_paragraphs: int = 0,
 ) -> EvalSet | BitextSet:
     """The eval set named by ``spec``, optionally restricted to ``langs`` and subset to
-    ``max_paragraphs`` whole parallel paragraphs (see :meth:`EvalSet.subset`). ``xquad-r`` / ``mlqa-r``
+    ``max_paragraphs`` whole parallel paragraphs after the first ``skip_paragraphs`` (see
+    :meth:`EvalSet.subset`). ``xquad-r`` / ``mlqa-r``
     missing from the data folder are fetched only with ``download``. A bitext spec gives a
     :class:`BitextSet` of the first ``max_pairs`` pairs per language (it has no paragraphs)."""
     check_spec(spec, "eval")
@@ -151,7 +153,9 @@ def load_eval_set(
     else:
         raise ValueError(f"unknown eval set spec {spec!r} (known: {EVAL_SPECS})")
     if max_paragraphs is not None:
-        eval_set = eval_set.subset(max_paragraphs, seed=seed)
+        eval_set = eval_set.subset(max_paragraphs, seed=seed, skip=skip_paragraphs)
+    elif skip_paragraphs:
+        raise ValueError(f"{spec}: skip_paragraphs needs max_paragraphs")
     return eval_set
 
 

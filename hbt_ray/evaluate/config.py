@@ -75,6 +75,8 @@ class EvalConfig:
     langs: list[str] | None = None  # languages to keep; None (or empty) = all of the eval set
     max_paragraphs: int | None = None  # keep the first N whole parallel paragraphs; None = all
     subset_seed: int | None = None  # draw the N paragraphs at random with this seed; None = the first N
+    #: drop the first N paragraphs before keeping max_paragraphs: a dev pool disjoint from the first one
+    skip_paragraphs: int = 0
     max_pairs: int | None = None  # tatoeba: keep the first N pairs of every language; None = all
     #: xquad-r / mlqa-r not in the data folder: fetch the public files (checksum-verified); false = an error
     download: bool = False
@@ -115,6 +117,8 @@ class EvalConfig:
         for key in ("num_shards", "batch_size", "concurrency"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.skip_paragraphs < 0 or (self.skip_paragraphs and self.max_paragraphs is None):
+            raise ConfigError(f"skip_paragraphs: must be >= 0 and needs max_paragraphs, got {self.skip_paragraphs}")
         if self.max_paragraphs is not None and self.max_paragraphs < 1:
             raise ConfigError(f"max_paragraphs: must be >= 1, got {self.max_paragraphs}")
         if self.max_pairs is not None and self.max_pairs < 1:

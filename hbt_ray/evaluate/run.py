@@ -70,6 +70,7 @@ def load_eval_data(cfg: EvalConfig) -> EvalSet | BitextSet:
     return load_eval_set(
         cfg.data, langs=cfg.langs or None, max_paragraphs=cfg.max_paragraphs, seed=cfg.subset_seed,
         download=cfg.download, max_pairs=cfg.max_pairs, miracl_pool=cfg.miracl_pool,
+        skip_paragraphs=cfg.skip_paragraphs,
     )  # fmt: skip
 
 
@@ -209,7 +210,7 @@ def subset_eval_set(eval_set: EvalSet | BitextSet, cfg: EvalConfig) -> EvalSet |
     if cfg.langs:
         eval_set = eval_set.select_langs(cfg.langs)
     if cfg.max_paragraphs is not None:
-        eval_set = eval_set.subset(cfg.max_paragraphs, seed=cfg.subset_seed)
+        eval_set = eval_set.subset(cfg.max_paragraphs, seed=cfg.subset_seed, skip=cfg.skip_paragraphs)
     return eval_set
 
 

@@ -46,6 +46,7 @@ from hbt_ray.tune.config import TuneConfig
 from hbt_ray.tune.report import (
     EXTRA_COLUMNS,
     _scalar,
+    missed_targets,
     objective_value,
     pareto_front,
     plot_alpha_tau_heatmap,
@@ -156,10 +157,15 @@ def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
     if cfg.interpolate:
         from hbt_ray.model.interpolate import best_interpolation
 
+        # Each λ is ranked on train.eval alone unless the objective needs an extra evaluation (they are
+        # the slow ones); the chosen λ then gets them too, so the row is complete for the model exported.
+        ranked_on = cfg.extra_evals if any("/" in m for m in cfg.objectives) else None
         lam, model_path, summary = best_interpolation(
             train_cfg.model, model_path, summary, cfg.interpolate, Path(result.run_dir),
-            lambda path: evaluate_model(path, train_cfg.eval, cfg.objectives, cfg.extra_evals),
+            lambda path: evaluate_model(path, train_cfg.eval, cfg.objectives, ranked_on),
         )  # fmt: skip
+        if lam != 1.0 and cfg.extra_evals and ranked_on is None:
+            summary = evaluate_model(model_path, train_cfg.eval, cfg.objectives, cfg.extra_evals)
     final = {
         **{k: v for k, v in summary.items() if _scalar(v)},
         "pairs_per_s": _mean_pairs_per_s(result.history) or result.metrics.get("pairs_per_s"),
@@ -358,6 +364,8 @@ def describe_pool(eval_cfg: EvalConfig) -> str:
         return f"{eval_cfg.data}: {len(counts)} languages, {sum(counts.values()):,} pairs"
     queries, candidates = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     subset = f"{eval_cfg.max_paragraphs} whole paragraphs per language" if eval_cfg.max_paragraphs else "all"
+    if eval_cfg.skip_paragraphs:
+        subset += f", after the first {eval_cfg.skip_paragraphs}"
     return f"{eval_cfg.data}: {len(counts)} languages, {queries:,} queries, {candidates:,} candidates ({subset})"
 
 
@@ -395,6 +403,7 @@ def _summarize(
         "trials": len(rows),
         "errored": sum(r["status"] == "ERROR" for r in rows),
         "pareto": [r["trial"] for r in pareto],
+        "meets_targets": [r["trial"] for r in rows if untuned and missed_targets(r, untuned) == "all met"],
         "best_model_dir": None if best_model_dir is None else str(best_model_dir),
     }
     (out_dir / "summary.json").write_text(json.dumps(report, indent=2, default=str))
