@@ -83,6 +83,14 @@ def test_load_eval_data_reads_the_subset_the_config_names(xquad_slice):
     assert {q.link for q in drawn.queries["de"]} != {q.link for q in first.queries["de"]}
     kept = subset_eval_set(drawn, seeded)
     assert [q.qid for q in kept.queries["zh"]] == [q.qid for q in drawn.queries["zh"]]
+    # a dev split: the next 4 paragraphs, disjoint from the first 4; evaluate() re-applying it keeps it
+    dev_cfg = EvalConfig(data="xquad-r", langs=LANGS, max_paragraphs=4, skip_paragraphs=4)
+    dev = load_eval_data(dev_cfg)
+    assert dev.counts() and all(q > 0 for q, _ in dev.counts().values())
+    assert not {q.link for q in dev.queries["en"]} & {q.link for q in first.queries["en"]}
+    assert subset_eval_set(dev, dev_cfg).counts() == dev.counts()
+    twice = load_eval_data(EvalConfig(data="xquad-r", langs=LANGS, max_paragraphs=8))
+    assert {q.link for q in twice.queries["en"]} == {q.link for q in first.queries["en"] + dev.queries["en"]}
 
 
 def test_float16_embeddings_give_the_same_ranking_quality(xquad_slice, tiny):

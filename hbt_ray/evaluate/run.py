@@ -210,7 +210,9 @@ def subset_eval_set(eval_set: EvalSet | BitextSet, cfg: EvalConfig) -> EvalSet |
     if cfg.langs:
         eval_set = eval_set.select_langs(cfg.langs)
     if cfg.max_paragraphs is not None:
-        eval_set = eval_set.subset(cfg.max_paragraphs, seed=cfg.subset_seed, skip=cfg.skip_paragraphs)
+        # a set load_eval_data already subset has had its skip: skipping again would empty it
+        skip = 0 if "subset" in eval_set.meta else cfg.skip_paragraphs
+        eval_set = eval_set.subset(cfg.max_paragraphs, seed=cfg.subset_seed, skip=skip)
     return eval_set
 
 
