@@ -183,6 +183,33 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
             assert FAKE_KEY.encode() not in path.read_bytes(), path
 
 
+def test_optuna_with_asha_sweeps_on_intermediate_evaluations(tmp_path, ray_local):
+    """Optuna + ASHA as the recipe sweep runs them: step results without the metric between the
+    evaluations (OptunaSearch indexed them: a KeyError ended the experiment at the first logged step)."""
+    space = tmp_path / "optuna.yaml"
+    space.write_text(
+        "search: optuna\nnum_samples: 3\nscheduler: asha\nparams:\n"
+        "  sampler.alpha: {type: uniform, low: 0.0, high: 1.0}\n"
+        "  loss.temperature: {type: loguniform, low: 0.01, high: 0.1}\n"
+    )
+    skip = ("space=", "inject_failure_trial=", "interpolate=", "extra_evals.", "train.run.max_steps=")
+    overrides = [o for o in _overrides(tmp_path) if not o.startswith(skip)]
+    overrides += [f"space={space}", "objective=mean_map", "train.run.max_steps=8", "train.run.eval_every=2",
+                  "train.run.log_every=1", "evaluate_untuned=false"]  # fmt: skip
+    summary = run_sweep(load_config(TuneConfig, None, overrides))
+    assert len(summary.rows) == 3 and all(r["status"] in ("TERMINATED", "STOPPED") for r in summary.rows), summary.rows
+    finished = [r for r in summary.rows if r.get("objective") is not None]
+    assert finished and summary.best["objective"] == max(r["objective"] for r in finished)
+    assert len({r["sampler.alpha"] for r in summary.rows}) == 3  # Optuna drew the values
+    for row in summary.rows:  # a trial ASHA stopped still shows its last evaluation
+        assert isinstance(row.get("multi_map"), float), row
+    # no trial's training run left its placement group (ASHA's stops took the Train controller down)
+    import ray
+
+    states = {g["placement_group_id"]: g["state"] for g in ray.util.placement_group_table().values()}
+    assert set(states.values()) <= {"REMOVED"}, states
+
+
 def test_bad_space_file_is_a_clear_cli_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search: grid\nparams: {sampler.alpha: {type: uniform, low: 0, high: 1}}\n")
@@ -204,12 +231,14 @@ def test_trials_that_starve_ray_data_fail_fast():
 
 def test_asha_rungs_count_training_steps():
     """Reports are time-throttled, so ASHA's clock is the training step: the first rung is after two
-    evaluations, the last at max_steps; without intermediate evaluations ASHA is refused."""
+    evaluations, the last at max_steps, and max_t is past it (ASHA stops whatever reaches max_t: at
+    max_steps, every trial in its final evaluation); without intermediate evaluations ASHA is refused."""
     space = load_space(resolve_space_path("ratio_temperature"))
     cfg = load_config(TuneConfig, None, ["train.run.eval_every=10", "train.run.max_steps=100"])
     asha = make_scheduler(space, cfg)
-    assert asha._time_attr == "step" and asha._max_t == 100
-    assert min(milestone for milestone, _ in asha._brackets[0]._rungs) == 20
+    assert asha._time_attr == "step" and asha._max_t == 101
+    milestones = sorted(milestone for milestone, _ in asha._brackets[0]._rungs)
+    assert milestones[0] == 20 and milestones[-1] < 101
     with pytest.raises(ValueError, match="eval_every"):
         make_scheduler(space, load_config(TuneConfig, None, ["train.run.eval_every=0"]))
 

@@ -68,6 +68,28 @@ def all_reduce_mean(values: list[float]) -> list[float]:
     return [float(x) for x in t.cpu()]
 
 
+#: The run dir's record of the placement group its workers run in (written by rank 0 at setup).
+PLACEMENT_GROUP_FILE = "placement_group"
+
+
+def remove_leftover_placement_group(run_dir: Path) -> bool:
+    """Remove the placement group a run's workers ran in, if the run left it; → whether it did. A Tune
+    trial stopped mid-run (ASHA) takes the Train controller down with it, and Ray Train's own cleaner
+    asks the State API, i.e. the dashboard, which a local instance here does not run: the group's CPUs
+    stayed reserved and the next trial waited for them forever."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    path = Path(run_dir) / PLACEMENT_GROUP_FILE
+    if not path.exists():
+        return False
+    group = PlacementGroup(PlacementGroupID(bytes.fromhex(path.read_text().strip())))
+    if placement_group_table(group).get("state") in (None, "REMOVED"):
+        return False
+    remove_placement_group(group)
+    return True
+
+
 def batch_fingerprint(queries: list[str], passages: list[str]) -> str:
     h = hashlib.sha1()
     for text in (*queries, *passages):
@@ -156,6 +178,9 @@ class TrainRecipe:
 
             self.eval_set = load_eval_data(self.cfg.eval)
         self.steps_log = self.run_dir / "steps.jsonl"
+        group = ray.util.get_current_placement_group() if self.rank == 0 else None
+        if group is not None:
+            (self.run_dir / PLACEMENT_GROUP_FILE).write_text(group.id.hex())
         self.attempt = f"{os.getpid()}-{time.time():.0f}"
         if self.rank == 0 and self.cfg.run.progress:
             from tqdm import tqdm

@@ -307,9 +307,9 @@ def rows_from_results(result_grid: Any, swept: list[str], cfg: TuneConfig) -> li
             if key not in row:
                 value = config.get(key)
                 row[key] = value if value is not None else _dotted_get(cfg.train, key)
-        for key in ROW_METRICS:
-            if key in metrics:
-                row[key] = metrics[key]
+        for key in ROW_METRICS:  # a trial ASHA stopped has its last intermediate evaluation only
+            if key in metrics or f"eval/{key}" in metrics:
+                row[key] = metrics.get(key, metrics.get(f"eval/{key}"))
         for key, value in metrics.items():  # the extra evals' metrics
             if "/" in key and key.split("/", 1)[0] in cfg.extra_evals and _scalar(value):
                 row[key] = value

@@ -186,9 +186,22 @@ def make_search_alg(space: SearchSpace, cfg: TuneConfig) -> Any:
         return None
     from ray.tune.search.optuna import OptunaSearch
 
-    if len(cfg.objectives) == 1:
-        return OptunaSearch(metric=cfg.objectives[0], mode=cfg.modes[0], seed=cfg.seed)
-    return OptunaSearch(metric=cfg.objectives, mode=cfg.modes, seed=cfg.seed)
+    class OptunaOnEvaluations(OptunaSearch):
+        """Optuna told about a trial's evaluations only: the ``eval/<metric>`` of every intermediate one
+        (so a trial ASHA stops is a pruned trial with its last value), then of the final one. The step
+        results between evaluations lack the metric, which OptunaSearch indexes (a KeyError that ended
+        the experiment at a trial's first logged step)."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            wanted = self.metric if isinstance(self.metric, list) else [self.metric]
+            if all(m in result for m in wanted):
+                super().on_trial_result(trial_id, result)
+
+    # run_trial's final result carries every evaluation metric under eval/ too (the chosen λ's)
+    metrics = [f"eval/{m}" for m in cfg.objectives]
+    if len(metrics) == 1:
+        return OptunaOnEvaluations(metric=metrics[0], mode=cfg.modes[0], seed=cfg.seed)
+    return OptunaOnEvaluations(metric=metrics, mode=cfg.modes, seed=cfg.seed)
 
 
 def make_scheduler(space: SearchSpace, cfg: TuneConfig) -> Any:
@@ -205,13 +218,15 @@ def make_scheduler(space: SearchSpace, cfg: TuneConfig) -> Any:
     if eval_every <= 0:
         raise ValueError("scheduler asha needs intermediate evaluations: set train.run.eval_every > 0")
     # Rungs in training steps (reports are time-throttled, so their count is not a clock): a trial
-    # runs at least two evaluations before it can be stopped.
+    # runs at least two evaluations before it can be stopped. max_t is one step past the last one: ASHA
+    # stops every trial that reaches max_t, which at max_steps would kill each in its final evaluation;
+    # the last rung (at max_steps when it is grace · 2^k) still spares the weak ones that evaluation.
     max_steps = int(space.fixed.get("run.max_steps") or cfg.train.run.max_steps)
     return ASHAScheduler(
         metric=f"eval/{metric}",
         mode=METRIC_MODES[metric],
         time_attr="step",
-        max_t=max(max_steps, 2 * eval_every),
+        max_t=max(max_steps, 2 * eval_every) + 1,
         grace_period=2 * eval_every,
         reduction_factor=2,
     )
@@ -346,14 +361,32 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     sweep_run = SweepRun(cfg.wandb, name, out_dir)
     mode = sweep_run.start()  # decides online or offline once, for the trials too
     trial_runs = trial_runs_callback(cfg.wandb, mode, name, out_dir, {"train": to_dict(base)})
+    callbacks = [leftover_groups_callback(out_dir / "trials"), *([trial_runs] if trial_runs else [])]
     try:
-        result_grid = _tuner(cfg, space, trainable, name, out_root, [trial_runs] if trial_runs else []).fit()
+        result_grid = _tuner(cfg, space, trainable, name, out_root, callbacks).fit()
         summary, report = _summarize(cfg, result_grid, space, name, out_dir, untuned, prov)
     except BaseException:
         sweep_run.abort()
         raise
     sweep_run.finish(summary.rows, summary.images, report)
     return summary
+
+
+def leftover_groups_callback(trials_dir: Path) -> Any:
+    """A Tune callback that frees the placement group of a trial's training run when the trial ends
+    (:func:`hbt_ray.train.worker.remove_leftover_placement_group`: one ASHA stops mid-run leaves it)."""
+    from ray.tune import Callback
+
+    from hbt_ray.train.worker import remove_leftover_placement_group
+
+    class RemoveLeftoverGroups(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            remove_leftover_placement_group(trials_dir / trial.trial_id)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            remove_leftover_placement_group(trials_dir / trial.trial_id)
+
+    return RemoveLeftoverGroups()
 
 
 def describe_pool(eval_cfg: EvalConfig) -> str:

@@ -223,6 +223,9 @@ def trial_runs_callback(
         dir=str(out_dir),
         job_type="trial",
         reinit="finish_previous",  # what Ray's reinit=True means, without W&B's deprecation warning
+        # Offline there is nothing to upload: at the end wait only for the runs to close. (A trial the
+        # experiment left running never closes its run: the default wait was half an hour.)
+        **({} if mode == "online" else {"upload_timeout": 30}),
         settings=_settings(cfg),
         base_config=flat(base_config),
     )
