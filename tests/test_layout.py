@@ -14,7 +14,7 @@ PACKAGE = ROOT / "hbt_ray"
 #: below train because the trainer's intermediate evaluations use it; the data flows
 #: pairs → sampler → train → evaluate → tune.
 LAYERS = {"config": 0, "cluster": 0, "provenance": 0, "data": 1, "sampler": 2, "model": 3, "loss": 4, "evaluate": 5,
-          "train": 6, "tune": 7}  # fmt: skip
+          "train": 6, "tune": 7, "reproduce": 8}  # fmt: skip
 MAX_LINES = 450
 LONG_ALLOWED = {"sampler.py"}
 

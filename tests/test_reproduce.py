@@ -1,144 +1,163 @@
-"""scripts/reproduce.py: the α sweep end to end on the tiny preset, and its statistics / verdict logic."""
+"""hbt_ray.reproduce (the report, second edition): the arms, the pairing over seeds, the verdicts, and the
+grid end to end on the tiny preset (resumable, partial grids reported with their missing cells)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 from scipy import stats
 
+from hbt_ray.config import load_config
+from hbt_ray.reproduce import (
+    ReproduceConfig,
+    compare,
+    lang_groups,
+    paired,
+    run_key,
+    train_config,
+    verdict_word,
+    write_report,
+)
+from hbt_ray.reproduce.__main__ import main
+
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
-reproduce = importlib.util.module_from_spec(_spec)
-sys.modules["reproduce"] = reproduce  # dataclasses look their module up
-_spec.loader.exec_module(reproduce)  # type: ignore[union-attr]
 
 TINY_YAML = """
-alphas: [0.0, 1.0]
+arms: [x-y, x-x]
 seeds: 2
-seen_langs: [de, en, es]
-heldout_langs: [vi, zh]
+hybrid_arm: x-y
+train_langs: [de, en, es]
+evals:
+  xquad: {data: xquad-r, langs: [de, en, vi], max_paragraphs: 3, show_progress: false, batch_size: 64}
+  tato: {data: tatoeba, langs: [deu, hin, kzj], max_pairs: 20, show_progress: false, batch_size: 64}
 train:
   model: {name: tiny}
-  sampler: {batch_size: 16, buffer_groups: 64}
+  sampler: {batch_size: 16, buffer_groups: 64, min_lang_groups: 4}
   data: {train: [ddtp], limit_groups: 400, rows_per_shard: 500}
   optim: {lr: 1.0e-3, warmup_steps: 0, schedule: constant}
-  deepspeed: {zero_stage: 2, precision: fp32}
-  run: {num_workers: 2, cpus_per_worker: 0.5, max_steps: 6, checkpoint_every: 0, keep_checkpoints: 1,
-        progress: false}
-  eval: {data: xquad-r, max_paragraphs: 3, subset_seed: 0, show_progress: false, batch_size: 64}
+  run: {num_workers: 1, cpus_per_worker: 0.5, max_steps: 5, checkpoint_every: 0, progress: false}
 """
 
 
-def _record(alpha: float, seed: int, seen: float, heldout: float) -> dict:
-    summary = {"mono_map": seen, "cross_map": seen, "multi_map": seen, "mean_map": seen, "bias": 1 - seen}
-    held = {"mono_map": heldout, "cross_map": heldout, "multi_map": heldout, "mean_map": heldout, "bias": 0.1}
-    return {"alpha": alpha, "seed": seed, "train_s": 1.0, "eval_s": 1.0, "seen": summary, "heldout": held}
+def _rec(arm: str, seed: int | None, value: float, group: str = "outside_xlmr") -> dict:
+    return {"arm": arm, "seed": seed, "alpha": None, "train_s": 1.0, "eval_s": 1.0,
+            "metrics": {f"tato/{group}/acc": value, "tato/seen/acc": value, "xquad/multi_map": value},
+            "groups": {}, "provenance": {"commit": "abc"}}  # fmt: skip
 
 
-def test_mean_ci95_is_the_t_interval() -> None:
-    values = [0.31, 0.35, 0.29]
-    m, h = reproduce.mean_ci95(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / 2)
-    assert m == pytest.approx(sum(values) / 3)
-    assert h == pytest.approx(stats.t.ppf(0.975, 2) * sd / math.sqrt(3))
-    assert math.isnan(reproduce.mean_ci95([0.5])[1])
+def test_paired_difference_is_the_paired_t_interval_and_test():
+    arm, base = {0: 0.52, 1: 0.57, 2: 0.53}, {0: 0.50, 1: 0.51, 2: 0.52}
+    d = paired(arm, base)
+    diffs = [0.02, 0.06, 0.01]
+    half = stats.t.ppf(0.975, 2) * stats.tstd(diffs) / math.sqrt(3)
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.03)
+    assert (d["lo"], d["hi"]) == pytest.approx((0.03 - half, 0.03 + half))
+    assert d["p"] == pytest.approx(stats.ttest_rel(list(arm.values()), list(base.values())).pvalue)
+    # the untuned model has no seed: its one value is every seed's baseline
+    one = paired(arm, 0.5)
+    assert one["mean"] == pytest.approx(0.04) and one["n"] == 3
+    # only the seeds both arms have are paired
+    assert paired({0: 0.5, 1: 0.6, 2: 0.7}, {1: 0.5, 2: 0.5})["n"] == 2
 
 
-def test_verdict_hybrid_beats_both_only_when_computed_so(tmp_path: Path) -> None:
-    # seen: α=0.5 best and its interval apart from both baselines; held-out: α=1 best → hybrid loses
-    records = []
-    for s, jitter in enumerate((0.0, 0.002, -0.002)):
-        records += [
-            _record(0.0, s, 0.30 + jitter, 0.20 + jitter),
-            _record(0.5, s, 0.40 + jitter, 0.25 + jitter),
-            _record(1.0, s, 0.32 + jitter, 0.30 + jitter),
-        ]
-    table = reproduce.aggregate(records)
-    assert table["seen"]["multi_map"]["0.5"]["n"] == 3
-    v = reproduce.verdict(table, "seen", "multi_map")
-    assert v["beats"] and v["significant"] and v["best_hybrid_alpha"] == 0.5
-    assert v["alpha0"] == pytest.approx(0.30) and v["alpha1"] == pytest.approx(0.32)
-    v = reproduce.verdict(table, "heldout", "multi_map")
-    assert v["beats"] is False and v["significant"] is False
-    # bias: lower is better — seen bias of α=0.5 (0.60) is the lowest
-    assert reproduce.verdict(table, "seen", "bias")["beats"] is True
-    # overlapping intervals: beats on the mean, not significant
-    noisy = [
-        _record(a, s, base + (0.05 if s else -0.05), 0.2)
-        for s in range(2)
-        for a, base in ((0, 0.3), (0.5, 0.31), (1, 0.3))
-    ]
-    v = reproduce.verdict(reproduce.aggregate(noisy), "seen", "multi_map")
-    assert v["beats"] is True and v["significant"] is False
-    # no hybrid α in the sweep: no verdict
-    only_baselines = [r for r in records if r["alpha"] != 0.5]
-    assert reproduce.verdict(reproduce.aggregate(only_baselines), "seen", "multi_map")["beats"] is None
+def test_verdict_words_follow_the_interval_and_the_metric_direction():
+    better = {"n": 3, "mean": 0.02, "lo": 0.01, "hi": 0.03, "p": 0.01}
+    unclear = {"n": 3, "mean": 0.02, "lo": -0.01, "hi": 0.05, "p": 0.2}
+    assert verdict_word(better, "max") == "better" and verdict_word(better, "min") == "worse"
+    assert verdict_word(unclear, "max") == "no detectable difference"
+    assert verdict_word({"n": 1, "mean": 0.1, "lo": math.nan, "hi": math.nan, "p": math.nan}, "max").startswith("one seed")
 
-    cfg = reproduce.ReproduceConfig()
-    reproduce.write_report(cfg, records, tmp_path, "python scripts/reproduce.py --config x")
+
+def test_report_states_rq1_and_rq2_from_the_paired_numbers_and_marks_missing_runs(tmp_path):
+    cfg = ReproduceConfig(arms=["x-y", "hybrid-0.5", "x-x"], seeds=3, train_langs=["de"])
+    records = [_rec("untuned", None, 0.40)]
+    for s, jitter in enumerate((0.0, 0.004, -0.004)):
+        records += [_rec("hybrid-0.5", s, 0.46 + jitter), _rec("x-x", s, 0.43 + jitter)]
+    records += [_rec("x-y", 0, 0.41)]  # seeds 1 and 2 of X-Y not done yet
+    summary = write_report(cfg, records, tmp_path, {"command": "python -m hbt_ray.reproduce", "commit": "c",
+                                                      "date": "d", "host": {}})  # fmt: skip
     text = (tmp_path / "report.md").read_text()
-    assert "| seen | multi_map | 0.5 | 0.4000 | 0.3000 | 0.3200 | yes | yes |" in text
-    assert "| heldout | multi_map | 0.5 | 0.2500 | 0.2000 | 0.3000 | no | no |" in text
-    assert "**Verdict:** a hybrid α beats both baselines on 3 of 6" in text and "not reproduced" in text
-    assert all((tmp_path / f"{m}.png").stat().st_size > 1000 for m in reproduce.METRICS)
+    rq1 = [s for s in summary["verdicts"]["RQ1"] if "outside_xlmr" in s]
+    assert len(rq1) == 1 and rq1[0].startswith("hybrid α=0.5 vs untuned on tato/outside_xlmr/acc: +0.0600")
+    assert rq1[0].endswith(": better.")
+    rq2 = [s for s in summary["verdicts"]["RQ2"] if s.startswith("tato/outside_xlmr/acc")]
+    assert "α=0.5: +0.0300 [" in rq2[0] and "better" in rq2[0] and "α=0: -0.0200 (1 seed)" in rq2[0]
+    assert summary["missing"] == ["x-y_seed1", "x-y_seed2"] and "- missing: x-y_seed1, x-y_seed2" in text
+    assert "## RQ1" in text and "## RQ2" in text and "| untuned |" in text
+    assert (tmp_path / "tato_outside_xlmr_acc.png").read_bytes()[:4] == b"\x89PNG"
+    assert compare(records, "x-y", "untuned", "tato/seen/acc")["n"] == 1
 
 
-@pytest.mark.slow
-def test_reproduce_end_to_end_tiny_and_resume(ray_local, tmp_path: Path, shared_data: Path, capsys) -> None:
-    cfg_path = tmp_path / "reproduce_tiny.yaml"
-    cfg_path.write_text(TINY_YAML)
-    out = tmp_path / "out"
-    args = ["--config", str(cfg_path), "--out", str(out)]
-    assert reproduce.main(args) == 0
-    results = sorted(p.name for p in (out / "results").glob("*.json"))
-    assert results == ["alpha0_seed0.json", "alpha0_seed1.json", "alpha1_seed0.json", "alpha1_seed1.json"]
-    records = [json.loads((out / "results" / name).read_text()) for name in results]
-    for r in records:
-        assert r["steps"] == 6
-        for split in ("seen", "heldout"):
-            assert 0.0 < r[split]["multi_map"] <= 1.0 and 0.0 < r[split]["mono_map"] <= 1.0
-    # the runs trained on seen languages only (DDTP shards written once, shared by all runs)
-    (manifest_path,) = (out / "shards").glob("*/manifest.json")  # one fingerprint: the same data for every run
-    manifest = json.loads(manifest_path.read_text())
-    assert set(manifest["pairs_per_lang"]) <= {"de", "en", "es"}
-    # the two seeds differ (different sampler streams / init)
-    a0 = [r for r in records if r["alpha"] == 0.0]
-    assert a0[0]["seen"]["multi_map"] != a0[1]["seen"]["multi_map"]
+def test_arms_are_what_they_claim_and_share_their_seed():
+    cfg = load_config(ReproduceConfig, None, ["arms=[x-y,hybrid-0.25,x-x-mono,x-x]", "hybrid_arm=hybrid-0.25"])
+    out = Path("/tmp/x")
+    runs = {arm: train_config(cfg, arm, 2, out) for arm in cfg.arms}
+    assert runs["x-x"].sampler.strategy == "x-x" and runs["x-y"].sampler.strategy == "x-y"
+    assert runs["hybrid-0.25"].sampler.strategy == "hybrid" and runs["hybrid-0.25"].sampler.alpha == 0.25
+    # the pairing: the same seed gives every arm the same initial state and data order
+    assert {(r.run.seed, r.sampler.seed) for r in runs.values()} == {(2, 2)}
+    assert all(r.data.langs == cfg.train_langs for r in runs.values())
+    assert run_key("untuned", 3) == "untuned" and run_key("x-x", 1) == "x-x_seed1"
+    assert lang_groups(["deu", "kzj", "hin", "en"], ["de", "en"], {"kzj": "outside_xlmr"}) == {
+        "deu": "seen", "kzj": "outside_xlmr", "hin": "unseen", "en": "seen"}  # fmt: skip
 
-    summary = json.loads((out / "summary.json").read_text())
-    cell = summary["table"]["heldout"]["cross_map"]["0"]
-    m, h = reproduce.mean_ci95([r["heldout"]["cross_map"] for r in a0])
-    assert cell["n"] == 2 and cell["mean"] == pytest.approx(m) and cell["ci95"] == pytest.approx(h)
-    report = (out / "report.md").read_text()
-    heldout_section = report.split("## Held-out languages")[1].split("## Does hybrid")[0]
-    row0 = summary["table"]["heldout"]
-    expected = "| 0 | " + " | ".join(
-        f"{row0[k]['0']['mean']:.4f} ± {row0[k]['0']['ci95']:.4f}" for k in reproduce.METRICS
-    )
-    assert expected + " |" in heldout_section
-    assert "## Held-out languages" in report and "not computable" in report  # no hybrid α in this sweep
-    assert all((out / f"{m}.png").exists() for m in reproduce.METRICS)
 
-    # resumable: a second call trains nothing and rebuilds the same table
-    capsys.readouterr()
-    assert reproduce.main(args) == 0
-    assert "0 runs to do, 4 already done" in capsys.readouterr().out
-    assert json.loads((out / "summary.json").read_text())["table"] == summary["table"]
+@pytest.mark.parametrize(
+    "override, message",
+    [("arms=[x-y,hybrid-1.5]", "arms: 'hybrid-1.5': α must be in [0, 1]"),
+     ("arms=[x-y,sideways]", "arms: 'sideways' is not one of"),
+     ("hybrid_arm=hybrid-0.3", "hybrid_arm: 'hybrid-0.3' is not one of the arms"),
+     ("evals.x.data=ddtp", None)],
+)  # fmt: skip
+def test_bad_configs_are_one_line_errors_before_anything_runs(tmp_path, capsys, override, message):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"out: {tmp_path / 'out'}\n")
+    if message is None:  # an eval set the training data also holds is not zero-shot
+        cfg.write_text(f"out: {tmp_path / 'out'}\ntrain: {{data: {{train: [mlqa-r]}}}}\n")
+        override, message = "evals.x.data=mlqa-r", "evals.x.data: mlqa-r is in train.data.train: not zero-shot"
+    assert main(["--config", str(cfg), override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", ["reproduce_cpu", "reproduce_gpu"])
-def test_each_split_is_evaluated_with_train_eval_on_its_own_languages(name: str) -> None:
-    from hbt_ray.config import load_config
+def test_the_shipped_grids_load(name):
+    cfg = load_config(ReproduceConfig, REPO / "hbt_ray" / "configs" / f"{name}.yaml")
+    assert {"x-y", "x-x-mono", "x-x", "hybrid-0.5"} <= set(cfg.arms) and cfg.seeds >= 3
+    assert cfg.evals["xquad"].max_paragraphs is None  # full pools
+    assert name == "reproduce_cpu" or cfg.train.sampler.batch_size == 100
+    assert name == "reproduce_gpu" or cfg.train.run.max_steps >= 100
 
-    cfg = load_config(reproduce.ReproduceConfig, REPO / "hbt_ray" / "configs" / f"{name}.yaml")
-    splits = reproduce.split_eval_configs(cfg)
-    assert splits["seen"].langs == cfg.seen_langs and splits["heldout"].langs == cfg.heldout_langs
-    for split in splits.values():  # the same seeded paragraph sample for every run
-        assert (split.data, split.subset_seed) == ("xquad-r", 0)
-        assert split.max_paragraphs == cfg.train.eval.max_paragraphs
-    assert cfg.train.eval.langs is None  # the training run's own section is left as configured
+
+@pytest.mark.slow
+def test_grid_end_to_end_tiny_resumes_and_reports(ray_local, tmp_path, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_YAML + f"out: {tmp_path / 'out'}\n")
+    assert main(["--config", str(path)]) == 0
+    out = tmp_path / "out"
+    names = sorted(p.stem for p in (out / "results").glob("*.json"))
+    assert names == ["untuned", "x-x_seed0", "x-x_seed1", "x-y_seed0", "x-y_seed1"]
+    records = {n: json.loads((out / "results" / f"{n}.json").read_text()) for n in names}
+    for n, r in records.items():
+        groups = r["groups"]["tato"]
+        assert groups == {"deu": "seen", "hin": "unseen", "kzj": "outside_xlmr"}, groups
+        assert r["groups"]["xquad"] == {"de": "seen", "en": "seen", "vi": "unseen"}
+        for key in ("tato/outside_xlmr/acc", "tato/seen/acc", "xquad/unseen/mono_map", "xquad/multi_map"):
+            assert 0.0 <= r["metrics"][key] <= 1.0, (n, key)
+        if n != "untuned":  # what the arm trained on: its strategy, the training languages only
+            assert r["steps"] == 5 and r["mix"]["strategy"] == n.split("_")[0] and r["mix"]["fallback_share"] == 0
+            assert set(r["mix"]["pairs_by_lang"]) <= {"de", "en", "es"} and r["provenance"]["commit"]
+    assert records["x-y_seed0"]["metrics"] != records["x-y_seed1"]["metrics"]  # seeds differ
+    report = (out / "report.md").read_text()
+    assert "x-y vs untuned on tato/outside_xlmr/acc" not in report  # labels, not keys
+    assert "X-Y (α=0) vs untuned on tato/outside_xlmr/acc:" in report and "- missing: none" in report
+    assert "- command: `python -m hbt_ray.reproduce --config" in report
+    # resumable: nothing left to run; the report is rebuilt from the records
+    capsys.readouterr()
+    assert main(["--config", str(path)]) == 0
+    assert "0 runs to do, 5 done" in capsys.readouterr().out
+    assert main(["--config", str(path), "--report-only"]) == 0
