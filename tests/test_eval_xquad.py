@@ -156,3 +156,14 @@ def test_cli_takes_the_eval_set_from_the_config_file(ray_local, shared_data, tmp
     capsys.readouterr()
     assert result.counts["langs"] == ["en", "zh"] and result.config["data"] == "xquad-r"
     assert set(result.mono) == {"en", "zh"} and not result.cross
+
+
+def test_a_language_the_subset_left_without_queries_does_not_make_the_scores_nan(tiny):
+    """MLQA-R is not parallel in every language: its first 15 paragraphs hold no de or vi question. The
+    multilingual setting averaged an empty language into nan (the recipe sweep's mlqa/multi_map)."""
+    cfg = EvalConfig(data="mlqa-r", max_paragraphs=15, show_progress=False)
+    data = load_eval_data(cfg)
+    assert data.counts()["de"] == (0, 0) and data.counts()["en"][0] > 0
+    result = evaluate_embeddings(data, encode_eval_set(tiny, data, show_progress=False), cfg)
+    for key in ("mono_map", "cross_map", "multi_map", "bias"):
+        assert np.isfinite(result.summary[key]), (key, result.summary)

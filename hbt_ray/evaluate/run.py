@@ -157,6 +157,9 @@ def evaluate_embeddings(
             pool = np.concatenate([embeddings.candidates[y] for y in langs]).astype(np.float32)
             searcher.add_pool("*multi*", pool)
             for x in langs:
+                if not eval_set.queries[x]:  # a subset may keep a language's candidates only (MLQA-R)
+                    bar.update()
+                    continue
                 relevant = [
                     np.asarray(
                         sorted(start[y] + r for y, rows in by_link[q.link].items() for r in rows),
