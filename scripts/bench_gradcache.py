@@ -106,7 +106,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--stage", type=int, default=0, help="ZeRO stage")
-    parser.add_argument("--chunk", type=int, default=32, help="pairs per chunk per worker")
+    parser.add_argument("--chunk", type=int, default=16,
+                        help="pairs per chunk per worker (at the smallest batch a worker must get 2+ chunks: one "
+                        "chunk is the plain step with an extra no-graph forward, not what caching costs)")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
@@ -128,6 +130,8 @@ def main() -> None:
     say("# scripts/bench_gradcache.py: GradCache vs the plain step, e5-small")
     say(provenance_lines(provenance(), describe_model(args.model)))
     largest = max(args.batches)
+    if min(args.batches) // args.workers < 2 * args.chunk:
+        raise SystemExit(f"--chunk {args.chunk}: the smallest batch gives a worker fewer than 2 chunks")
     groups = read_pairs(data_dir() / "ddtp" / "pairs.jsonl.gz", langs=["en"], progress=False, limit=largest)
     pairs = [(g.pairs["en"].query, g.pairs["en"].passage) for g in groups][:largest]
     say(f"- {args.workers} workers x {args.threads} torch threads, ZeRO stage {args.stage}, chunk {args.chunk} "
