@@ -93,8 +93,7 @@ def test_report_states_rq1_and_rq2_from_the_paired_numbers_and_marks_missing_run
 
 def test_arms_are_what_they_claim_and_share_their_seed():
     cfg = load_config(ReproduceConfig, None, ["arms=[x-y,hybrid-0.25,x-x-mono,x-x]", "hybrid_arm=hybrid-0.25"])
-    out = Path("/tmp/x")
-    runs = {arm: train_config(cfg, arm, 2, out) for arm in cfg.arms}
+    runs = {arm: train_config(cfg, arm, 2) for arm in cfg.arms}
     assert runs["x-x"].sampler.strategy == "x-x" and runs["x-y"].sampler.strategy == "x-y"
     assert runs["hybrid-0.25"].sampler.strategy == "hybrid" and runs["hybrid-0.25"].sampler.alpha == 0.25
     # the pairing: the same seed gives every arm the same initial state and data order
@@ -136,7 +135,7 @@ def test_the_shipped_grids_load(name):
 @pytest.mark.slow
 def test_grid_end_to_end_tiny_resumes_and_reports(ray_local, tmp_path, capsys):
     path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_YAML + f"out: {tmp_path / 'out'}\n")
+    path.write_text(TINY_YAML + f"out: {tmp_path / 'out'}\nwork_dir: {tmp_path / 'work'}\n")
     assert main(["--config", str(path)]) == 0
     out = tmp_path / "out"
     names = sorted(p.stem for p in (out / "results").glob("*.json"))

@@ -13,6 +13,7 @@ and the evaluation sets (never trained on), each split into language groups.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hbt_ray.config import ConfigError
@@ -81,6 +82,12 @@ class ReproduceConfig:
     #: report the luckiest of several draws)
     hybrid_arm: str = "hybrid-0.5"
     out: str = "results/reproduce"
+    #: shards and training runs (GBs of checkpoints and models): never under ``out``, which holds the
+    #: records and the report; default ``runs/reproduce/<name of out>``
+    work_dir: str | None = None
+
+    def work(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path("runs") / "reproduce" / Path(self.out).name
 
     def validate(self) -> None:
         if not self.arms or len(set(self.arms)) != len(self.arms):

@@ -48,7 +48,7 @@ def lang_groups(langs: Sequence[str], train_langs: Sequence[str], bitext_groups:
     return out
 
 
-def train_config(cfg: ReproduceConfig, arm: str, seed: int, out: Path) -> TrainConfig:
+def train_config(cfg: ReproduceConfig, arm: str, seed: int) -> TrainConfig:
     """One run's training config: the recipe, the arm's sampler, the seed for the model's initial state
     and the data order (the same seed gives every arm the same start: the pairing), training languages."""
     return override(
@@ -58,10 +58,10 @@ def train_config(cfg: ReproduceConfig, arm: str, seed: int, out: Path) -> TrainC
             "sampler.seed": int(seed),
             "run.seed": int(seed),
             "run.name": run_key(arm, seed),
-            "run.storage_path": str((out / "runs").resolve()),
+            "run.storage_path": str((cfg.work() / "runs").resolve()),
             "run.export": True,
             "data.langs": list(cfg.train_langs),
-            "data.shard_dir": str((out / "shards").resolve()),
+            "data.shard_dir": str((cfg.work() / "shards").resolve()),
         },
         prefix="train.",
     )
@@ -119,7 +119,7 @@ def run_all(cfg: ReproduceConfig, out: Path) -> list[dict[str, Any]]:
     total = 1 + len(cfg.arms) * cfg.seeds
     print(f"[reproduce] {len(todo)} runs to do, {total - len(todo)} done ({results})", flush=True)
     if todo:
-        first = train_config(cfg, cfg.arms[0], 0, out)
+        first = train_config(cfg, cfg.arms[0], 0)
         prepare_shards(first.data, Path(first.data.shard_dir))  # written once; every run reads them
         eval_sets = {name: (section, load_eval_data(section)) for name, section in cfg.evals.items()}
         started = not ray.is_initialized()
@@ -127,7 +127,7 @@ def run_all(cfg: ReproduceConfig, out: Path) -> list[dict[str, Any]]:
             init_ray()
         try:
             for i, (arm, seed) in enumerate(todo, 1):
-                record = run_one(cfg, arm, seed, out, eval_sets)
+                record = run_one(cfg, arm, seed, eval_sets)
                 _write(results / f"{run_key(arm, seed)}.json", record)
                 print(f"[reproduce] {i}/{len(todo)} {run_key(arm, seed)}: train {record['train_s']:.0f} s, "
                       f"eval {record['eval_s']:.0f} s", flush=True)  # fmt: skip
@@ -138,7 +138,7 @@ def run_all(cfg: ReproduceConfig, out: Path) -> list[dict[str, Any]]:
 
 
 def run_one(
-    cfg: ReproduceConfig, arm: str, seed: int, out: Path, eval_sets: dict[str, tuple[EvalConfig, Any]]
+    cfg: ReproduceConfig, arm: str, seed: int, eval_sets: dict[str, tuple[EvalConfig, Any]]
 ) -> dict[str, Any]:
     """Train one arm with one seed (nothing for ``untuned``) and score it; → its record."""
     record: dict[str, Any] = {"arm": arm, "seed": None if arm == UNTUNED else seed, "alpha": arm_alpha(arm, cfg)}
@@ -146,7 +146,7 @@ def run_one(
     model: Any = cfg.train.model
     t0 = time.perf_counter()
     if arm != UNTUNED:
-        result = train(train_config(cfg, arm, seed, out))
+        result = train(train_config(cfg, arm, seed))
         if result.model_path is None:
             raise RuntimeError(f"{run_key(arm, seed)}: training exported no model")
         model = result.model_path
