@@ -8,7 +8,9 @@ batch 64 / 256 / 1024: plain (one forward + backward of the worker's whole slice
 graph, one engine micro-step each). Plain at 1024 is skipped unless ``--plain-1024`` (it is what does not
 fit: activations grow with the batch). Each side runs in fresh processes, so a worker's peak RSS
 (``ru_maxrss``) is that side's; time per pair is the median over ``--steps`` optimizer steps after
-``--warmup``. The plain side is the trainer's own step (``engine(...)``, ``engine.backward``,
+``--warmup``. The speed ratio is measured at the smallest batch, where the two sides are seconds apart
+and this host drifts by ±10 % over minutes: plain and cached alternate there for ``--rounds`` rounds
+(fresh processes each), and each side's time is the median over all its timed steps of all rounds. The plain side is the trainer's own step (``engine(...)``, ``engine.backward``,
 ``engine.step``), not a strawman: the same model, batches, threads and allocator.
 
     python scripts/bench_gradcache.py --out results/bench_gradcache.txt
@@ -89,15 +91,30 @@ def _worker(rank: int, world: int, init: str, out: str, side: dict, pairs: list,
     dist.destroy_process_group()
 
 
-def run_side(side: dict, pairs: list, args: argparse.Namespace) -> dict:
+def run_side(side: dict, pairs: list, args: argparse.Namespace, steps: int) -> dict:
+    """One side in fresh worker processes → its step times (the slowest rank's, per step), peak RSS."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(args.workers, f"{tmp}/pg", tmp, side, pairs, vars(args)), nprocs=args.workers, join=True)
+        mp.spawn(_worker, args=(args.workers, f"{tmp}/pg", tmp, side, pairs, {**vars(args), "steps": steps}),
+                 nprocs=args.workers, join=True)  # fmt: skip
         ranks = [pickle.loads(Path(f"{tmp}/rank{r}.pkl").read_bytes()) for r in range(args.workers)]
-    step_s = statistics.median(max(r["times"][i] for r in ranks) for i in range(len(ranks[0]["times"])))
-    return {**side, "step_s": step_s, "s_per_pair": step_s / side["batch"], "peak_mb": max(r["peak_mb"] for r in ranks),
+    times = [max(r["times"][i] for r in ranks) for i in range(len(ranks[0]["times"]))]
+    return {**side, "times": times, "peak_mb": max(r["peak_mb"] for r in ranks),
             "chunks": ranks[0]["chunks"], "per_rank": ranks[0]["per_rank"]}  # fmt: skip
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One side's rounds → its median step time over every timed step, and its largest peak RSS.
+
+        >>> r = merge_rounds([{"batch": 4, "times": [2.0, 4.0], "peak_mb": 5}, {"batch": 4, "times": [3.0], "peak_mb": 7}])
+        >>> r["step_s"], r["s_per_pair"], r["peak_mb"]
+        (3.0, 0.75, 7)
+    """
+    times = [t for run in runs for t in run["times"]]
+    step_s = statistics.median(times)
+    return {**runs[0], "times": times, "step_s": step_s, "s_per_pair": step_s / runs[0]["batch"],
+            "peak_mb": max(run["peak_mb"] for run in runs)}  # fmt: skip
 
 
 def main() -> None:
@@ -110,7 +127,9 @@ def main() -> None:
                         help="pairs per chunk per worker (at the smallest batch a worker must get 2+ chunks: one "
                         "chunk is the plain step with an extra no-graph forward, not what caching costs)")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per side at the larger batches")
+    parser.add_argument("--small-steps", type=int, default=4, help="timed steps per side and round at the smallest batch")
+    parser.add_argument("--rounds", type=int, default=3, help="plain/cached alternations at the smallest batch")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--plain-1024", action="store_true", help="also run plain at the largest batch")
     parser.add_argument("--out", default=None, help="also write the report here")
@@ -135,20 +154,29 @@ def main() -> None:
     groups = read_pairs(data_dir() / "ddtp" / "pairs.jsonl.gz", langs=["en"], progress=False, limit=largest)
     pairs = [(g.pairs["en"].query, g.pairs["en"].passage) for g in groups][:largest]
     say(f"- {args.workers} workers x {args.threads} torch threads, ZeRO stage {args.stage}, chunk {args.chunk} "
-        f"pairs per worker; DDTP English pairs (the first {largest}); {args.steps} timed steps after {args.warmup}")  # fmt: skip
-    sides = []
-    for batch in args.batches:
+        f"pairs per worker; DDTP English pairs (the first {largest}); {args.warmup} untimed warm-up step(s) per "
+        f"process; batch {min(args.batches)}: plain and cached alternate for {args.rounds} rounds of "
+        f"{args.small_steps} timed steps; larger batches: {args.steps} timed steps")  # fmt: skip
+    small = min(args.batches)
+    plan = []  # (side, timed steps), in the order they run
+    for _ in range(args.rounds):
+        for cached in (False, True):
+            name = f"{'cached' if cached else 'plain'}@{small}"
+            plan.append(({"name": name, "batch": small, "cached": cached, "chunk": args.chunk}, args.small_steps))
+    for batch in sorted(set(args.batches) - {small}):
         if batch < largest or args.plain_1024:
-            sides.append({"name": f"plain@{batch}", "batch": batch, "cached": False, "chunk": args.chunk})
-        sides.append({"name": f"cached@{batch}", "batch": batch, "cached": True, "chunk": args.chunk})
-    results = {}
-    for side in sides:
+            plan.append(({"name": f"plain@{batch}", "batch": batch, "cached": False, "chunk": args.chunk}, args.steps))
+        plan.append(({"name": f"cached@{batch}", "batch": batch, "cached": True, "chunk": args.chunk}, args.steps))
+    runs: dict[str, list[dict]] = {}
+    for side, steps in plan:
         with redirect_stdout(sys.stderr):
-            results[side["name"]] = run_side(side, pairs, args)
-        r = results[side["name"]]
+            run = run_side(side, pairs, args, steps)
+        runs.setdefault(side["name"], []).append(run)
+        say(f"  ran {side['name']:>12}: step times {', '.join(f'{t:.2f}' for t in run['times'])} s")
+    results = {name: merge_rounds(side_runs) for name, side_runs in runs.items()}
+    for r in results.values():
         say(f"{r['name']:>14}: {r['step_s']:7.1f} s/step  {1000 * r['s_per_pair']:7.1f} ms/pair  peak RSS/worker "
             f"{r['peak_mb']:7.0f} MB  ({r['per_rank']} pairs/worker, {r['chunks']} chunk(s))")  # fmt: skip
-    small = min(args.batches)
     mem = results[f"cached@{largest}"]["peak_mb"] / results[f"plain@{small}"]["peak_mb"]
     speed = results[f"cached@{small}"]["s_per_pair"] / results[f"plain@{small}"]["s_per_pair"]
     say(f"RESULT mem_ratio_{largest}={mem:.2f} speed_ratio_{small}={speed:.2f}")

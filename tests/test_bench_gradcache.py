@@ -14,7 +14,7 @@ def test_bench_gradcache_smoke(tmp_path):
     out = tmp_path / "bench.txt"
     proc = subprocess.run(
         [sys.executable, "scripts/bench_gradcache.py", "--model", "tiny", "--batches", "8", "16", "--chunk", "2",
-         "--steps", "1", "--warmup", "0", "--out", str(out)],
+         "--steps", "1", "--small-steps", "1", "--rounds", "2", "--warmup", "0", "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -24,3 +24,6 @@ def test_bench_gradcache_smoke(tmp_path):
         assert f"{side}:" in report
     assert "plain@16" not in report  # the largest batch runs cached only unless --plain-1024
     assert "- commit: `" in report
+    # the smallest batch alternates plain / cached over the rounds; the larger one runs once
+    ran = re.findall(r"^  ran +(\S+):", report, re.M)
+    assert ran == ["plain@8", "cached@8", "plain@8", "cached@8", "cached@16"], ran

@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from hbt_ray.config import load_config
+from hbt_ray.config import ConfigError, load_config
 from hbt_ray.reproduce import (
     ReproduceConfig,
+    check_records,
     compare,
     lang_groups,
     paired,
     run_key,
+    run_setup,
     train_config,
     verdict_word,
     write_report,
@@ -104,6 +106,30 @@ def test_arms_are_what_they_claim_and_share_their_seed():
         "deu": "seen", "kzj": "outside_xlmr", "hin": "unseen", "en": "seen"}  # fmt: skip
 
 
+def test_a_resumed_grid_refuses_records_of_another_setup(tmp_path):
+    cfg = load_config(ReproduceConfig, None, [f"out={tmp_path}"])
+    results = tmp_path / "results"
+    results.mkdir()
+    for arm, seed in (("untuned", None), ("x-y", 1)):
+        record = {"arm": arm, "seed": seed, "setup": run_setup(cfg, arm, seed or 0)}
+        (results / f"{run_key(arm, seed or 0)}.json").write_text(json.dumps(record))
+    check_records(cfg, results)  # the same config: both records are reused
+    # where the runs write and how many CPUs they take do not change a number: still reused
+    moved = load_config(ReproduceConfig, None, [f"out={tmp_path}", "work_dir=/elsewhere",
+                                                "train.run.torch_threads=7", "evals.xquad.cache_dir=/c"])  # fmt: skip
+    check_records(moved, results)
+    # what a run computes does: the error names the record and the key, old and new value
+    with pytest.raises(ConfigError, match=r"x-y_seed1.json: made with train.optim.lr=2e-05 \(now 0.0002\)"):
+        check_records(load_config(ReproduceConfig, None, ["train.optim.lr=2e-4"]), results)
+    with pytest.raises(ConfigError, match=r"untuned.json: made with evals.xquad.max_paragraphs=None \(now 10\)"):
+        check_records(load_config(ReproduceConfig, None, ["evals.xquad.max_paragraphs=10"]), results)
+    with pytest.raises(ConfigError, match=r"x-y_seed1.json: arm 'x-y' is not in arms"):
+        check_records(load_config(ReproduceConfig, None, ["arms=[x-x]", "hybrid_arm=x-x"]), results)
+    (results / "x-y_seed1.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"x-y_seed1.json: not a run record"):
+        check_records(cfg, results)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [("arms=[x-y,hybrid-1.5]", "arms: 'hybrid-1.5': α must be in [0, 1]"),
@@ -160,3 +186,10 @@ def test_grid_end_to_end_tiny_resumes_and_reports(ray_local, tmp_path, capsys):
     assert main(["--config", str(path)]) == 0
     assert "0 runs to do, 5 done" in capsys.readouterr().out
     assert main(["--config", str(path), "--report-only"]) == 0
+    # a changed recipe is not resumed into the same report: exit 2, one line, every record kept
+    capsys.readouterr()
+    for extra in ([], ["--report-only"]):
+        assert main(["--config", str(path), "train.optim.lr=0.002", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "_seed0.json: made with train.optim.lr=0.001 (now 0.002)" in err and err.count("\n") == 1, err
+    assert sorted(p.stem for p in (out / "results").glob("*.json")) == names

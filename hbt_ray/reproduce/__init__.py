@@ -10,13 +10,23 @@ writes the answers. ``python -m hbt_ray.reproduce --config hbt_ray/configs/repro
 
 from hbt_ray.reproduce.config import ReproduceConfig, arm_alpha, arm_overrides
 from hbt_ray.reproduce.report import write_report
-from hbt_ray.reproduce.runs import lang_groups, load_records, run_all, run_key, scores, train_config
+from hbt_ray.reproduce.runs import (
+    check_records,
+    lang_groups,
+    load_records,
+    run_all,
+    run_key,
+    run_setup,
+    scores,
+    train_config,
+)
 from hbt_ray.reproduce.stats import compare, mean_ci95, paired, sentence, verdict_word
 
 __all__ = [
     "ReproduceConfig",
     "arm_alpha",
     "arm_overrides",
+    "check_records",
     "compare",
     "lang_groups",
     "load_records",
@@ -24,6 +34,7 @@ __all__ = [
     "paired",
     "run_all",
     "run_key",
+    "run_setup",
     "scores",
     "sentence",
     "train_config",

@@ -19,7 +19,7 @@ from pathlib import Path
 from hbt_ray.config import ConfigError, load_config
 from hbt_ray.data.records import DataError
 from hbt_ray.provenance import provenance
-from hbt_ray.reproduce import ReproduceConfig, load_records, run_all, write_report
+from hbt_ray.reproduce import ReproduceConfig, check_records, load_records, run_all, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args_given = sys.argv[1:] if argv is None else argv
     prov = provenance(shlex.join(["python", "-m", "hbt_ray.reproduce", *args_given]))  # at the start
     try:
-        records = load_records(out / "results") if args.report_only else run_all(cfg, out)
+        if args.report_only:
+            check_records(cfg, out / "results")
+            records = load_records(out / "results")
+        else:
+            records = run_all(cfg, out)
     except (ConfigError, DataError) as err:
         print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ is complete; a rerun does only what is missing (resumable over several sessions)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from hbt_ray.config import override
+from hbt_ray.config import ConfigError, override
 from hbt_ray.data.records import BitextSet
 from hbt_ray.evaluate import EvalConfig, evaluate, load_eval_data
 from hbt_ray.provenance import provenance
@@ -65,6 +66,62 @@ def train_config(cfg: ReproduceConfig, arm: str, seed: int) -> TrainConfig:
         },
         prefix="train.",
     )
+
+
+#: Keys that say where a run writes, how it shows progress or how it spreads over this machine's CPUs —
+#: not what it computes: a record stays valid when they change (a resumed grid on another box).
+WHERE_KEYS = {"train.data.shard_dir", "train.run.storage_path", "train.run.name", "train.run.progress",
+              "train.run.log_every", "train.run.report_every_s", "train.run.checkpoint_every",
+              "train.run.keep_checkpoints", "train.run.max_failures", "train.run.cpus_per_worker",
+              "train.run.torch_threads", "train.run.prefetch_batches", "train.run.keep_freed_memory",
+              "train.run.export", "train.run.use_gpu", "train.run.placement_strategy"}  # fmt: skip
+WHERE_EVAL_KEYS = {"batch_size", "concurrency", "cpus_per_actor", "actor_threads", "num_gpus", "cache_dir",
+                   "show_progress", "num_shards", "search_mode", "shard_num_cpus", "download"}  # fmt: skip
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(f"{prefix}.{key}", sub).items()}
+    return {prefix: value}
+
+
+def run_setup(cfg: ReproduceConfig, arm: str, seed: int) -> dict[str, Any]:
+    """What decides one run's numbers, flat (``train.optim.lr``, ``evals.xquad.max_paragraphs``, …): its
+    training config (none for ``untuned``) and the eval sets, without :data:`WHERE_KEYS`. A record keeps
+    it; a resumed grid reuses a record only when the config still gives the same."""
+    setup: dict[str, Any] = {}
+    if arm != UNTUNED:
+        setup.update(_flat("train", dataclasses.asdict(train_config(cfg, arm, seed))))
+    setup["train.model.name"] = cfg.train.model.name
+    for name, section in cfg.evals.items():
+        for key, value in _flat(f"evals.{name}", dataclasses.asdict(section)).items():
+            if key.split(".")[2] not in WHERE_EVAL_KEYS:
+                setup[key] = value
+    return {k: v for k, v in setup.items() if k not in WHERE_KEYS}
+
+
+def check_records(cfg: ReproduceConfig, results: Path) -> None:
+    """Refuse (ConfigError naming the file and the keys) a record that this config would not produce
+    again: resuming would mix runs of two setups in one report."""
+    for path in sorted(results.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            arm, seed = record["arm"], record["seed"] or 0
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path}: not a run record ({err}); move it away") from None
+        if arm != UNTUNED and arm not in cfg.arms:
+            raise ConfigError(f"{path}: arm {arm!r} is not in arms {list(cfg.arms)}; move it away or add the arm")
+        # JSON turns tuples into lists: compare what a round trip through it gives
+        now = json.loads(json.dumps(run_setup(cfg, arm, seed)))
+        then = record.get("setup")
+        if then is None:
+            raise ConfigError(f"{path}: the record names no setup (made before records kept one); move it away")
+        diff = sorted(k for k in set(now) | set(then) if now.get(k, "(unset)") != then.get(k, "(unset)"))
+        if diff:
+            shown = ", ".join(f"{k}={then.get(k, '(unset)')!r} (now {now.get(k, '(unset)')!r})" for k in diff[:3])
+            more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+            raise ConfigError(f"{path}: made with {shown}{more}; give this config another `out`, or move the "
+                              "record away to rerun it")  # fmt: skip
 
 
 def _mean(values: list[float]) -> float | None:
@@ -114,6 +171,7 @@ def run_all(cfg: ReproduceConfig, out: Path) -> list[dict[str, Any]]:
 
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
+    check_records(cfg, results)
     todo = [(arm, s) for s in range(cfg.seeds) for arm in [UNTUNED, *cfg.arms] if not (arm == UNTUNED and s)]
     todo = [(arm, s) for arm, s in todo if not (results / f"{run_key(arm, s)}.json").exists()]
     total = 1 + len(cfg.arms) * cfg.seeds
@@ -143,6 +201,7 @@ def run_one(
     """Train one arm with one seed (nothing for ``untuned``) and score it; → its record."""
     record: dict[str, Any] = {"arm": arm, "seed": None if arm == UNTUNED else seed, "alpha": arm_alpha(arm, cfg)}
     record["provenance"] = provenance()  # runs of one grid may span sessions (and commits)
+    record["setup"] = run_setup(cfg, arm, seed)
     model: Any = cfg.train.model
     t0 = time.perf_counter()
     if arm != UNTUNED:

