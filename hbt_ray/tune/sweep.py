@@ -40,7 +40,7 @@ from hbt_ray.cluster import init_ray
 from hbt_ray.config import ConfigError, override, to_dict
 from hbt_ray.evaluate import METRIC_MODES, EvalConfig, evaluate, load_eval_data
 from hbt_ray.model import check_model_name, describe_model
-from hbt_ray.provenance import provenance, provenance_lines
+from hbt_ray.provenance import provenance, provenance_lines, seconds_since
 from hbt_ray.train import TrainConfig, prepare_shards, train
 from hbt_ray.tune.config import TuneConfig
 from hbt_ray.tune.report import (
@@ -410,7 +410,9 @@ def _summarize(
     rows = rows_from_results(result_grid, space.swept_keys, cfg)
     model = describe_model(cfg.train.model.name)
     extra = [f"{e}/{m}" for e in cfg.extra_evals for m in EXTRA_COLUMNS if any(f"{e}/{m}" in r for r in rows)]
-    header = f"# Sweep {name}\n\n" + provenance_lines(prov, model) + f"\n- evaluation: {prov['eval_pool']}"
+    wall_s = seconds_since(prov)  # the untuned model's evaluation and every trial, on this cluster
+    header = (f"# Sweep {name}\n\n" + provenance_lines(prov, model) + f"\n- evaluation: {prov['eval_pool']}"
+              f"\n- wall: {wall_s / 60:.0f} min for {len(rows)} trials, the untuned model's evaluation included")  # fmt: skip
     write_table(rows, out_dir, extra_columns=extra, untuned=untuned, header=header)
     images = plot_metrics_vs_alpha(rows, out_dir, untuned)
     for metric in cfg.objectives:
@@ -434,6 +436,7 @@ def _summarize(
         "best_objective": None if best is None else best["objective"],
         "best_trial": None if best is None else best["trial"],
         "trials": len(rows),
+        "wall_s": round(wall_s),
         "errored": sum(r["status"] == "ERROR" for r in rows),
         "pareto": [r["trial"] for r in pareto],
         "meets_targets": [r["trial"] for r in rows if untuned and missed_targets(r, untuned) == "all met"],
