@@ -320,3 +320,10 @@ def test_the_recipe_sweep_config_passes_every_driver_check():
     # chosen on a dev pool disjoint from the one make run reports on (the first paragraphs)
     default = load_config(TuneConfig, ROOT / "hbt_ray" / "configs" / "tune_default.yaml", [])
     assert base.eval.skip_paragraphs >= (default.train.eval.max_paragraphs or 0) > 0
+    # the second round (its command in tune_spaces/recipe_round2.yaml): the same base, its own space
+    cfg2 = load_config(TuneConfig, ROOT / "hbt_ray" / "configs" / "tune_recipe.yaml",
+                       ["name=recipe-check", "space=tune_spaces/recipe_round2.yaml", "interpolate=[0.7]"])  # fmt: skip
+    space2, base2 = check_sweep(cfg2)
+    assert {"run.max_steps", "optim.lr", "model.freeze_layers", "loss.temperature"} == set(space2.params)
+    assert space2.scheduler == "none" and space2.fixed["sampler.alpha"] == 0.5 and cfg2.interpolate == [0.7]
+    assert base2.eval == base.eval  # ranked on the same dev pool as round one
