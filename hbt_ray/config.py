@@ -19,6 +19,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -310,6 +311,21 @@ def load_config(
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain data (for logging, W&B, YAML dumps)."""
     return dataclasses.asdict(cfg)
+
+
+def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys (the run config's form)::
+
+    >>> flat({"sampler": {"alpha": 0.5}, "seed": 1})
+    {'sampler.alpha': 0.5, 'seed': 1}
+    """
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -10,7 +10,6 @@ is complete; a rerun does only what is missing (resumable over several sessions)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hbt_ray.config import ConfigError, override
+from hbt_ray.config import ConfigError, flat, override, to_dict
 from hbt_ray.data.records import BitextSet
 from hbt_ray.evaluate import EvalConfig, evaluate, load_eval_data
 from hbt_ray.provenance import provenance
@@ -79,22 +78,16 @@ WHERE_EVAL_KEYS = {"batch_size", "concurrency", "cpus_per_actor", "actor_threads
                    "show_progress", "num_shards", "search_mode", "shard_num_cpus", "download"}  # fmt: skip
 
 
-def _flat(prefix: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return {k: v for key, sub in value.items() for k, v in _flat(f"{prefix}.{key}", sub).items()}
-    return {prefix: value}
-
-
 def run_setup(cfg: ReproduceConfig, arm: str, seed: int) -> dict[str, Any]:
     """What decides one run's numbers, flat (``train.optim.lr``, ``evals.xquad.max_paragraphs``, …): its
     training config (none for ``untuned``) and the eval sets, without :data:`WHERE_KEYS`. A record keeps
     it; a resumed grid reuses a record only when the config still gives the same."""
     setup: dict[str, Any] = {}
     if arm != UNTUNED:
-        setup.update(_flat("train", dataclasses.asdict(train_config(cfg, arm, seed))))
+        setup.update(flat(to_dict(train_config(cfg, arm, seed)), "train."))
     setup["train.model.name"] = cfg.train.model.name
     for name, section in cfg.evals.items():
-        for key, value in _flat(f"evals.{name}", dataclasses.asdict(section)).items():
+        for key, value in flat(to_dict(section), f"evals.{name}.").items():
             if key.split(".")[2] not in WHERE_EVAL_KEYS:
                 setup[key] = value
     return {k: v for k, v in setup.items() if k not in WHERE_KEYS}

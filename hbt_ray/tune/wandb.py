@@ -54,6 +54,7 @@ from typing import Any
 
 from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 
+from hbt_ray.config import flat
 from hbt_ray.tune.config import WandbConfig
 
 log = logging.getLogger("hbt_ray.tune")
@@ -70,21 +71,6 @@ def scrub_secrets(data: Any) -> Any:
     if isinstance(data, list):
         return [scrub_secrets(v) for v in data]
     return data
-
-
-def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested sections as dotted keys (the run config's form)::
-
-    >>> flat({"sampler": {"alpha": 0.5}, "seed": 1})
-    {'sampler.alpha': 0.5, 'seed': 1}
-    """
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def initial_mode(
