@@ -13,7 +13,7 @@ PACKAGE = ROOT / "hbt_ray"
 #: Import order of the stages: a module may import its own stage and those before it. evaluate sits
 #: below train because the trainer's intermediate evaluations use it; the data flows
 #: pairs → sampler → train → evaluate → tune.
-LAYERS = {"config": 0, "cluster": 0, "provenance": 0, "data": 1, "sampler": 2, "model": 3, "loss": 4, "evaluate": 5,
+LAYERS = {"config": 0, "cluster": 0, "provenance": 0, "storage": 0, "data": 1, "sampler": 2, "model": 3, "loss": 4, "evaluate": 5,
           "train": 6, "tune": 7, "reproduce": 8}  # fmt: skip
 MAX_LINES = 450
 LONG_ALLOWED = {"sampler.py"}

