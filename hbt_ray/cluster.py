@@ -36,9 +36,16 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """
     import ray
 
+    from hbt_ray.storage import worker_env
+
     if starts_new_instance(address):
         hook = f"{__name__}.quiet_worker_logs"
         kwargs.setdefault("runtime_env", {"worker_process_setup_hook": hook})
+    env = worker_env()  # the storage endpoint and shared mounts: every task and actor reaches the same storage
+    if env:
+        runtime_env = dict(kwargs.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+        kwargs["runtime_env"] = runtime_env
     ray.init(address=address, include_dashboard=False, configure_logging=False, **kwargs)
 
 
@@ -110,9 +117,31 @@ def render_cluster_config(
     region: str | None = None,
     spot: bool | None = None,
     max_workers: int | None = None,
+    storage: str | None = None,
 ) -> dict[str, Any]:
-    """A copy of ``config`` with the region (and its zones a/b/c), spot market and max workers changed."""
+    """A copy of ``config`` with the region (and its zones a/b/c), spot market, max workers or storage
+    changed. ``storage`` (a URI, or an absolute path every node mounts) becomes ``HBT_STORAGE`` on every
+    node; a path is also declared shared (``HBT_SHARED_STORAGE``)::
+
+        >>> cfg = {"head_start_ray_commands": ["export RAY_AUTH_MODE=token HBT_STORAGE=s3://YOUR-BUCKET/hbt; ray start"]}
+        >>> render_cluster_config(cfg, storage="s3://runs-bucket/team")["head_start_ray_commands"]
+        ['export RAY_AUTH_MODE=token HBT_STORAGE=s3://runs-bucket/team; ray start']
+        >>> render_cluster_config(cfg, storage="/mnt/efs/hbt")["head_start_ray_commands"]
+        ['export RAY_AUTH_MODE=token HBT_STORAGE=/mnt/efs/hbt HBT_SHARED_STORAGE=/mnt/efs/hbt; ray start']
+    """
     out = copy.deepcopy(config)
+    if storage is not None:
+        from hbt_ray.storage import SHARED_ENV, is_uri
+
+        if not (is_uri(storage) or storage.startswith("/")):
+            raise ClusterConfigError(f"storage: {storage!r} is neither a URI (s3://bucket/prefix) nor an "
+                                     "absolute path of a mount every node shares")  # fmt: skip
+        value = storage.rstrip("/") if is_uri(storage) else f"{storage} {SHARED_ENV}={storage}"
+        for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+            commands = out.get(key) or []
+            if commands and not any("HBT_STORAGE=" in c for c in commands):
+                raise ClusterConfigError(f"{key}: no `export … HBT_STORAGE=…` to set the storage in")
+            out[key] = [re.sub(r"HBT_STORAGE=\S+?(?=;|\s|$)", lambda _m: f"HBT_STORAGE={value}", c) for c in commands]
     if region:
         out["provider"]["region"] = region
         out["provider"]["availability_zone"] = ",".join(f"{region}{z}" for z in "abc")

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hbt_ray import storage
 from hbt_ray.model.config import ModelConfig
 from hbt_ray.model.encoder import export_from_state_dict, load_dual_encoder
 
@@ -48,18 +51,24 @@ def best_interpolation(
     tuned: str,
     tuned_scores: dict[str, Any],
     lams: Sequence[float],
-    run_dir: Path,
+    run_dir: str | Path,
     evaluate: Callable[[str], dict[str, Any]],
 ) -> tuple[float, str, dict[str, Any]]:
     """Evaluate each λ of ``lams`` (``evaluate(model dir)`` → scores with an ``objective``, higher is
     better) beside λ = 1 (``tuned``, ``tuned_scores``); → the best (λ, model dir, scores). Every λ's
-    scores go to ``run_dir/interpolate.json``, the models to ``run_dir/model_wise_<λ>``."""
+    scores go to ``run_dir/interpolate.json``, the models to ``run_dir/model_wise_<λ>``. ``run_dir`` and
+    ``tuned`` may be in remote storage (:mod:`hbt_ray.storage`): each model is written on this node and
+    published there, so whichever node evaluates it finds it."""
     tried = [(1.0, tuned, tuned_scores)]
     for lam in sorted(set(lams) - {1.0}):
-        out = str(interpolate_model(start, tuned, lam, run_dir / f"model_wise_{lam:g}"))
+        staging = Path(tempfile.mkdtemp(prefix="hbt_wise_"))
+        try:
+            interpolate_model(start, tuned, lam, staging / "model")
+            out = storage.publish_dir(staging / "model", storage.join(run_dir, f"model_wise_{lam:g}"))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         tried.append((lam, out, evaluate(out)))
-    (run_dir / "interpolate.json").write_text(
-        json.dumps([{"interpolate": lam, "model": path, **s} for lam, path, s in tried], indent=1, default=str)
-    )
+    storage.write_text(storage.join(run_dir, "interpolate.json"), json.dumps(
+        [{"interpolate": lam, "model": path, **s} for lam, path, s in tried], indent=1, default=str))  # fmt: skip
     scored = [t for t in tried if t[2].get("objective") is not None]
     return max(scored, key=lambda t: t[2]["objective"]) if scored else tried[0]

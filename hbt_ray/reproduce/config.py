@@ -83,11 +83,15 @@ class ReproduceConfig:
     hybrid_arm: str = "hybrid-0.5"
     out: str = "results/reproduce"
     #: shards and training runs (GBs of checkpoints and models): never under ``out``, which holds the
-    #: records and the report; default ``runs/reproduce/<name of out>``
+    #: records and the report (written by this driver alone); default ``runs/reproduce/<name of out>``.
+    #: A URI (s3://…) or shared mount on a cluster: the training workers and evaluators read it
     work_dir: str | None = None
 
-    def work(self) -> Path:
-        return Path(self.work_dir) if self.work_dir else Path("runs") / "reproduce" / Path(self.out).name
+    def work(self) -> str:
+        """``work_dir`` as a storage location (:mod:`hbt_ray.storage`): a URI, or an absolute path."""
+        from hbt_ray import storage
+
+        return storage.resolve(self.work_dir or Path("runs") / "reproduce" / Path(self.out).name)
 
     def validate(self) -> None:
         if not self.arms or len(set(self.arms)) != len(self.arms):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from hbt_ray import storage
 from hbt_ray.config import ConfigError, flat, override, to_dict
 from hbt_ray.data.records import BitextSet
 from hbt_ray.evaluate import EvalConfig, evaluate, load_eval_data
@@ -58,10 +59,10 @@ def train_config(cfg: ReproduceConfig, arm: str, seed: int) -> TrainConfig:
             "sampler.seed": int(seed),
             "run.seed": int(seed),
             "run.name": run_key(arm, seed),
-            "run.storage_path": str((cfg.work() / "runs").resolve()),
+            "run.storage_path": storage.join(cfg.work(), "runs"),
             "run.export": True,
             "data.langs": list(cfg.train_langs),
-            "data.shard_dir": str((cfg.work() / "shards").resolve()),
+            "data.shard_dir": storage.join(cfg.work(), "shards"),
         },
         prefix="train.",
     )

@@ -10,13 +10,17 @@ workers' :func:`~hbt_ray.train.worker.train_loop_per_worker`, and collect the re
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from hbt_ray import storage
 from hbt_ray.config import ConfigError, to_dict
 from hbt_ray.data.records import DataError
 from hbt_ray.data.shards import (
@@ -33,7 +37,7 @@ from hbt_ray.sampler import HybridBatchSampler
 from hbt_ray.train.config import DataConfig, TrainConfig, TrainResult
 from hbt_ray.train.deepspeed import worker_env_vars
 from hbt_ray.train.mix import MIX_FILE
-from hbt_ray.train.worker import train_loop_per_worker, use_gpu
+from hbt_ray.train.worker import train_loop_per_worker
 
 #: Bump when the shards' content for the same inputs changes (schema, reader behaviour).
 SHARD_FORMAT = 2  # 2: groups interleaved across sources (data.shards.interleave)
@@ -49,24 +53,29 @@ def shard_fingerprint(data: DataConfig) -> dict[str, Any]:
             "download": data.download, "files": files}  # fmt: skip
 
 
-def shard_dir_for(data: DataConfig, run_dir: Path, fingerprint: dict[str, Any] | None = None) -> Path:
-    """``<data.shard_dir or run dir/shards>/<key>``, ``key`` a hash of :func:`shard_fingerprint`."""
+def shard_dir_for(data: DataConfig, run_dir: str | Path, fingerprint: dict[str, Any] | None = None) -> Any:
+    """``<data.shard_dir or run dir/shards>/<key>``, ``key`` a hash of :func:`shard_fingerprint`: a Path
+    on a local disk, a URI (str) in remote storage."""
     fingerprint = fingerprint or shard_fingerprint(data)
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
-    return (Path(data.shard_dir).expanduser() if data.shard_dir else run_dir / "shards") / key
+    root = data.shard_dir or storage.join(run_dir, "shards")
+    return storage.join(root, key) if storage.is_uri(root) else Path(root).expanduser() / key
 
 
-def prepare_shards(data: DataConfig, run_dir: Path) -> Path:
+def prepare_shards(data: DataConfig, run_dir: str | Path) -> Any:
     """The shard directory of ``data`` (:func:`shard_dir_for`), written on first use. Another source,
     language list, limit or a changed input file gives another folder, so shards are never reused for
-    data they were not built from."""
+    data they were not built from. In remote storage the shards are written on this machine, then
+    uploaded; the workers read them from there."""
     fingerprint = shard_fingerprint(data)
     shard_dir = shard_dir_for(data, run_dir, fingerprint)
-    if (shard_dir / "manifest.json").exists():
+    # remote: the content list is uploaded last, so its presence means every shard is there
+    marker = storage.CONTENT_FILE if storage.is_uri(shard_dir) else "manifest.json"
+    if storage.exists(storage.join(shard_dir, marker)):
         if read_manifest(shard_dir).fingerprint == fingerprint:
             return shard_dir
         raise DataError(f"manifest's fingerprint is not the one its folder name stands for: delete {shard_dir}",
-                        shard_dir / "manifest.json")  # fmt: skip
+                        storage.join(shard_dir, "manifest.json"))  # fmt: skip
     langs = data.langs or None
 
     def groups() -> Any:
@@ -85,9 +94,17 @@ def prepare_shards(data: DataConfig, run_dir: Path) -> Path:
             raise ConfigError(f"data.langs: {data.langs} have no pairs in data.train {data.train}")
         raise DataError("hold no pair groups", f"data.train {data.train}")
     print(f"[hbt_ray.train] writing the shards of {'+'.join(data.train)} to {shard_dir}", file=sys.stderr, flush=True)
-    # Interleaved: read one after the other, the sources would sit in different shards (and ranks).
-    write_shards(interleave(itertools.chain([first], stream)), shard_dir, data.rows_per_shard, source="+".join(data.train),
-                 fingerprint=fingerprint)  # fmt: skip
+    remote = storage.is_uri(shard_dir)
+    local = Path(tempfile.mkdtemp(prefix="hbt_shards_")) / "shards" if remote else shard_dir
+    try:
+        # Interleaved: read one after the other, the sources would sit in different shards (and ranks).
+        write_shards(interleave(itertools.chain([first], stream)), local, data.rows_per_shard,
+                     source="+".join(data.train), fingerprint=fingerprint)  # fmt: skip
+        if remote:
+            storage.publish_dir(local, shard_dir)  # the manifest is in it: complete shards or none
+    finally:
+        if remote:
+            shutil.rmtree(local.parent, ignore_errors=True)
     return shard_dir
 
 
@@ -110,6 +127,14 @@ def check_inputs(cfg: TrainConfig, manifest: Manifest, shard_dir: Path) -> None:
     if sampler.excluded_langs:
         rare = ", ".join(f"{k} ({v})" for k, v in sampler.excluded_langs.items())
         print(f"[hbt_ray.train] not drawn, fewer groups than sampler.min_lang_groups: {rare}", file=sys.stderr)
+
+
+def cluster_has_gpus() -> bool:
+    """``run.use_gpu=auto``: train on GPUs when the Ray cluster has any. Asked of the cluster, not of the
+    driver's own torch: on a CPU head of a GPU cluster that would train on CPU with gloo, saying nothing."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 #: Errors of the configuration or of the data: a retry reads the same config and the same files and
@@ -158,9 +183,12 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     ``callbacks`` are Ray Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial.
     """
     check_model_name(cfg.model)  # a wrong name fails here in seconds, not in every worker
-    storage = Path(cfg.run.storage_path).expanduser().resolve()
-    run_dir = storage / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    root = storage.resolve(cfg.run.storage_path)
+    run_dir = storage.join(root, cfg.run.name)
+    if storage.is_uri(root):  # a missing bucket or credentials: one line now, not a worker's traceback
+        storage.check_reachable(run_dir, "run.storage_path")
+    else:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
     shard_dir = prepare_shards(cfg.data, run_dir)
     manifest = read_manifest(shard_dir)
     check_inputs(cfg, manifest, shard_dir)
@@ -181,8 +209,12 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
 
     if not ray.is_initialized():  # only now: every check above runs without Ray
         init_ray()
+    # Before any worker starts: on a cluster, what the workers read and write must be visible to them.
+    storage.check_cluster_storage({"run.storage_path": root, "data.shard_dir": str(shard_dir)})
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own tqdm shows the steps
-    gpu = use_gpu(cfg.run.use_gpu)
+    gpu = cluster_has_gpus() if cfg.run.use_gpu == "auto" else cfg.run.use_gpu == "true"
+    # The workers follow the driver's decision (a worker alone cannot tell what its peers got).
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, use_gpu="true" if gpu else "false"))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -191,7 +223,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             "num_groups": manifest.groups,
             "sources": sorted(manifest.groups_per_source),
             "shard_paths": paths,
-            "run_dir": str(run_dir),
+            "run_dir": run_dir,
             "tokenizer_texts": texts,
         },
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
@@ -203,11 +235,11 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=str(storage),
+            storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=[*(callbacks or []), final_errors_callback()],  # last: the others see the error too
-            worker_runtime_env={"env_vars": worker_env_vars(cfg.run)},
+            worker_runtime_env={"env_vars": {**worker_env_vars(cfg.run), **storage.worker_env()}},
         ),
     )
     try:
@@ -216,18 +248,29 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
         if isinstance(err.controller_failure, FINAL_ERRORS):  # from final_errors_callback
             raise err.controller_failure from None
         raise
-    steps_log = run_dir / "steps.jsonl"
+    steps_log = storage.join(run_dir, "steps.jsonl")
     history = []
-    if steps_log.exists():
-        history = [json.loads(line) for line in steps_log.read_text().splitlines() if line.strip()]
-    model_dir = run_dir / "model"
-    mix_file = run_dir / MIX_FILE
+    if storage.exists(steps_log):
+        history = [json.loads(line) for line in storage.read_text(steps_log).splitlines() if line.strip()]
+    model_dir = storage.join(run_dir, "model")
+    mix_file = storage.join(run_dir, MIX_FILE)
     return TrainResult(
-        run_dir=str(run_dir),
+        run_dir=run_dir,
         steps=int((result.metrics or {}).get("step", 0)),
         metrics=dict(result.metrics or {}),
-        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-        model_path=str(model_dir) if cfg.run.export and model_dir.exists() else None,
+        checkpoint_path=_checkpoint_location(result.checkpoint, root),
+        model_path=model_dir if cfg.run.export and storage.exists(storage.join(model_dir, "config.json")) else None,
         history=history,
-        mix=json.loads(mix_file.read_text()) if mix_file.exists() else {},
+        mix=json.loads(storage.read_text(mix_file)) if storage.exists(mix_file) else {},
     )
+
+
+def _checkpoint_location(checkpoint: Any, root: str) -> str | None:
+    """The checkpoint as a location (a URI again when the storage is remote: Ray keeps the path on
+    the filesystem, without its scheme)."""
+    if checkpoint is None:
+        return None
+    if not storage.is_uri(root):
+        return checkpoint.path
+    scheme = root.split("://", 1)[0]
+    return f"{scheme}://{checkpoint.path.lstrip('/')}"

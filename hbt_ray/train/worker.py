@@ -25,10 +25,12 @@ import math
 import os
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from hbt_ray import storage
 from hbt_ray.config import load_config
 from hbt_ray.data.streams import shard_streams
 from hbt_ray.loss import ContrastiveModule
@@ -40,6 +42,7 @@ from hbt_ray.train.config import TrainConfig
 from hbt_ray.train.deepspeed import build_optimizer, consolidated_state_dict, deepspeed_config, zero_stage
 from hbt_ray.train.gradcache import cached_step, num_chunks
 from hbt_ray.train.mix import FALLBACK_GRACE_STEPS, MIX_FILE, FallbackShareError, mix_counts, mix_summary
+from hbt_ray.train.runfiles import PLACEMENT_GROUP_FILE, StepLog
 
 PHASES = ("data", "forward", "sync", "backward", "optimizer")
 class NonFiniteLossError(RuntimeError):
@@ -68,28 +71,6 @@ def all_reduce_mean(values: list[float]) -> list[float]:
     return [float(x) for x in t.cpu()]
 
 
-#: The run dir's record of the placement group its workers run in (written by rank 0 at setup).
-PLACEMENT_GROUP_FILE = "placement_group"
-
-
-def remove_leftover_placement_group(run_dir: Path) -> bool:
-    """Remove the placement group a run's workers ran in, if the run left it; → whether it did. A Tune
-    trial stopped mid-run (ASHA) takes the Train controller down with it, and Ray Train's own cleaner
-    asks the State API, i.e. the dashboard, which a local instance here does not run: the group's CPUs
-    stayed reserved and the next trial waited for them forever."""
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-
-    path = Path(run_dir) / PLACEMENT_GROUP_FILE
-    if not path.exists():
-        return False
-    group = PlacementGroup(PlacementGroupID(bytes.fromhex(path.read_text().strip())))
-    if placement_group_table(group).get("state") in (None, "REMOVED"):
-        return False
-    remove_placement_group(group)
-    return True
-
-
 def batch_fingerprint(queries: list[str], passages: list[str]) -> str:
     h = hashlib.sha1()
     for text in (*queries, *passages):
@@ -101,7 +82,7 @@ def batch_fingerprint(queries: list[str], passages: list[str]) -> str:
 class TrainRecipe:
     """One worker's run: state lives on the instance, each phase is a method (see the module doc)."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, run_dir: Path, job: dict[str, Any]) -> None:
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, run_dir: str, job: dict[str, Any]) -> None:
         self.cfg, self.rank, self.world, self.run_dir, self.job = cfg, rank, world, run_dir, job
         self.step_no, self.skipped = 0, 0
         self.metrics: dict[str, Any] = {}
@@ -147,7 +128,7 @@ class TrainRecipe:
         # in a seeded, order-preserving way), so a restarted worker re-reads exactly the same rows: the
         # resumed batch stream is exact, and no group can meet its parallel copy on another rank.
         ray.data.DataContext.get_current().enable_progress_bars = False
-        paths = [Path(p) for p in self.job["shard_paths"]]
+        paths = self.job["shard_paths"]  # local paths or URIs: Ray Data reads either where it is
         sampler = HybridBatchSampler(
             cfg.sampler, shard_streams(paths, rank, world, seed=cfg.sampler.seed), rank, world,
             self.job["lang_counts"], num_groups=self.job["num_groups"],
@@ -177,10 +158,11 @@ class TrainRecipe:
             from hbt_ray.evaluate import load_eval_data
 
             self.eval_set = load_eval_data(self.cfg.eval)
-        self.steps_log = self.run_dir / "steps.jsonl"
+        self.steps_log = StepLog(storage.join(self.run_dir, "steps.jsonl"), self.cfg.run.report_every_s) \
+            if self.rank == 0 else None  # fmt: skip
         group = ray.util.get_current_placement_group() if self.rank == 0 else None
         if group is not None:
-            (self.run_dir / PLACEMENT_GROUP_FILE).write_text(group.id.hex())
+            storage.write_text(storage.join(self.run_dir, PLACEMENT_GROUP_FILE), group.id.hex())
         self.attempt = f"{os.getpid()}-{time.time():.0f}"
         if self.rank == 0 and self.cfg.run.progress:
             from tqdm import tqdm
@@ -331,8 +313,7 @@ class TrainRecipe:
                 "malloc_mmap_max": os.environ.get("MALLOC_MMAP_MAX_"),
                 **self.step_mix,  # every rank's pairs of this step: query languages, sources, fallbacks
             }  # fmt: skip
-            with open(self.steps_log, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            self.steps_log.append(json.dumps(record))
             if self.progress is not None:
                 self.progress.update(1)
                 if self.losses:
@@ -362,6 +343,8 @@ class TrainRecipe:
 
         run = self.cfg.run
         if (run.checkpoint_every and self.step_no % run.checkpoint_every == 0) or self.done:
+            if self.rank == 0:
+                self.steps_log.flush()  # the log in storage covers at least every checkpointed step
             ckpt.save_checkpoint(self.engine, self.batches, step=self.step_no, skipped=self.skipped,
                                  rank=self.rank, world=self.world, metrics=self.metrics, mix=self.mix)  # fmt: skip
             # The controller registers a reported checkpoint when it drains the worker's result queue;
@@ -371,15 +354,17 @@ class TrainRecipe:
         elif (self.report_now and self.step_no % run.log_every == 0) or self._eval_due() or self.confirm_checkpoint:
             ray.train.report(self.metrics)
             self.last_report, self.report_now, self.confirm_checkpoint = time.perf_counter(), False, False
-        kill_marker = self.run_dir / ".debug_killed"
         if (
             run.debug_kill_at_step is not None
             and self.step_no == run.debug_kill_at_step
             and self.rank == run.debug_kill_rank
-            and not kill_marker.exists()
         ):
-            kill_marker.write_text(f"rank {self.rank} killed after step {self.step_no}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill_marker = storage.join(self.run_dir, ".debug_killed")
+            if not storage.exists(kill_marker):
+                if self.rank == 0:
+                    self.steps_log.flush()
+                storage.write_text(kill_marker, f"rank {self.rank} killed after step {self.step_no}\n")
+                os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------------------------ export
     def export(self) -> None:
@@ -390,20 +375,30 @@ class TrainRecipe:
             self.progress.close()
         self.batches.close()  # the prefetch thread, and the sampler's Ray Data iterators (they hold resources)
         if self.rank == 0:
+            self.steps_log.flush()
             sampler = self.batches.sampler
             target = {lang: float(p) for lang, p in zip(sampler.langs, sampler.p)}
-            (self.run_dir / MIX_FILE).write_text(json.dumps(mix_summary(self.mix, target, sampler), indent=1))
+            storage.write_text(storage.join(self.run_dir, MIX_FILE),
+                               json.dumps(mix_summary(self.mix, target, sampler), indent=1))  # fmt: skip
         if not self.cfg.run.export:
             return
         state_dict = consolidated_state_dict(self.engine)  # collective under ZeRO-3
         if self.rank == 0:
-            export_dir = self.run_dir / "model"
-            staging = self.run_dir / f".model_staging_{os.getpid()}"
+            # Written on this node (beside the run on a local disk, so it is moved, not copied), then
+            # published as a whole: uploaded once to remote storage, where every loader downloads it
+            # into its node's cache (hbt_ray.storage.local_copy).
+            remote = storage.is_uri(self.run_dir)
+            parent = Path(tempfile.mkdtemp(prefix="hbt_export_")) if remote else Path(self.run_dir)
+            staging = parent / f".model_staging_{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
-            export_from_state_dict(self.cfg.model, state_dict, staging, tokenizer=self.encoder.tokenizer,
-                                   train_texts=self.job.get("tokenizer_texts"))  # fmt: skip
-            shutil.rmtree(export_dir, ignore_errors=True)
-            staging.rename(export_dir)
+            try:
+                export_from_state_dict(self.cfg.model, state_dict, staging, tokenizer=self.encoder.tokenizer,
+                                       train_texts=self.job.get("tokenizer_texts"))  # fmt: skip
+                storage.publish_dir(staging, storage.join(self.run_dir, "model"))
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                if remote:
+                    shutil.rmtree(parent, ignore_errors=True)
         if dist.is_initialized():
             dist.barrier()
 
@@ -424,7 +419,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     import ray.train
 
     ctx = ray.train.get_context()
-    recipe = TrainRecipe(cfg, ctx.get_world_rank(), ctx.get_world_size(), Path(job["run_dir"]), job)
+    recipe = TrainRecipe(cfg, ctx.get_world_rank(), ctx.get_world_size(), job["run_dir"], job)
     recipe.setup()
     recipe.resume()
     while not recipe.done:

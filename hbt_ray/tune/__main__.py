@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2
     print()
-    print((summary.out_dir / "results.md").read_text())
+    print((summary.report_dir / "results.md").read_text())
     untuned = summary.untuned_objective
     best = None if summary.best is None else summary.best["objective"]
     print(f"objective ({cfg.objective}):  untuned {_fmt(untuned)}   best trial {_fmt(best)}"
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(cfg.objectives) > 1:
         print("Pareto front:", ", ".join(r["trial"] for r in summary.pareto))
     print(f"results: {summary.out_dir}  (results.csv, results.md, *.png, wandb/, best_model/)")
+    if summary.report_dir is not None and str(summary.report_dir) != str(summary.out_dir):
+        print(f"this machine's copy of the report and the W&B files: {summary.report_dir}")
     if summary.best_model_dir:
         print(f"best model: {summary.best_model_dir}")
     failed = [r for r in summary.rows if r.get("status") == "ERROR"]

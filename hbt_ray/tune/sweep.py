@@ -30,12 +30,12 @@ import copy
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hbt_ray import storage
 from hbt_ray.cluster import init_ray
 from hbt_ray.config import ConfigError, override, to_dict
 from hbt_ray.evaluate import METRIC_MODES, EvalConfig, evaluate, load_eval_data
@@ -43,6 +43,7 @@ from hbt_ray.model import check_model_name, describe_model
 from hbt_ray.provenance import provenance, provenance_lines, seconds_since
 from hbt_ray.train import TrainConfig, prepare_shards, train
 from hbt_ray.tune.config import TuneConfig
+from hbt_ray.tune.outputs import copy_best_model, local_report_dir, publish_report
 from hbt_ray.tune.report import (
     EXTRA_COLUMNS,
     _scalar,
@@ -86,22 +87,20 @@ def check_sweep(cfg: TuneConfig) -> tuple[SearchSpace, TrainConfig]:
     return space, base
 
 
-def sweeps_in(out_root: Path) -> list[str]:
-    """The names of the sweeps under ``out_root`` (folders with Tune's experiment state)."""
-    if not out_root.is_dir():
-        return []
-    return sorted(d.name for d in out_root.iterdir() if (d / "tune").is_dir())
+def sweeps_in(out_root: str | Path) -> list[str]:
+    """The names of the sweeps under ``out_root`` (folders with Tune's experiment state), local or a URI."""
+    return [d for d in storage.listdir(out_root) if storage.is_dir(storage.join(out_root, d, "tune"))]
 
 
 def check_resumable(cfg: TuneConfig) -> None:
     """``resume`` continues a sweep that exists; a missing or mistyped name is an error, never a new sweep."""
     from ray import tune
 
-    out_root = Path(cfg.out_dir).expanduser().resolve()
+    out_root = storage.resolve(cfg.out_dir)
     if not cfg.name:
         raise ConfigError(f"resume: name the sweep to resume with name=… (sweeps in {out_root}: "
                           f"{', '.join(sweeps_in(out_root)) or 'none'})")  # fmt: skip
-    if not tune.Tuner.can_restore(str(out_root / cfg.name / "tune")):
+    if not tune.Tuner.can_restore(storage.join(out_root, cfg.name, "tune")):
         raise ConfigError(f"name: no sweep {cfg.name!r} to resume in {out_root} (sweeps there: "
                           f"{', '.join(sweeps_in(out_root)) or 'none'})")  # fmt: skip
 
@@ -146,7 +145,7 @@ def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
     train_cfg.run.name = ctx.get_trial_id()
     # Under the sweep's own folder, not Tune's trial dir (in Ray's temporary session folder, which Ray
     # and the OS clean up): the α = 0 and α = 1 models stay there to be compared after the sweep.
-    train_cfg.run.storage_path = str(Path(cfg.out_dir) / cfg.name / "trials")
+    train_cfg.run.storage_path = storage.join(cfg.out_dir, cfg.name, "trials")
     train_cfg.run.export = True
     start = time.time()
     result = train(train_cfg, callbacks=[TuneReportCallback()])
@@ -161,7 +160,7 @@ def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
         # the slow ones); the chosen λ then gets them too, so the row is complete for the model exported.
         ranked_on = cfg.extra_evals if any("/" in m for m in cfg.objectives) else None
         lam, model_path, summary = best_interpolation(
-            train_cfg.model, model_path, summary, cfg.interpolate, Path(result.run_dir),
+            train_cfg.model, model_path, summary, cfg.interpolate, result.run_dir,
             lambda path: evaluate_model(path, train_cfg.eval, cfg.objectives, ranked_on),
         )  # fmt: skip
         if lam != 1.0 and cfg.extra_evals and ranked_on is None:
@@ -232,16 +231,16 @@ def make_scheduler(space: SearchSpace, cfg: TuneConfig) -> Any:
     )
 
 
-def prepare_base_train_config(base: TrainConfig, out_root: Path) -> TrainConfig:
+def prepare_base_train_config(base: TrainConfig, out_root: str) -> TrainConfig:
     """The config every trial starts from (``base``: the space's fixed keys applied, as
     :func:`check_sweep` returns it), with the pair shards written once (trials share them) and the paths
     made absolute, since Tune runs trials in their own directories."""
-    shard_dir = Path(base.data.shard_dir or out_root / "shards")  # one folder per data fingerprint inside
-    base.data.shard_dir = str(shard_dir.expanduser().resolve())
-    base.run.storage_path = str(Path(base.run.storage_path).expanduser().resolve())
-    if base.eval.cache_dir:
+    # one folder per data fingerprint inside; beside the sweep, so remote when the sweep is
+    base.data.shard_dir = storage.resolve(base.data.shard_dir or storage.join(out_root, "shards"))
+    base.run.storage_path = storage.resolve(base.run.storage_path)
+    if base.eval.cache_dir:  # a node-local cache: each node keeps its own
         base.eval.cache_dir = str(Path(base.eval.cache_dir).expanduser().resolve())
-    prepare_shards(base.data, Path(base.data.shard_dir))
+    prepare_shards(base.data, base.data.shard_dir)
     return base
 
 
@@ -267,28 +266,29 @@ class SweepSummary:
     """What :func:`run_sweep` leaves: the rows, the best trial, the Pareto front, the untuned model's
     evaluation, the plots and the best model's directory."""
 
-    out_dir: Path
+    out_dir: Any  # a Path, or the URI of a sweep kept in remote storage
     rows: list[dict[str, Any]]
     best: dict[str, Any] | None
     pareto: list[dict[str, Any]]
     untuned: dict[str, Any] | None
     images: list[Path]
-    best_model_dir: Path | None
+    best_model_dir: Any  # as out_dir
+    report_dir: Path | None = None  # this machine's copy of the report files (out_dir itself when local)
 
     @property
     def untuned_objective(self) -> float | None:
         return None if self.untuned is None else self.untuned.get("objective")
 
 
-def _tuner(cfg: TuneConfig, space: SearchSpace, trainable: Any, name: str, out_root: Path, callbacks: list) -> Any:
+def _tuner(cfg: TuneConfig, space: SearchSpace, trainable: Any, name: str, out_root: str, callbacks: list) -> Any:
     """A new ``tune.Tuner``, or the restored one when ``resume`` and the sweep's state exists."""
     from ray import tune
 
     search_alg, scheduler = make_search_alg(space, cfg), make_scheduler(space, cfg)
-    exp_dir = out_root / name / "tune"
-    if cfg.resume and tune.Tuner.can_restore(str(exp_dir)):
+    exp_dir = storage.join(out_root, name, "tune")
+    if cfg.resume and tune.Tuner.can_restore(exp_dir):
         print(f"[hbt_ray.tune] resuming {exp_dir}", flush=True)
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False, restart_errored=False)
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=False, restart_errored=False)
     # Optuna ranks by its own metric(s); the other searches take Tune's single metric
     single = len(cfg.objectives) == 1 and space.search != "optuna"
     return tune.Tuner(
@@ -304,22 +304,12 @@ def _tuner(cfg: TuneConfig, space: SearchSpace, trainable: Any, name: str, out_r
         ),
         run_config=tune.RunConfig(
             name=f"{name}/tune",
-            storage_path=str(out_root),
+            storage_path=out_root,
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=1,
         ),
     )
-
-
-def _copy_best_model(best: dict[str, Any] | None, cfg: TuneConfig, out_dir: Path) -> Path | None:
-    if best is None or not cfg.export_best or not best.get("export_dir"):
-        return None
-    best_model_dir = out_dir / "best_model"
-    if best_model_dir.exists():
-        shutil.rmtree(best_model_dir)
-    shutil.copytree(best["export_dir"], best_model_dir)
-    return best_model_dir
 
 
 def run_sweep(cfg: TuneConfig) -> SweepSummary:
@@ -330,18 +320,21 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     space, base = check_sweep(cfg)  # before any directory, shard or Ray instance exists
     name = cfg.name or f"{Path(space.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_root = Path(cfg.out_dir).resolve()
-    out_dir = out_root / name
+    out_root = storage.resolve(cfg.out_dir)
+    out_dir = storage.join(out_root, name)
+    if storage.is_uri(out_root):  # a missing bucket or credentials: one line, before any evaluation
+        storage.check_reachable(out_dir, "out_dir")
     try:
         base = prepare_base_train_config(base, out_root)
     except ConfigError as err:  # the training section's keys, as this sweep's config names them
         raise ConfigError(f"train.{err}") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep_config.json").write_text(
-        json.dumps(scrub_secrets({**to_dict(cfg), "train": to_dict(base), "space_file": space.source}), indent=2)
-    )
+    storage.write_text(storage.join(out_dir, "sweep_config.json"), json.dumps(
+        scrub_secrets({**to_dict(cfg), "train": to_dict(base), "space_file": space.source}), indent=2))  # fmt: skip
     if not ray.is_initialized():
         init_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local")
+    # Trials, their training workers and evaluations run on other nodes of a cluster: they must see it.
+    # (each trial's runs go to <out_dir>/<name>/trials, whatever train.run.storage_path says)
+    storage.check_cluster_storage({"out_dir": out_root, "train.data.shard_dir": base.data.shard_dir})
 
     check_trial_fits(cfg, base, ray.cluster_resources())
     make_scheduler(space, cfg)  # a bad scheduler setting fails here, before any evaluation or W&B run
@@ -352,19 +345,22 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     if cfg.evaluate_untuned:
         print(f"[hbt_ray.tune] evaluating the untuned model {base.model.name} on {base.eval.data} …", flush=True)
         untuned = evaluate_model(base.model, base.eval, cfg.objectives, cfg.extra_evals)
-        (out_dir / "untuned.json").write_text(json.dumps({**untuned, "provenance": prov}, indent=2, default=str))
+        storage.write_text(storage.join(out_dir, "untuned.json"),
+                           json.dumps({**untuned, "provenance": prov}, indent=2, default=str))  # fmt: skip
 
     tuned_cfg = copy.deepcopy(cfg)
     tuned_cfg.train = base
     tuned_cfg.name, tuned_cfg.out_dir = name, str(out_root)  # where run_trial keeps the trial's model
     trainable = tune.with_resources(tune.with_parameters(run_trial, cfg=tuned_cfg), {"CPU": cfg.trial_cpus})
-    sweep_run = SweepRun(cfg.wandb, name, out_dir)
+    report_dir = local_report_dir(out_dir)
+    sweep_run = SweepRun(cfg.wandb, name, report_dir)  # W&B writes its files on this machine
     mode = sweep_run.start()  # decides online or offline once, for the trials too
-    trial_runs = trial_runs_callback(cfg.wandb, mode, name, out_dir, {"train": to_dict(base)})
-    callbacks = [leftover_groups_callback(out_dir / "trials"), *([trial_runs] if trial_runs else [])]
+    trial_runs = trial_runs_callback(cfg.wandb, mode, name, report_dir, {"train": to_dict(base)})
+    trials_dir = storage.join(out_dir, "trials")
+    callbacks = [leftover_groups_callback(trials_dir), *([trial_runs] if trial_runs else [])]
     try:
         result_grid = _tuner(cfg, space, trainable, name, out_root, callbacks).fit()
-        summary, report = _summarize(cfg, result_grid, space, name, out_dir, untuned, prov)
+        summary, report = _summarize(cfg, result_grid, space, name, out_dir, report_dir, untuned, prov)
     except BaseException:
         sweep_run.abort()
         raise
@@ -372,19 +368,19 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     return summary
 
 
-def leftover_groups_callback(trials_dir: Path) -> Any:
+def leftover_groups_callback(trials_dir: str) -> Any:
     """A Tune callback that frees the placement group of a trial's training run when the trial ends
     (:func:`hbt_ray.train.worker.remove_leftover_placement_group`: one ASHA stops mid-run leaves it)."""
     from ray.tune import Callback
 
-    from hbt_ray.train.worker import remove_leftover_placement_group
+    from hbt_ray.train.runfiles import remove_leftover_placement_group
 
     class RemoveLeftoverGroups(Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            remove_leftover_placement_group(trials_dir / trial.trial_id)
+            remove_leftover_placement_group(storage.join(trials_dir, trial.trial_id))
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            remove_leftover_placement_group(trials_dir / trial.trial_id)
+            remove_leftover_placement_group(storage.join(trials_dir, trial.trial_id))
 
     return RemoveLeftoverGroups()
 
@@ -403,7 +399,7 @@ def describe_pool(eval_cfg: EvalConfig) -> str:
 
 
 def _summarize(
-    cfg: TuneConfig, result_grid: Any, space: SearchSpace, name: str, out_dir: Path,
+    cfg: TuneConfig, result_grid: Any, space: SearchSpace, name: str, out_dir: str, report_dir: Path,
     untuned: dict[str, Any] | None, prov: dict[str, Any],
 ) -> tuple[SweepSummary, dict[str, Any]]:  # fmt: skip
     """Table, plots, best model and ``summary.json`` of a finished sweep; → the summary and the report."""
@@ -413,20 +409,21 @@ def _summarize(
     wall_s = seconds_since(prov)  # the untuned model's evaluation and every trial, on this cluster
     header = (f"# Sweep {name}\n\n" + provenance_lines(prov, model) + f"\n- evaluation: {prov['eval_pool']}"
               f"\n- wall: {wall_s / 60:.0f} min for {len(rows)} trials, the untuned model's evaluation included")  # fmt: skip
-    write_table(rows, out_dir, extra_columns=extra, untuned=untuned, header=header)
-    images = plot_metrics_vs_alpha(rows, out_dir, untuned)
+    write_table(rows, report_dir, extra_columns=extra, untuned=untuned, header=header)
+    images = plot_metrics_vs_alpha(rows, report_dir, untuned)
     for metric in cfg.objectives:
-        heat = plot_alpha_tau_heatmap(rows, metric, out_dir)
+        heat = plot_alpha_tau_heatmap(rows, metric, report_dir)
         if heat is not None:
             images.append(heat)
 
     finished = [r for r in rows if r.get("objective") is not None]
     best = max(finished, key=lambda r: r["objective"]) if finished else None
     pareto = [finished[i] for i in pareto_front(finished, cfg.objectives, cfg.modes)]
-    best_model_dir = _copy_best_model(best, cfg, out_dir)
+    best_model_dir = copy_best_model(best, cfg, out_dir)
     if not cfg.keep_trial_models:
-        shutil.rmtree(out_dir / "trials", ignore_errors=True)
-    summary = SweepSummary(out_dir, rows, best, pareto, untuned, images, best_model_dir)
+        storage.remove(storage.join(out_dir, "trials"))
+    where = out_dir if storage.is_uri(out_dir) else Path(out_dir)
+    summary = SweepSummary(where, rows, best, pareto, untuned, images, best_model_dir, report_dir)
     report = {
         "sweep": name,
         "provenance": prov,
@@ -442,5 +439,6 @@ def _summarize(
         "meets_targets": [r["trial"] for r in rows if untuned and missed_targets(r, untuned) == "all met"],
         "best_model_dir": None if best_model_dir is None else str(best_model_dir),
     }
-    (out_dir / "summary.json").write_text(json.dumps(report, indent=2, default=str))
+    (report_dir / "summary.json").write_text(json.dumps(report, indent=2, default=str))
+    publish_report(report_dir, out_dir, ["results.csv", "results.md", "summary.json", *(p.name for p in images)])
     return summary, report
