@@ -1,7 +1,7 @@
 """Render a copy of cluster.yaml with another region, spot setting or worker instance types, and validate it
 against Ray's cluster-config schema.
 
-    python scripts/render_cluster.py --region eu-west-1 --no-spot --out my-cluster.yaml
+    python scripts/render_cluster.py --region eu-west-1 --no-spot --storage s3://my-bucket/hbt --out my-cluster.yaml
     ray up my-cluster.yaml
 """
 
@@ -23,13 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spot", dest="spot", action="store_true", default=None, help="workers on spot")
     parser.add_argument("--no-spot", dest="spot", action="store_false", help="workers on demand")
     parser.add_argument("--max-workers", type=int, default=None)
+    parser.add_argument("--storage", default=None,
+                        help="where runs, shards, checkpoints, models and sweeps live: s3://bucket/prefix (or any "
+                             "URI pyarrow knows), or an absolute path every node mounts (NFS/EFS); "
+                             "HBT_STORAGE on every node")  # fmt: skip
     parser.add_argument("--out", default="-", help="output file (default: stdout)")
     args = parser.parse_args(argv)
 
-    config = render_cluster_config(
-        load_cluster_config(args.base), region=args.region, spot=args.spot, max_workers=args.max_workers
-    )
-    validate_cluster_config(config)
+    try:
+        config = _render(args)
+    except (ValueError, OSError) as err:  # ClusterConfigError, Ray's schema errors, an unreadable --base
+        print(f"error: {' '.join(str(err).split())[:500]}", file=sys.stderr)
+        return 2
     text = yaml.safe_dump(config, sort_keys=False)
     if args.out == "-":
         sys.stdout.write(text)
@@ -37,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(text)
         print(f"wrote {args.out} (validated against Ray's cluster schema)", file=sys.stderr)
     return 0
+
+
+def _render(args: argparse.Namespace) -> dict:
+    config = render_cluster_config(
+        load_cluster_config(args.base), region=args.region, spot=args.spot, max_workers=args.max_workers,
+        storage=args.storage,
+    )
+    validate_cluster_config(config)
+    return config
 
 
 if __name__ == "__main__":

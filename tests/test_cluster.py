@@ -1,4 +1,6 @@
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +27,68 @@ def test_cluster_yaml_validates_against_ray_schema():
     workers = {n: t for n, t in types.items() if n != prepared["head_node_type"]}
     assert {t["node_config"]["InstanceType"] for t in workers.values()} >= {"g5.12xlarge", "p4d.24xlarge"}
     assert all("max_workers" in t and "min_workers" in t for t in workers.values())
-    assert "gpu" in prepared["docker"]["image"]
-    assert any("pip install" in c and "hbt_ray" in c for c in prepared["setup_commands"])
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        assert any("pip install" in c and "hbt_ray" in c for c in prepared[key]), key
     assert "~/hbt_ray/hbt_ray" in prepared["file_mounts"]
+
+
+def _torch_pin() -> str:
+    makefile = (ROOT / "Makefile").read_text()
+    return re.search(r"^TORCH_SPEC \?= (torch==\S+)$", makefile, re.M).group(1)
+
+
+def test_gpu_workers_pin_an_image_whose_cuda_is_the_torch_builds():
+    """The GPU image's CUDA, the CUDA of the torch wheel the workers install, and the torch release the
+    Makefile pins: one set, not three guesses (an image's ``-gpu`` alias moves with Ray's releases)."""
+    config = load_cluster_config(ROOT / "cluster.yaml")
+    docker = config["docker"]
+    cuda = re.fullmatch(r"rayproject/ray:[\d.]+-py\d+-cu(\d+)", docker["worker_image"]).group(1)
+    assert docker["image"] == docker["worker_image"] and docker["head_image"].endswith("-cpu")
+    installs = [c for c in config["worker_setup_commands"] if re.search(r"pip install .*\btorch==", c)]
+    assert len(installs) == 1, config["worker_setup_commands"]
+    assert f"{_torch_pin()} --index-url https://download.pytorch.org/whl/cu{cuda}" in installs[0]
+    head = [c for c in config["head_setup_commands"] if "torch==" in c]
+    assert len(head) == 1 and f"{_torch_pin()} --index-url https://download.pytorch.org/whl/cpu" in head[0]
+    ray_version = re.search(r"ray:([\d.]+)-", docker["worker_image"]).group(1)
+    assert ray_version == importlib.metadata.version("ray")  # the image runs the Ray the drivers import
+
+
+def test_gpu_worker_setup_fails_without_cuda():
+    """The worker's CUDA check, run as the node's shell would run it, on this machine (no GPU): it must
+    fail the setup (a non-zero exit, so `ray up` stops that node), not print and go on."""
+    config = load_cluster_config(ROOT / "cluster.yaml")
+    checks = [c for c in config["worker_setup_commands"] if "torch.cuda.is_available()" in c]
+    assert len(checks) == 1
+    import torch
+
+    assert not torch.cuda.is_available()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["sh", "-c", checks[0]], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "torch.cuda.is_available() is False on a GPU node" in proc.stderr
+
+
+def test_the_storage_is_set_once_for_every_node_and_rendered():
+    config = load_cluster_config(ROOT / "cluster.yaml")
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert sum("HBT_STORAGE=" in c for c in starts) == 2
+    rendered = render_cluster_config(config, storage="s3://team-bucket/hbt")
+    validate_cluster_config(rendered)
+    starts = [c for c in rendered["head_start_ray_commands"] + rendered["worker_start_ray_commands"] if "ray start" in c]
+    assert all("HBT_STORAGE=s3://team-bucket/hbt;" in c for c in starts), starts
+    nfs = render_cluster_config(config, storage="/mnt/efs/hbt")
+    assert all("HBT_SHARED_STORAGE=/mnt/efs/hbt" in c for c in nfs["worker_start_ray_commands"] if "ray start" in c)
+    with pytest.raises(ClusterConfigError, match="neither a URI"):
+        render_cluster_config(config, storage="runs")
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "s3:ListBucket" in text and "s3:PutObject" in text  # the IAM permissions the nodes need
+    proc = subprocess.run([sys.executable, "scripts/render_cluster.py", "--storage", "s3://team-bucket/hbt"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and "HBT_STORAGE=s3://team-bucket/hbt" in proc.stdout, proc.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "scripts/render_cluster.py", "--storage", "runs"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and bad.stdout == "", bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: storage: 'runs' is neither a URI")
 
 
 def test_render_changes_region_and_spot_and_still_validates():
@@ -68,7 +129,7 @@ def test_secrets_are_refused():
         (lambda c: c["head_start_ray_commands"].__setitem__(
             1, c["head_start_ray_commands"][1].replace("127.0.0.1", "0.0.0.0")), "dashboard must listen"),
         (lambda c: c["worker_start_ray_commands"].__setitem__(
-            1, c["worker_start_ray_commands"][1].replace("export RAY_AUTH_MODE=token; ", "")), "token auth"),
+            1, c["worker_start_ray_commands"][1].replace("RAY_AUTH_MODE=token ", "")), "token auth"),
         (lambda c: c["file_mounts"].__setitem__("~/hbt_ray", "."), "whole working directory"),
         (lambda c: c["file_mounts"].__setitem__("~/repo", "./"), "whole working directory"),
     ],
