@@ -57,7 +57,8 @@ CHILD = textwrap.dedent(
 @pytest.mark.slow
 def test_two_nodes_one_worker_each_gathers_global_batch(tmp_path: Path, shared_data: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HBT_DATA_DIR": str(shared_data), "RAY_DEDUP_LOGS": "0"}
+    # both "nodes" run on this machine and see tmp_path: declared shared, as an NFS mount would be
+    env = {**os.environ, "HBT_DATA_DIR": str(shared_data), "RAY_DEDUP_LOGS": "0", "HBT_SHARED_STORAGE": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True,
         timeout=600,  # 68-121 s since shards are read via Ray Data V1; 366 s before, on a slow day
