@@ -13,7 +13,6 @@ an e5 model gets its ``"query: "``/``"passage: "`` prefixes without the user kno
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -75,8 +74,9 @@ class ModelConfig:
 
 def cache_root(cfg: ModelConfig) -> Path:
     """``cfg.cache_dir``, else ``$HBT_CACHE_DIR``, else ``~/.cache/hbt_ray``."""
-    root = cfg.cache_dir or os.environ.get("HBT_CACHE_DIR") or str(Path.home() / ".cache" / "hbt_ray")
-    return Path(root).expanduser()
+    from hbt_ray.storage import cache_root as node_cache  # the one default: $HBT_CACHE_DIR, ~/.cache/hbt_ray
+
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else node_cache().expanduser()
 
 
 @dataclass(frozen=True)
