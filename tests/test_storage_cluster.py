@@ -214,6 +214,7 @@ def test_a_local_path_is_refused_in_one_line(cluster):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: run.storage_path: ") and "local path" in line and "HBT_SHARED_STORAGE" in line
     assert "Traceback" not in proc.stderr
+    assert not (cluster.private / "runs").exists()  # refused before anything is written
 
 
 def test_train_in_the_bucket_resumes_after_a_kill_then_evaluate_there(cluster):

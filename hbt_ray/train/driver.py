@@ -187,7 +187,18 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     run_dir = storage.join(root, cfg.run.name)
     if storage.is_uri(root):  # a missing bucket or credentials: one line now, not a worker's traceback
         storage.check_reachable(run_dir, "run.storage_path")
-    else:
+    import ray
+
+    from hbt_ray.cluster import init_ray, starts_new_instance
+
+    if ray.is_initialized() or not starts_new_instance(None):
+        # Joining a cluster starts nothing: ask it now whether its nodes can see these locations, so a
+        # refused run leaves nothing behind (no run folder, no shards on the driver's disk).
+        if not ray.is_initialized():
+            init_ray()
+        shard_root = cfg.data.shard_dir or storage.join(run_dir, "shards")
+        storage.check_cluster_storage({"run.storage_path": root, "data.shard_dir": shard_root})
+    if not storage.is_uri(root):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     shard_dir = prepare_shards(cfg.data, run_dir)
     manifest = read_manifest(shard_dir)
@@ -200,14 +211,11 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
         texts = tokenizer_texts(shard_dir, cfg.model.tiny_sample_records)
         tiny_tokenizer(cfg.model, texts)  # build + cache once here, the workers load it
 
-    import ray
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from hbt_ray.cluster import init_ray
-
-    if not ray.is_initialized():  # only now: every check above runs without Ray
+    if not ray.is_initialized():  # a new local instance only now: every check above runs without it
         init_ray()
     # Before any worker starts: on a cluster, what the workers read and write must be visible to them.
     storage.check_cluster_storage({"run.storage_path": root, "data.shard_dir": str(shard_dir)})
