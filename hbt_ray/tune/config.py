@@ -91,6 +91,8 @@ class TuneConfig:
         for name in self.extra_evals:
             if not name or "/" in name:
                 raise ConfigError(f"extra_evals: {name!r} is not a name (no '/', not empty)")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ConfigError(f"num_samples: must be >= 1 (null: the space file's), got {self.num_samples}")
         for i, lam in enumerate(self.interpolate):
             if not 0.0 <= lam <= 1.0:
                 raise ConfigError(f"interpolate[{i}]: {lam} is not in [0, 1]")

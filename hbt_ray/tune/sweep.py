@@ -31,17 +31,26 @@ import json
 import os
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hbt_ray import storage
 from hbt_ray.cluster import init_ray
-from hbt_ray.config import ConfigError, override, to_dict
+from hbt_ray.config import ConfigError, to_dict
 from hbt_ray.evaluate import METRIC_MODES, EvalConfig, evaluate, load_eval_data
-from hbt_ray.model import check_model_name, describe_model
+from hbt_ray.model import describe_model
 from hbt_ray.provenance import provenance, provenance_lines, seconds_since
-from hbt_ray.train import TrainConfig, prepare_shards, train
+from hbt_ray.train import prepare_shards, train
+from hbt_ray.tune.checks import (
+    check_sweep,
+    check_trial_fits,
+    check_unchanged,
+    resolve_base_paths,
+    sweep_record,
+    trial_train_config,
+)
 from hbt_ray.tune.config import TuneConfig
 from hbt_ray.tune.outputs import copy_best_model, local_report_dir, publish_report
 from hbt_ray.tune.report import (
@@ -55,54 +64,8 @@ from hbt_ray.tune.report import (
     rows_from_results,
     write_table,
 )
-from hbt_ray.tune.space import SearchSpace, SpaceError, load_space, resolve_space_path
-from hbt_ray.tune.wandb import SweepRun, scrub_secrets, trial_runs_callback
-
-
-def trial_train_config(cfg: TuneConfig, params: dict[str, Any]) -> TrainConfig:
-    """``cfg.train`` with a trial's (or the space's fixed) dotted keys applied; errors name ``train.<key>``."""
-    return override(cfg.train, params, prefix="train.")
-
-
-def check_sweep(cfg: TuneConfig) -> tuple[SearchSpace, TrainConfig]:
-    """Everything about a sweep that can be checked on the driver, before Ray starts or a directory is
-    made: the space file, its ``fixed`` keys, every searched key at each of its bounds or listed values
-    (through the same typed loader a trial uses, so a typo such as ``sampler.alpah`` fails here, not in
-    every trial), and for ``resume`` that the sweep exists. → the space and the base training config
-    (shards not written yet)."""
-    space = load_space(resolve_space_path(cfg.space))
-    try:
-        base = trial_train_config(cfg, space.fixed)
-    except ConfigError as err:
-        raise SpaceError(f"{space.source}: fixed: {err}") from None
-    for key, spec in space.params.items():
-        for value in spec.corner_values():
-            try:
-                override(base, {key: value}, prefix="train.")
-            except ConfigError as err:
-                raise SpaceError(f"{space.source}: params.{key} = {value!r}: {err}") from None
-    check_model_name(base.model, prefix="train.model.")
-    if cfg.resume:
-        check_resumable(cfg)
-    return space, base
-
-
-def sweeps_in(out_root: str | Path) -> list[str]:
-    """The names of the sweeps under ``out_root`` (folders with Tune's experiment state), local or a URI."""
-    return [d for d in storage.listdir(out_root) if storage.is_dir(storage.join(out_root, d, "tune"))]
-
-
-def check_resumable(cfg: TuneConfig) -> None:
-    """``resume`` continues a sweep that exists; a missing or mistyped name is an error, never a new sweep."""
-    from ray import tune
-
-    out_root = storage.resolve(cfg.out_dir)
-    if not cfg.name:
-        raise ConfigError(f"resume: name the sweep to resume with name=… (sweeps in {out_root}: "
-                          f"{', '.join(sweeps_in(out_root)) or 'none'})")  # fmt: skip
-    if not tune.Tuner.can_restore(storage.join(out_root, cfg.name, "tune")):
-        raise ConfigError(f"name: no sweep {cfg.name!r} to resume in {out_root} (sweeps there: "
-                          f"{', '.join(sweeps_in(out_root)) or 'none'})")  # fmt: skip
+from hbt_ray.tune.space import SearchSpace
+from hbt_ray.tune.wandb import SweepRun, trial_runs_callback
 
 
 def trial_index(trial_name: str) -> int:
@@ -231,36 +194,6 @@ def make_scheduler(space: SearchSpace, cfg: TuneConfig) -> Any:
     )
 
 
-def prepare_base_train_config(base: TrainConfig, out_root: str) -> TrainConfig:
-    """The config every trial starts from (``base``: the space's fixed keys applied, as
-    :func:`check_sweep` returns it), with the pair shards written once (trials share them) and the paths
-    made absolute, since Tune runs trials in their own directories."""
-    # one folder per data fingerprint inside; beside the sweep, so remote when the sweep is
-    base.data.shard_dir = storage.resolve(base.data.shard_dir or storage.join(out_root, "shards"))
-    base.run.storage_path = storage.resolve(base.run.storage_path)
-    if base.eval.cache_dir:  # a node-local cache: each node keeps its own
-        base.eval.cache_dir = str(Path(base.eval.cache_dir).expanduser().resolve())
-    prepare_shards(base.data, base.data.shard_dir)
-    return base
-
-
-def check_trial_fits(cfg: TuneConfig, base: TrainConfig, resources: dict[str, float]) -> None:
-    """Fail fast, naming the keys, when a trial's CPUs leave none for Ray Data's shard reads (Ray would
-    otherwise wait forever for a CPU that never frees up)."""
-    if base.run.use_gpu == "true" or resources.get("GPU", 0) > 0:
-        return
-    total = resources.get("CPU", 0.0)
-    per_trial = cfg.trial_cpus + base.run.num_workers * base.run.cpus_per_worker
-    need = cfg.max_concurrent_trials * per_trial + 1.0  # + one CPU for Ray Data's read tasks
-    if need > total + 1e-9:
-        raise ConfigError(
-            f"trials need {need:g} CPUs (max_concurrent_trials={cfg.max_concurrent_trials} × (trial_cpus="
-            f"{cfg.trial_cpus:g} + train.run.num_workers={base.run.num_workers} × train.run.cpus_per_worker="
-            f"{base.run.cpus_per_worker:g}) + 1 for Ray Data) but the Ray cluster has {total:g}: lower "
-            "train.run.cpus_per_worker (threads: train.run.torch_threads) or max_concurrent_trials"
-        )
-
-
 @dataclass
 class SweepSummary:
     """What :func:`run_sweep` leaves: the rows, the best trial, the Pareto front, the untuned model's
@@ -297,7 +230,7 @@ def _tuner(cfg: TuneConfig, space: SearchSpace, trainable: Any, name: str, out_r
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
             scheduler=scheduler,
-            num_samples=cfg.num_samples or space.num_samples,
+            num_samples=space.num_samples if cfg.num_samples is None else cfg.num_samples,
             max_concurrent_trials=cfg.max_concurrent_trials,
             metric=cfg.objectives[0] if single else None,
             mode=cfg.modes[0] if single else None,
@@ -312,24 +245,29 @@ def _tuner(cfg: TuneConfig, space: SearchSpace, trainable: Any, name: str, out_r
     )
 
 
-def run_sweep(cfg: TuneConfig) -> SweepSummary:
-    """Run (or resume) the sweep described by ``cfg``; write table, plots, W&B runs and the best model."""
+def run_sweep(cfg: TuneConfig, command_line: Collection[str] = ()) -> SweepSummary:
+    """Run (or resume) the sweep described by ``cfg``; write table, plots, W&B runs and the best model.
+    ``command_line``: the keys the user set on the command line, which beat the space's ``fixed``
+    (:mod:`hbt_ray.tune.checks`)."""
     import ray
     from ray import tune
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    space, base = check_sweep(cfg)  # before any directory, shard or Ray instance exists
+    space, base = check_sweep(cfg, command_line)  # before any directory, shard or Ray instance exists
     name = cfg.name or f"{Path(space.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_root = storage.resolve(cfg.out_dir)
     out_dir = storage.join(out_root, name)
     if storage.is_uri(out_root):  # a missing bucket or credentials: one line, before any evaluation
         storage.check_reachable(out_dir, "out_dir")
+    base = resolve_base_paths(base, out_root)
+    record = sweep_record(cfg, base, space)
+    if cfg.resume:
+        check_unchanged(record, out_dir)
     try:
-        base = prepare_base_train_config(base, out_root)
+        prepare_shards(base.data, base.data.shard_dir)  # written once: every trial reads them
     except ConfigError as err:  # the training section's keys, as this sweep's config names them
         raise ConfigError(f"train.{err}") from None
-    storage.write_text(storage.join(out_dir, "sweep_config.json"), json.dumps(
-        scrub_secrets({**to_dict(cfg), "train": to_dict(base), "space_file": space.source}), indent=2))  # fmt: skip
+    storage.write_text(storage.join(out_dir, "sweep_config.json"), json.dumps(record, indent=2))
     if not ray.is_initialized():
         init_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local")
     # Trials, their training workers and evaluations run on other nodes of a cluster: they must see it.
@@ -360,7 +298,9 @@ def run_sweep(cfg: TuneConfig) -> SweepSummary:
     callbacks = [leftover_groups_callback(trials_dir), *([trial_runs] if trial_runs else [])]
     try:
         result_grid = _tuner(cfg, space, trainable, name, out_root, callbacks).fit()
-        summary, report = _summarize(cfg, result_grid, space, name, out_dir, report_dir, untuned, prov)
+        # tuned_cfg: the rows' α, τ and other columns are those the trials trained with (space and
+        # command line applied), never the config file's
+        summary, report = _summarize(tuned_cfg, result_grid, space, name, out_dir, report_dir, untuned, prov)
     except BaseException:
         sweep_run.abort()
         raise

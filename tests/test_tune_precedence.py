@@ -1,0 +1,96 @@
+"""What a sweep is asked for is what its trials run, and what its table says is what they ran.
+
+One rule (``hbt_ray.tune.checks.PRECEDENCE``): defaults < config file < the space's ``fixed:`` < the
+command line; a command-line key the space searches is refused. A resumed sweep keeps its settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from hbt_ray.config import load_config
+from hbt_ray.tune import TuneConfig
+from hbt_ray.tune.__main__ import main as tune_main
+from hbt_ray.tune.checks import check_sweep
+
+TINY = ["train.model.name=tiny", "train.model.freeze_layers=0", "evaluate_untuned=false", "train.data.limit_groups=200"]
+
+
+def _space(tmp_path: Path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text("search: grid\nparams:\n  sampler.alpha: {type: grid, values: [0.5]}\n"
+                    "fixed:\n  sampler.strategy: hybrid\n  loss.temperature: 0.05\n")  # fmt: skip
+    return path
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    return err[-1]
+
+
+def test_the_command_line_beats_the_spaces_fixed_keys(tmp_path, capsys):
+    cfg = load_config(TuneConfig, None, [f"space={_space(tmp_path)}", "train.loss.temperature=0.02", *TINY])
+    space, base = check_sweep(cfg, command_line=["train.loss.temperature"])
+    assert base.loss.temperature == 0.02 and base.sampler.strategy == "hybrid"
+    assert "loss.temperature" not in space.fixed and space.fixed["sampler.strategy"] == "hybrid"
+    assert "train.loss.temperature: the command line's value replaces" in capsys.readouterr().err
+    # without it on the command line, the space's fixed value is the one every trial trains with
+    space, base = check_sweep(load_config(TuneConfig, None, [f"space={_space(tmp_path)}", *TINY]))
+    assert base.loss.temperature == 0.05
+
+
+def test_a_searched_key_on_the_command_line_is_refused_naming_both(tmp_path, capsys):
+    out = tmp_path / "sweeps"
+    assert tune_main([f"space={_space(tmp_path)}", f"out_dir={out}", "train.sampler.alpha=0.9", *TINY]) == 2
+    line = _error_line(capsys)
+    assert "train.sampler.alpha: set on the command line" in line and "params.sampler.alpha" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.run.storage_path=/elsewhere", "train.run.storage_path: a sweep keeps each trial's run"),
+        ("train.run.name=mine", "train.run.name: a sweep keeps each trial's run"),
+        ("train.run.export=false", "train.run.export: every trial exports its model"),
+        ("num_samples=0", "num_samples: must be >= 1"),
+        ("num_samples=-1", "num_samples: must be >= 1"),
+    ],
+)
+def test_settings_a_sweep_would_ignore_are_refused(tmp_path, capsys, override, needle):
+    out = tmp_path / "sweeps"
+    assert tune_main(["--space", "quick", f"out_dir={out}", override, *TINY]) == 2
+    assert needle in _error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_table_reports_what_trained_and_a_resume_keeps_its_settings(tmp_path, ray_local, capsys, shared_data):
+    out = tmp_path / "sweeps"
+    common = [f"out_dir={out}", "name=s", "wandb.mode=disabled", "train.run.num_workers=1",
+              "train.run.cpus_per_worker=0.5", "train.run.max_steps=2", "train.run.checkpoint_every=0",
+              "train.run.progress=false", "train.eval.langs=[en,de]", "train.eval.max_paragraphs=2",
+              "train.eval.show_progress=false", "interpolate=[]", *TINY]  # fmt: skip
+    # the space fixes hybrid and τ 0.05; the command line asks for x-y: x-y trains, τ 0.05 is reported
+    assert tune_main([f"space={_space(tmp_path)}", *common, "train.sampler.strategy=x-y"]) == 0, \
+        capsys.readouterr().err[-3000:]
+    sweep = out / "s"
+    trained = [json.loads(x) for x in next(sweep.glob("trials/*/steps.jsonl")).read_text().splitlines()]
+    assert {s["strategy"] for s in trained} == {"x-y"} and all(s["temperature"] == pytest.approx(0.05, rel=1e-6) for s in trained)
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert [float(r["loss.temperature"]) for r in rows] == [0.05]
+    recorded = json.loads((sweep / "sweep_config.json").read_text())
+    assert recorded["train"]["sampler"]["strategy"] == "x-y" and recorded["train"]["loss"]["temperature"] == 0.05
+    capsys.readouterr()
+
+    # resumed with another τ: refused naming the key, nothing rewritten
+    before = {p: p.read_bytes() for p in sweep.iterdir() if p.is_file()}
+    assert tune_main(["--resume", f"space={_space(tmp_path)}", *common, "train.sampler.strategy=x-y",
+                      "train.loss.temperature=0.02"]) == 2  # fmt: skip
+    line = _error_line(capsys)
+    assert line.startswith("error: train.loss.temperature: the sweep in ") and "0.05" in line and "0.02" in line
+    assert {p: p.read_bytes() for p in sweep.iterdir() if p.is_file()} == before
