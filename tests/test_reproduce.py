@@ -111,7 +111,7 @@ def test_a_resumed_grid_refuses_records_of_another_setup(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     for arm, seed in (("untuned", None), ("x-y", 1)):
-        record = {"arm": arm, "seed": seed, "setup": run_setup(cfg, arm, seed or 0)}
+        record = {"arm": arm, "seed": seed, "setup": run_setup(cfg, arm, seed or 0), "metrics": {}}
         (results / f"{run_key(arm, seed or 0)}.json").write_text(json.dumps(record))
     check_records(cfg, results)  # the same config: both records are reused
     # where the runs write and how many CPUs they take do not change a number: still reused
@@ -125,6 +125,16 @@ def test_a_resumed_grid_refuses_records_of_another_setup(tmp_path):
         check_records(load_config(ReproduceConfig, None, ["evals.xquad.max_paragraphs=10"]), results)
     with pytest.raises(ConfigError, match=r"x-y_seed1.json: arm 'x-y' is not in arms"):
         check_records(load_config(ReproduceConfig, None, ["arms=[x-x]", "hybrid_arm=x-x"]), results)
+    # b5232a8 reported a copy as another run, and a record without metrics failed later in a traceback
+    (results / "x-y_seed1 (copy).json").write_text((results / "x-y_seed1.json").read_text())
+    with pytest.raises(ConfigError, match=r"x-y_seed1.json: the same run \(x-y_seed1\) as .*copy"):
+        check_records(cfg, results)
+    (results / "x-y_seed1 (copy).json").unlink()
+    record = json.loads((results / "x-y_seed1.json").read_text())
+    del record["metrics"]
+    (results / "x-y_seed1.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"x-y_seed1.json: not a run record \('metrics'\)"):
+        check_records(cfg, results)
     (results / "x-y_seed1.json").write_text("{")
     with pytest.raises(ConfigError, match=r"x-y_seed1.json: not a run record"):
         check_records(cfg, results)
@@ -135,7 +145,11 @@ def test_a_resumed_grid_refuses_records_of_another_setup(tmp_path):
     [("arms=[x-y,hybrid-1.5]", "arms: 'hybrid-1.5': α must be in [0, 1]"),
      ("arms=[x-y,sideways]", "arms: 'sideways' is not one of"),
      ("hybrid_arm=hybrid-0.3", "hybrid_arm: 'hybrid-0.3' is not one of the arms"),
-     ("evals.x.data=ddtp", None)],
+     ("evals.x.data=ddtp", None),
+     # keys the grid sets for every run: b5232a8 accepted and dropped them
+     ("train.data.langs=[en]", "train.data.langs: every run of the grid gets it from train_langs"),
+     ("train.run.seed=7", "train.run.seed: every run of the grid gets it from seeds"),
+     ("train.sampler.seed=7", "train.sampler.seed: every run of the grid gets it from seeds")],
 )  # fmt: skip
 def test_bad_configs_are_one_line_errors_before_anything_runs(tmp_path, capsys, override, message):
     cfg = tmp_path / "r.yaml"

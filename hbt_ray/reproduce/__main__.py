@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from hbt_ray.config import ConfigError, load_config
+from hbt_ray import storage
+from hbt_ray.config import ConfigError, error_line, load_config
 from hbt_ray.data.records import DataError
 from hbt_ray.provenance import provenance
 from hbt_ray.reproduce import ReproduceConfig, check_records, load_records, run_all, write_report
@@ -33,26 +36,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(ReproduceConfig, args.config, list(args.overrides))
     except (ValueError, OSError) as err:  # ConfigError included: one line, before Ray starts
-        print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
-        return 2
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+        return error_line(err)
+    out = storage.resolve(cfg.out)  # a local folder, or a URI: the records and report are kept there
+    if storage.is_uri(out):
+        try:
+            storage.check_reachable(out, "out")
+        except ConfigError as err:
+            return error_line(err)
+    else:
+        Path(out).mkdir(parents=True, exist_ok=True)
     args_given = sys.argv[1:] if argv is None else argv
     prov = provenance(shlex.join(["python", "-m", "hbt_ray.reproduce", *args_given]))  # at the start
     try:
         if args.report_only:
-            check_records(cfg, out / "results")
-            records = load_records(out / "results")
+            check_records(cfg, storage.join(out, "results"))
+            records = load_records(storage.join(out, "results"))
         else:
             records = run_all(cfg, out)
     except (ConfigError, DataError) as err:
-        print(f"error: {' '.join(str(err).splitlines())}", file=sys.stderr)
-        return 2
-    summary = write_report(cfg, records, out, prov)
+        return error_line(err)
+    local = Path(out) if not storage.is_uri(out) else Path(tempfile.mkdtemp(prefix="hbt_report_"))
+    summary = write_report(cfg, records, local, prov)
+    if storage.is_uri(out):  # written here, then published beside the records
+        for file in sorted(p for p in local.iterdir() if p.is_file()):
+            storage.write_bytes(storage.join(out, file.name), file.read_bytes())
+        shutil.rmtree(local, ignore_errors=True)
     for question, lines in summary["verdicts"].items():
         for line in lines:
             print(f"[reproduce] {question}: {line}", flush=True)
-    print(f"[reproduce] report: {out / 'report.md'} ({summary['runs']} runs; missing: {len(summary['missing'])})")
+    print(f"[reproduce] report: {storage.join(out, 'report.md')} ({summary['runs']} runs; missing: {len(summary['missing'])})")
     return 0
 
 

@@ -115,6 +115,25 @@ class ReproduceConfig:
             raise ConfigError("train_langs: name the languages training may see")
         if not self.evals:
             raise ConfigError("evals: name at least one eval set")
+        check_grid_decides(self.train)
         for name, section in self.evals.items():
             if section.data in self.train.data.train:
                 raise ConfigError(f"evals.{name}.data: {section.data} is in train.data.train: not zero-shot")
+
+
+#: Training keys the grid sets for every run itself (:func:`hbt_ray.reproduce.runs.train_config`), and
+#: the setting that decides them instead: a value given for one of them would be dropped without a word.
+GRID_DECIDES = {"data.langs": "train_langs", "run.seed": "seeds", "sampler.seed": "seeds",
+                "run.name": "arms and seeds", "run.storage_path": "work_dir", "data.shard_dir": "work_dir",
+                "run.export": "the grid (every run is exported)"}  # fmt: skip
+
+
+def check_grid_decides(train: TrainConfig) -> None:
+    """Refuse, naming the key and what sets it, a ``train.`` key the grid replaces for every run."""
+    from hbt_ray.config import flat, to_dict
+
+    given, default = flat(to_dict(train)), flat(to_dict(TrainConfig()))
+    for key, setter in GRID_DECIDES.items():
+        if given[key] != default[key]:
+            raise ConfigError(f"train.{key}: every run of the grid gets it from {setter}, not from "
+                              f"{given[key]!r}: drop it")  # fmt: skip

@@ -25,6 +25,8 @@ from hbt_ray.evaluate import EvalConfig, evaluate, load_eval_data
 from hbt_ray.provenance import provenance
 from hbt_ray.reproduce.config import ISO3_TO_2, UNTUNED, ReproduceConfig, arm_alpha, arm_overrides
 from hbt_ray.train import TrainConfig, prepare_shards, train
+from hbt_ray.train.runfiles import WHERE_EVAL_KEYS
+from hbt_ray.train.runfiles import WHERE_KEYS as RUN_WHERE_KEYS
 
 #: What a record keeps of the run's mix (hbt_ray.train.mix): what the arm really trained on.
 MIX_KEYS = ("strategy", "alpha", "pairs", "fallback_pairs", "fallback_share", "pairs_by_lang", "pairs_by_source",
@@ -68,15 +70,9 @@ def train_config(cfg: ReproduceConfig, arm: str, seed: int) -> TrainConfig:
     )
 
 
-#: Keys that say where a run writes, how it shows progress or how it spreads over this machine's CPUs —
-#: not what it computes: a record stays valid when they change (a resumed grid on another box).
-WHERE_KEYS = {"train.data.shard_dir", "train.run.storage_path", "train.run.name", "train.run.progress",
-              "train.run.log_every", "train.run.report_every_s", "train.run.checkpoint_every",
-              "train.run.keep_checkpoints", "train.run.max_failures", "train.run.cpus_per_worker",
-              "train.run.torch_threads", "train.run.prefetch_batches", "train.run.keep_freed_memory",
-              "train.run.export", "train.run.use_gpu", "train.run.placement_strategy"}  # fmt: skip
-WHERE_EVAL_KEYS = {"batch_size", "concurrency", "cpus_per_actor", "actor_threads", "num_gpus", "cache_dir",
-                   "show_progress", "num_shards", "search_mode", "shard_num_cpus", "download"}  # fmt: skip
+#: The training keys that say where a run writes or how it runs, not what it computes (a record stays
+#: valid when they change: a resumed grid on another box), as a training run's resume allows them.
+WHERE_KEYS = {f"train.{k}" for k in RUN_WHERE_KEYS}
 
 
 def run_setup(cfg: ReproduceConfig, arm: str, seed: int) -> dict[str, Any]:
@@ -94,15 +90,26 @@ def run_setup(cfg: ReproduceConfig, arm: str, seed: int) -> dict[str, Any]:
     return {k: v for k, v in setup.items() if k not in WHERE_KEYS}
 
 
-def check_records(cfg: ReproduceConfig, results: Path) -> None:
+def record_files(results: str | Path) -> list[str]:
+    """The records (``*.json``) of a results folder, local or in remote storage (:mod:`hbt_ray.storage`)."""
+    return [storage.join(results, n) for n in storage.listdir(results) if n.endswith(".json")]
+
+
+def check_records(cfg: ReproduceConfig, results: str | Path) -> None:
     """Refuse (ConfigError naming the file and the keys) a record that this config would not produce
     again: resuming would mix runs of two setups in one report."""
-    for path in sorted(results.glob("*.json")):
+    seen: dict[tuple[str, int], str] = {}
+    for path in record_files(results):
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(storage.read_text(path))
             arm, seed = record["arm"], record["seed"] or 0
+            if not isinstance(record["metrics"], dict):
+                raise TypeError("metrics is not an object")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{path}: not a run record ({err}); move it away") from None
+        if (arm, seed) in seen:  # a copy would count its run (and compute hours) twice in the report
+            raise ConfigError(f"{path}: the same run ({run_key(arm, seed)}) as {seen[arm, seed]}; move one away")
+        seen[arm, seed] = path
         if arm != UNTUNED and arm not in cfg.arms:
             raise ConfigError(f"{path}: arm {arm!r} is not in arms {list(cfg.arms)}; move it away or add the arm")
         # JSON turns tuples into lists: compare what a round trip through it gives
@@ -110,6 +117,7 @@ def check_records(cfg: ReproduceConfig, results: Path) -> None:
         then = record.get("setup")
         if then is None:
             raise ConfigError(f"{path}: the record names no setup (made before records kept one); move it away")
+        then = {k: v for k, v in then.items() if k not in WHERE_KEYS}  # older records kept a few more
         diff = sorted(k for k in set(now) | set(then) if now.get(k, "(unset)") != then.get(k, "(unset)"))
         if diff:
             shown = ", ".join(f"{k}={then.get(k, '(unset)')!r} (now {now.get(k, '(unset)')!r})" for k in diff[:3])
@@ -151,28 +159,25 @@ def scores(model: Any, cfg: ReproduceConfig, eval_sets: dict[str, Any]) -> tuple
     return metrics, groups
 
 
-def _write(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.rename(path)  # atomic: a killed run leaves no half-written record
+def _write(path: str, record: dict[str, Any]) -> None:
+    storage.write_text(path, json.dumps(record, indent=1))  # atomic: a killed run leaves no half-written record
 
 
-def run_all(cfg: ReproduceConfig, out: Path) -> list[dict[str, Any]]:
+def run_all(cfg: ReproduceConfig, out: str | Path) -> list[dict[str, Any]]:
     """The untuned model and every (arm, seed) not already in ``out/results``; → every record there."""
     import ray
 
     from hbt_ray.cluster import init_ray
 
-    results = out / "results"
-    results.mkdir(parents=True, exist_ok=True)
+    results = storage.join(out, "results")
     check_records(cfg, results)
     todo = [(arm, s) for s in range(cfg.seeds) for arm in [UNTUNED, *cfg.arms] if not (arm == UNTUNED and s)]
-    todo = [(arm, s) for arm, s in todo if not (results / f"{run_key(arm, s)}.json").exists()]
+    todo = [(arm, s) for arm, s in todo if not storage.exists(storage.join(results, f"{run_key(arm, s)}.json"))]
     total = 1 + len(cfg.arms) * cfg.seeds
     print(f"[reproduce] {len(todo)} runs to do, {total - len(todo)} done ({results})", flush=True)
     if todo:
         first = train_config(cfg, cfg.arms[0], 0)
-        prepare_shards(first.data, Path(first.data.shard_dir))  # written once; every run reads them
+        prepare_shards(first.data, first.data.shard_dir)  # written once; every run reads them
         eval_sets = {name: (section, load_eval_data(section)) for name, section in cfg.evals.items()}
         started = not ray.is_initialized()
         if started:
@@ -180,7 +185,7 @@ def run_all(cfg: ReproduceConfig, out: Path) -> list[dict[str, Any]]:
         try:
             for i, (arm, seed) in enumerate(todo, 1):
                 record = run_one(cfg, arm, seed, eval_sets)
-                _write(results / f"{run_key(arm, seed)}.json", record)
+                _write(storage.join(results, f"{run_key(arm, seed)}.json"), record)
                 print(f"[reproduce] {i}/{len(todo)} {run_key(arm, seed)}: train {record['train_s']:.0f} s, "
                       f"eval {record['eval_s']:.0f} s", flush=True)  # fmt: skip
         finally:
@@ -212,6 +217,6 @@ def run_one(
     return record
 
 
-def load_records(results: Path) -> list[dict[str, Any]]:
+def load_records(results: str | Path) -> list[dict[str, Any]]:
     """Every complete run's record in ``results`` (the report is built from whatever is there)."""
-    return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    return [json.loads(storage.read_text(p)) for p in record_files(results)]

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from hbt_ray.config import ConfigError, config_keys, load_config
+from hbt_ray.config import ConfigError, config_keys, error_line, load_config
 from hbt_ray.data.records import DataError
 from hbt_ray.train import TrainConfig, train
 
@@ -28,19 +28,25 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config file (see hbt_ray/configs/train_*.yaml)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in <run.storage_path>/<run.name> (default: resume it if its "
+                             "setup is the same, else refuse)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
-        result = train(cfg)  # bad training data fails on this driver, while writing the shards
+        result = train(cfg, overwrite=args.overwrite)  # bad training data fails on this driver, while writing the shards
     except (ConfigError, DataError) as err:
         # a Ray task's error carries the remote traceback in its text; its cause is the error itself
         message = " ".join(str(getattr(err, "cause", None) or err).splitlines())
     else:
         message = None
     if message is not None:  # outside the except, which holds the failed reader and its progress bar
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return error_line(message)
+    if result.stopped:  # Ctrl-C: a checkpoint was saved, the same command resumes from it
+        print(f"stopped: at step {result.steps} of {cfg.run.max_steps}, checkpoint saved in {result.run_dir}: "
+              "run the same command again to resume", file=sys.stderr)  # fmt: skip
+        return 130
     print(json.dumps({"run_dir": result.run_dir, "steps": result.steps, "model": result.model_path,
                       "checkpoint": result.checkpoint_path, "metrics": result.metrics}, indent=2))  # fmt: skip
     return 0

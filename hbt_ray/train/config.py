@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hbt_ray.config import ConfigError
-from hbt_ray.data.sources import check_spec
+from hbt_ray.data.sources import absolute_spec, check_spec
 from hbt_ray.evaluate.config import EvalConfig, check_langs
 from hbt_ray.loss import LossConfig
 from hbt_ray.model import ModelConfig
@@ -45,6 +45,7 @@ class DataConfig:
                 check_spec(spec, "pair")
             except ValueError as err:
                 raise ConfigError(f"train[{i}]: {err}") from None
+        self.train = [absolute_spec(spec) for spec in self.train]
         check_langs("langs", self.langs, self.train)
         if self.rows_per_shard < 1:
             raise ConfigError(f"rows_per_shard: must be >= 1, got {self.rows_per_shard}")
@@ -166,6 +167,9 @@ class RunConfig:
     debug_nan_at_step: int | None = None  # replace this step's loss by NaN (every rank)
 
     def validate(self) -> None:
+        # one folder of storage_path: empty, "." or a nested path would put the run among other runs
+        if not self.name.strip() or self.name in (".", "..") or "/" in self.name or "\\" in self.name:
+            raise ConfigError(f"name: {self.name!r} is not a folder name (the run dir is <storage_path>/<name>)")
         for key in ("num_workers", "max_steps", "keep_checkpoints", "log_every", "prefetch_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
@@ -209,3 +213,4 @@ class TrainResult:
     model_path: str | None  # exported sentence-transformers dir (run.export)
     history: list[dict[str, Any]] = field(default_factory=list)  # per-step log lines of rank 0
     mix: dict[str, Any] = field(default_factory=dict)  # what it trained on: pairs per language / source (mix.json)
+    stopped: bool = False  # stopped by Ctrl-C before run.max_steps, with a checkpoint to resume from

@@ -37,6 +37,13 @@ from hbt_ray.sampler import HybridBatchSampler
 from hbt_ray.train.config import DataConfig, TrainConfig, TrainResult
 from hbt_ray.train.deepspeed import worker_env_vars
 from hbt_ray.train.mix import MIX_FILE
+from hbt_ray.train.runfiles import (
+    STOP_FILE,
+    check_run_setup,
+    clear_run,
+    stop_on_interrupt,
+    write_run_setup,
+)
 from hbt_ray.train.worker import train_loop_per_worker
 
 #: Bump when the shards' content for the same inputs changes (schema, reader behaviour).
@@ -59,7 +66,8 @@ def shard_dir_for(data: DataConfig, run_dir: str | Path, fingerprint: dict[str, 
     fingerprint = fingerprint or shard_fingerprint(data)
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
     root = data.shard_dir or storage.join(run_dir, "shards")
-    return storage.join(root, key) if storage.is_uri(root) else Path(root).expanduser() / key
+    # absolute: the workers read these paths from their own working directories
+    return storage.join(root, key) if storage.is_uri(root) else Path(storage.resolve(root)) / key
 
 
 def prepare_shards(data: DataConfig, run_dir: str | Path) -> Any:
@@ -176,17 +184,21 @@ def tokenizer_texts(shard_dir: Path, max_groups: int) -> list[str]:
     return texts
 
 
-def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, callbacks: list[Any] | None = None, overwrite: bool = False) -> TrainResult:
     """Run training as configured; returns the last metrics, checkpoint and exported model path.
 
     Callable from a driver or from inside a Ray task / Tune trial (uses the running Ray instance);
-    ``callbacks`` are Ray Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial.
+    ``callbacks`` are Ray Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial. A run dir
+    that holds a run resumes it when the setup is the same (:func:`~hbt_ray.train.runfiles.check_run_setup`);
+    ``overwrite`` replaces that run instead, once every check has passed.
     """
     check_model_name(cfg.model)  # a wrong name fails here in seconds, not in every worker
     root = storage.resolve(cfg.run.storage_path)
     run_dir = storage.join(root, cfg.run.name)
     if storage.is_uri(root):  # a missing bucket or credentials: one line now, not a worker's traceback
         storage.check_reachable(run_dir, "run.storage_path")
+    if not overwrite:  # a changed setting is never taken for a resume
+        check_run_setup(cfg, run_dir)
     import ray
 
     from hbt_ray.cluster import init_ray, starts_new_instance
@@ -219,6 +231,9 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
         init_ray()
     # Before any worker starts: on a cluster, what the workers read and write must be visible to them.
     storage.check_cluster_storage({"run.storage_path": root, "data.shard_dir": str(shard_dir)})
+    if overwrite:  # only now, every check passed: the old run goes, the shards (keyed by data) stay
+        clear_run(run_dir)
+    write_run_setup(cfg, run_dir)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own tqdm shows the steps
     gpu = cluster_has_gpus() if cfg.run.use_gpu == "auto" else cfg.run.use_gpu == "true"
     # The workers follow the driver's decision (a worker alone cannot tell what its peers got).
@@ -250,12 +265,22 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
             worker_runtime_env={"env_vars": {**worker_env_vars(cfg.run), **storage.worker_env()}},
         ),
     )
+    # Ray Train's own Ctrl-C handler aborts the run without a checkpoint (the rerun then started from
+    # step 1): ours asks the workers to checkpoint and stop instead (runfiles.stop_on_interrupt).
+    if hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = lambda controller: None
+    stop_file = storage.join(run_dir, STOP_FILE)
+    storage.remove(stop_file)  # a stop asked of an earlier attempt is not asked of this one
     try:
-        result = trainer.fit()
+        with stop_on_interrupt(run_dir):
+            result = trainer.fit()
     except ray.train.ControllerError as err:
         if isinstance(err.controller_failure, FINAL_ERRORS):  # from final_errors_callback
             raise err.controller_failure from None
         raise
+    steps = int((result.metrics or {}).get("step", 0))
+    stopped = storage.exists(stop_file) and steps < cfg.run.max_steps
+    storage.remove(stop_file)
     steps_log = storage.join(run_dir, "steps.jsonl")
     history = []
     if storage.exists(steps_log):
@@ -264,7 +289,8 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
     mix_file = storage.join(run_dir, MIX_FILE)
     return TrainResult(
         run_dir=run_dir,
-        steps=int((result.metrics or {}).get("step", 0)),
+        steps=steps,
+        stopped=stopped,
         metrics=dict(result.metrics or {}),
         checkpoint_path=_checkpoint_location(result.checkpoint, root),
         model_path=model_dir if cfg.run.export and storage.exists(storage.join(model_dir, "config.json")) else None,

@@ -42,7 +42,7 @@ from hbt_ray.train.config import TrainConfig
 from hbt_ray.train.deepspeed import build_optimizer, consolidated_state_dict, deepspeed_config, zero_stage
 from hbt_ray.train.gradcache import cached_step, num_chunks
 from hbt_ray.train.mix import FALLBACK_GRACE_STEPS, MIX_FILE, FallbackShareError, mix_counts, mix_summary
-from hbt_ray.train.runfiles import PLACEMENT_GROUP_FILE, StepLog
+from hbt_ray.train.runfiles import PLACEMENT_GROUP_FILE, StepLog, stop_requested
 
 PHASES = ("data", "forward", "sync", "backward", "optimizer")
 class NonFiniteLossError(RuntimeError):
@@ -163,7 +163,7 @@ class TrainRecipe:
         group = ray.util.get_current_placement_group() if self.rank == 0 else None
         if group is not None:
             storage.write_text(storage.join(self.run_dir, PLACEMENT_GROUP_FILE), group.id.hex())
-        self.attempt = f"{os.getpid()}-{time.time():.0f}"
+        self.attempt, self.stopping = f"{os.getpid()}-{time.time():.0f}", False
         if self.rank == 0 and self.cfg.run.progress:
             from tqdm import tqdm
 
@@ -172,7 +172,7 @@ class TrainRecipe:
 
     @property
     def done(self) -> bool:
-        return self.step_no >= self.cfg.run.max_steps
+        return self.step_no >= self.cfg.run.max_steps or self.stopping
 
     # -------------------------------------------------------------------------------------- step
     def step(self) -> None:
@@ -342,6 +342,8 @@ class TrainRecipe:
         import ray.train
 
         run = self.cfg.run
+        if self.step_no % run.log_every == 0:  # Ctrl-C on the driver: checkpoint this step, then stop
+            self.stopping = stop_requested(self.run_dir, self.rank, self.device)
         if (run.checkpoint_every and self.step_no % run.checkpoint_every == 0) or self.done:
             if self.rank == 0:
                 self.steps_log.flush()  # the log in storage covers at least every checkpointed step
@@ -380,7 +382,7 @@ class TrainRecipe:
             target = {lang: float(p) for lang, p in zip(sampler.langs, sampler.p)}
             storage.write_text(storage.join(self.run_dir, MIX_FILE),
                                json.dumps(mix_summary(self.mix, target, sampler), indent=1))  # fmt: skip
-        if not self.cfg.run.export:
+        if not self.cfg.run.export or self.stopping:  # a stopped run exports when it is resumed and ends
             return
         state_dict = consolidated_state_dict(self.engine)  # collective under ZeRO-3
         if self.rank == 0:
