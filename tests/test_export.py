@@ -142,6 +142,9 @@ def test_plain_hf_and_sentence_transformers_dirs_get_sensible_defaults(tmp_path,
     enc.tokenizer.save_pretrained(st_dir)
     (st_dir / "1_Pooling").mkdir()
     (st_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    (st_dir / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))  # fmt: skip
     st_like = load_dual_encoder(ModelConfig(name=str(st_dir)))
     assert (st_like.cfg.pooling, st_like.cfg.query_prefix) == ("cls", "")
     # an explicit setting wins over what the dir says
@@ -202,3 +205,36 @@ def test_loading_an_export_is_silent_and_complete(tmp_path, cache_dir, shared_da
     assert "pooler None" in run.stdout
     again = load_dual_encoder(ModelConfig(name=str(out)))
     np.testing.assert_allclose(again.encode(QUERIES, "query"), enc.encode(QUERIES, "query"), atol=1e-5)
+
+
+def test_a_sentence_transformers_directory_loads_as_the_model_it_is(tmp_path, cache_dir, shared_data):
+    """A sentence-transformers folder without hbt_ray's own file (a model from elsewhere): its pooling,
+    normalisation and prompts come from its own files, not from a guess on the folder's name (b5232a8
+    gave a local e5 under ``/models/base`` no prefixes), and a module the encoder does not run (LaBSE's
+    ``Dense``) is refused in one line instead of being dropped."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Dense
+
+    from hbt_ray.config import ConfigError
+    from hbt_ray.model import check_model_name
+
+    cfg = ModelConfig(name="tiny", cache_dir=cache_dir, pooling="cls", normalize=False, query_prefix="query: ",
+                      passage_prefix="passage: ", query_max_len=24, passage_max_len=48)  # fmt: skip
+    out = tmp_path / "base"  # a name that says nothing about the family
+    _trained(cfg).save_pretrained(out)
+    (out / HBT_CONFIG_FILE).unlink()
+    st = SentenceTransformer(str(out), device="cpu")
+    ours = load_dual_encoder(ModelConfig(name=str(out), query_max_len=24, passage_max_len=48))
+    assert (ours.cfg.pooling, ours.cfg.normalize, ours.cfg.query_prefix) == ("cls", False, "query: ")
+    np.testing.assert_allclose(ours.encode(QUERIES, "query"), st.encode(QUERIES, prompt_name="query"), atol=1e-5)
+    np.testing.assert_allclose(ours.encode(PASSAGES, "passage"), st.encode(PASSAGES, prompt_name="passage"),
+                               atol=1e-5)  # fmt: skip
+
+    # CLS → Dense(tanh) → Normalize, as LaBSE: refused on the driver and by the loader, naming the module
+    dim = st.get_sentence_embedding_dimension()
+    labse_like = SentenceTransformer(modules=[*st, Dense(dim, dim, activation_function=torch.nn.Tanh())], device="cpu")
+    labse_like.save(str(tmp_path / "labse"))
+    for check in (lambda: check_model_name(ModelConfig(name=str(tmp_path / "labse"))),
+                  lambda: load_dual_encoder(ModelConfig(name=str(tmp_path / "labse")))):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"^model\.name: \S+/labse has a Dense module \(2_Dense\)"):
+            check()

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hbt_ray.config import ConfigError
+from hbt_ray.config import ConfigError, error_line
 from hbt_ray.data.records import LANG_RE, BadRecords, DataError
 from hbt_ray.data.shards import write_shards
 from hbt_ray.data.sources import iter_pair_groups
@@ -93,11 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return prepare(args)
     except (ConfigError, DataError) as err:
-        message = f"error: {err}"
+        message = str(err)
     # Printed once the exception is gone: it held the failed readers, whose progress bars close (and
     # clear their line) only then; printed inside, the error would share a line with a stale bar.
-    print(message, file=sys.stderr)
-    return 2
+    return error_line(message)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,25 @@ def check_spec(spec: object, kind: str = "pair") -> str:
     raise ValueError(f"unknown {what} {spec!r} (known: {known})")
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` with a relative PATH made absolute against this process's working directory, since Ray
+    tasks and Tune trials run in other directories; named sets, URIs and absolute paths unchanged::
+
+        >>> absolute_spec("xquad-r"), absolute_spec("tatoeba:/data/tatoeba"), absolute_spec("miracl:/m:sw")
+        ('xquad-r', 'tatoeba:/data/tatoeba', 'miracl:/m:sw')
+        >>> absolute_spec("pairs:p.jsonl") == f"pairs:{Path.cwd() / 'p.jsonl'}"
+        True
+    """
+    prefix, colon, rest = spec.partition(":")
+    if not colon or prefix not in ("lareqa", "miracl", "pairs", "tatoeba") or "://" in rest:
+        return spec
+    path, lang = _split_miracl(rest) if prefix == "miracl" else (Path(rest), None)
+    path = path.expanduser()
+    if path.is_absolute() and not rest.startswith("~"):
+        return spec
+    return f"{prefix}:{path.resolve()}{f':{lang}' if lang else ''}"
+
+
 def is_bitext_spec(spec: str) -> bool:
     """True for the eval specs that name a bitext set (``tatoeba``, ``tatoeba:PATH``): subset by
     ``max_pairs``, evaluated by bitext retrieval (:mod:`hbt_ray.evaluate.bitext`).

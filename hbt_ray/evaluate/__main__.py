@@ -28,14 +28,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hbt_ray.cluster import init_ray, starts_new_instance
-from hbt_ray.config import ConfigError, load_config
+from hbt_ray.config import ConfigError, error_line, load_config
 from hbt_ray.data.records import DataError
 from hbt_ray.data.sources import is_bitext_spec
 from hbt_ray.evaluate.bitext_result import BitextResult
 from hbt_ray.evaluate.config import EvalConfig
 from hbt_ray.evaluate.result import EvalResult
 from hbt_ray.evaluate.run import evaluate, load_eval_data
-from hbt_ray.model.names import describe_model
+from hbt_ray.model.config import ModelConfig
+from hbt_ray.model.names import check_model_name, describe_model
 from hbt_ray.provenance import provenance, provenance_lines
 
 
@@ -77,9 +78,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    """The flags, before Ray starts; ``args.model`` becomes what every actor can find (an absolute path)."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():  # a file on the way: the result could never be written
+        raise ConfigError(f"--out {out}: {above} is a file, not a directory")
+    try:
+        model = ModelConfig(name=args.model)
+        check_model_name(model, prefix="--model ")
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("--model name: ", "--model: ", 1)) from None
+    args.model = model.name
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus: must be >= 1, got {args.num_cpus}")
     if args.num_cpus is not None and not starts_new_instance(None):
@@ -143,8 +154,21 @@ def main(argv: list[str] | None = None) -> EvalResult | BitextResult | dict[str,
     else:
         files = result.write(args.out)
         print(result.to_markdown())
+    _remove_stale(Path(args.out), list(files.values()))
     print("wrote " + ", ".join(os.fspath(p) for p in files.values()))
     return result
+
+
+#: The files an evaluation writes under --out, some of them per run (``--mteb`` writes its own beside them).
+OUTPUT_FILES = ("eval.json", "eval.md", "cross_map.png", "accuracy_per_lang.png")
+
+
+def _remove_stale(out: Path, written: list[Path]) -> None:
+    """Once the new result is written: an earlier evaluation's files it did not replace (e.g. its heatmap
+    beside a Tatoeba result) would be read as this one's."""
+    for name in OUTPUT_FILES:
+        if out / name not in {Path(p) for p in written}:
+            (out / name).unlink(missing_ok=True)
 
 
 def _main_mteb(args: argparse.Namespace, cfg: EvalConfig, eval_set: Any, prov: dict[str, Any]) -> dict[str, Any]:
@@ -178,8 +202,7 @@ def _load_reference(path: str | None) -> BitextResult | None:
 def _fail(message: str) -> NoReturn:
     """One line on stderr, exit status 2 (argparse's for a usage error). Called once the exception is
     gone: it held the failed reader's progress bar, which clears its line only when released."""
-    print("error: " + " ".join(message.splitlines()), file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(error_line(message))
 
 
 if __name__ == "__main__":

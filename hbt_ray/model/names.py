@@ -7,8 +7,10 @@ DeepSpeed was imported and each ``run.max_failures`` retry. Offline, the hub is 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from hbt_ray import storage
 from hbt_ray.config import ConfigError
@@ -61,6 +63,7 @@ def check_model_name(cfg: ModelConfig, prefix: str = "model.") -> None:
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ConfigError(f"{key}: {local} has no config.json (not a transformers model directory)")
+        sentence_transformers_settings(local, key)  # a module hbt_ray cannot run: refused here
         return
     if is_path_like(name):
         raise ConfigError(f"{key}: no such model directory {name!r}")
@@ -127,3 +130,46 @@ def describe_model(name: str) -> str:
         if source and source != name:
             return f"{name} (fine-tuned from {source})"
     return name
+
+
+#: The sentence-transformers modules hbt_ray's encoder is: the transformer, its pooling, normalisation.
+ST_MODULES = {"Transformer", "Pooling", "Normalize"}
+
+
+def sentence_transformers_settings(path: Path, key: str = "model.name") -> dict[str, Any]:
+    """What a sentence-transformers directory (``modules.json``) says about how it embeds — pooling,
+    normalisation, its query/passage prompts — as :class:`ModelConfig` keys; {} for a plain transformers
+    directory. A module other than :data:`ST_MODULES` (e.g. LaBSE's ``Dense``), or a pooling mode other
+    than CLS or mean, would be silently left out: ConfigError naming ``key`` and the module."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return {}
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        kinds = [(m.get("path", ""), str(m["type"]).rsplit(".", 1)[-1]) for m in modules]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"{key}: {modules_file}: not a sentence-transformers module list ({err})") from None
+    out: dict[str, Any] = {"normalize": any(kind == "Normalize" for _, kind in kinds)}
+    for sub, kind in kinds:
+        if kind not in ST_MODULES:
+            raise ConfigError(f"{key}: {path} has a {kind} module ({sub or 'the top folder'}), which hbt_ray's "
+                              f"encoder does not run (it runs {', '.join(sorted(ST_MODULES))}): its embeddings "
+                              "would not be this model's")  # fmt: skip
+        if kind == "Pooling":
+            pooling = json.loads((path / sub / "config.json").read_text(encoding="utf-8"))
+            modes = pooling.get("pooling_mode")  # sentence-transformers >= 5: a name (or a list of names)
+            if modes is None:  # older: one flag per mode
+                modes = [m for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
+                                     "weightedmean_tokens", "lasttoken") if pooling.get(f"pooling_mode_{m}")]  # fmt: skip
+            modes = [modes] if isinstance(modes, str) else list(modes)
+            mode = {"cls": "cls", "cls_token": "cls", "mean": "mean", "mean_tokens": "mean"}.get(modes[0]) \
+                if len(modes) == 1 else None  # fmt: skip
+            if mode is None:
+                raise ConfigError(f"{key}: {path / sub}: pooling {modes or 'none'}: hbt_ray pools by CLS or mean")
+            out["pooling"] = mode
+    st_config = path / "config_sentence_transformers.json"
+    prompts = json.loads(st_config.read_text(encoding="utf-8")).get("prompts") if st_config.is_file() else None
+    if prompts:  # its own prompts, not a guess from the folder's name
+        out["query_prefix"] = prompts.get("query", "")
+        out["passage_prefix"] = prompts.get("passage", prompts.get("document", ""))
+    return out
