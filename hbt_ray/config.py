@@ -17,6 +17,8 @@ Every stage (train, evaluate, tune) declares its config as a (nested) dataclass 
 
 import dataclasses
 import math
+import os
+import stat
 import sys
 import types
 import typing
@@ -41,8 +43,26 @@ def error_line(err: BaseException | str) -> int:
     """Every driver's bad-input exit: ``error: <message>`` as one line on stderr; → :data:`BAD_INPUT`.
     Call it outside the ``except`` block: the exception holds a failed reader's progress bar, which
     clears its line only when released."""
-    print("error: " + " ".join(str(err).splitlines()), file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    start = "" if _at_line_start(sys.stderr) else "\n"  # after a progress bar's "\r": a line of its own
+    print(start + "error: " + " ".join(str(err).splitlines()), file=sys.stderr, flush=True)
     return BAD_INPUT
+
+
+def _at_line_start(stream: Any) -> bool:
+    """Whether a stream that is a regular file (``2> log``) ends with a newline. A progress bar cleared
+    with ``\r`` does not: on a terminal the next line overwrites it, in a file it would share the line.
+    Terminals, pipes and anything unreadable count as at the start."""
+    try:
+        fd = stream.fileno()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+            return True
+        with open(f"/proc/self/fd/{fd}", "rb") as fh:  # stderr itself is opened write-only
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
+    except (OSError, ValueError, AttributeError):  # no fileno (captured), no /proc: leave it as it is
+        return True
 
 
 def _type_name(tp: Any) -> str:

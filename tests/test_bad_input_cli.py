@@ -100,6 +100,25 @@ def test_evaluate_one_language_with_cross_lingual_settings(tmp_path, capsys, sha
     assert not (tmp_path / "eval").exists()
 
 
+def test_an_error_written_to_a_file_has_its_own_line_after_a_progress_bar(tmp_path):
+    """``2> log``: the reader's progress bar clears itself with ``\\r``; b5232a8's error line then shared
+    the bar's line in the file (``tail -1 log`` showed the bar). LAReQA ``{"data": []}`` was a traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "set").mkdir()
+    for lang in ("en", "de"):
+        (tmp_path / "set" / f"{lang}.json").write_text('{"data": []}')
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as err:
+        proc = subprocess.run([sys.executable, "-m", "hbt_ray.evaluate", "--model", "tiny", "--data",
+                               f"lareqa:{tmp_path / 'set'}", "--out", str(tmp_path / "eval")],
+                              stderr=err, stdout=subprocess.DEVNULL, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    last = log.read_bytes().rstrip(b"\n").split(b"\n")[-1].decode()
+    assert last == f"error: {tmp_path / 'set' / 'de.json'}: holds no paragraph", last
+
+
 def test_evaluate_max_paragraphs_zero(tmp_path, capsys):
     line = error_line(capsys, evaluate_main, evaluate_argv(tmp_path, "--max-paragraphs", "0"))
     assert line == "error: max_paragraphs: must be >= 1, got 0"

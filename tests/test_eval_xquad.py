@@ -69,6 +69,12 @@ def test_ray_data_encoding_matches_in_process_and_is_cached(ray_local, xquad_sli
         del tiny.fingerprint
     assert len(list((tmp_path / "cache").glob("emb-*.npy"))) == 2
     np.testing.assert_allclose(fresh.queries["en"], only_en.queries["en"], atol=1e-6)
+    # a cache file cut short (a full disk, a copy interrupted): encoded again and rewritten, not a traceback
+    cached[0].write_bytes(cached[0].read_bytes()[:200])
+    rebuilt = encode_eval_set_ray("tiny", xquad_slice, cfg)
+    np.testing.assert_allclose(rebuilt.queries["en"], local.queries["en"], atol=1e-5)
+    assert np.load(cached[0]).shape[0] == sum(len(v) for v in xquad_slice.queries.values()) + sum(
+        len(v) for v in xquad_slice.candidates.values())  # fmt: skip
 
 
 def test_load_eval_data_reads_the_subset_the_config_names(xquad_slice):

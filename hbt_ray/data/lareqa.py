@@ -283,8 +283,8 @@ def read_lareqa_eval(
     paragraphs_per_lang = {}
     for lang, file in tqdm(files.items(), desc=f"read {name}", unit="lang", leave=False):
         paragraphs = parse_lareqa_file(file, lang, bad)
-        if not any(para.questions for para in paragraphs):  # else a traceback later: "nothing to encode"
-            raise DataError("holds no paragraph with a question", file, reason="empty")
+        if not paragraphs:  # else a traceback later: "nothing to encode"
+            raise DataError("holds no paragraph", file, reason="empty")
         paragraphs_per_lang[lang] = len(paragraphs)
         queries[lang], candidates[lang] = [], []
         for para in paragraphs:

