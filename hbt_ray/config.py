@@ -361,5 +361,15 @@ def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def differing_keys(then: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The keys of two flat records whose values differ (a key only one has counts), sorted::
+
+    >>> differing_keys({"optim.lr": 0.001, "run.seed": 0}, {"optim.lr": 0.0005, "run.seed": 0, "x": 1})
+    ['optim.lr', 'x']
+    """
+    missing = object()
+    return sorted(k for k in set(then) | set(now) if then.get(k, missing) != now.get(k, missing))
+
+
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)

@@ -258,6 +258,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("HBT_CACHE_DIR") or Path.home() / ".cache" / "hbt_ray")
 
 
+def publish_files(local_dir: Path, location: str, names: list[str]) -> None:
+    """Files written in ``local_dir`` made available at ``location``: uploaded when it is a URI; nothing
+    to do when it is that local folder itself."""
+    if is_uri(location):
+        for name in names:
+            write_bytes(join(location, name), (local_dir / name).read_bytes())
+
+
 def content_digest(location: str | os.PathLike) -> str:
     """A hash of a published directory's content list (its :data:`CONTENT_FILE`)."""
     try:

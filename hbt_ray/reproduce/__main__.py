@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     local = Path(out) if not storage.is_uri(out) else Path(tempfile.mkdtemp(prefix="hbt_report_"))
     summary = write_report(cfg, records, local, prov)
     if storage.is_uri(out):  # written here, then published beside the records
-        for file in sorted(p for p in local.iterdir() if p.is_file()):
-            storage.write_bytes(storage.join(out, file.name), file.read_bytes())
+        storage.publish_files(local, out, sorted(p.name for p in local.iterdir() if p.is_file()))
         shutil.rmtree(local, ignore_errors=True)
     for question, lines in summary["verdicts"].items():
         for line in lines:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from hbt_ray import storage
-from hbt_ray.config import ConfigError, flat, override, to_dict
+from hbt_ray.config import ConfigError, differing_keys, flat, override, to_dict
 from hbt_ray.data.records import BitextSet
 from hbt_ray.evaluate import EvalConfig, evaluate, load_eval_data
 from hbt_ray.provenance import provenance
@@ -118,7 +118,7 @@ def check_records(cfg: ReproduceConfig, results: str | Path) -> None:
         if then is None:
             raise ConfigError(f"{path}: the record names no setup (made before records kept one); move it away")
         then = {k: v for k, v in then.items() if k not in WHERE_KEYS}  # older records kept a few more
-        diff = sorted(k for k in set(now) | set(then) if now.get(k, "(unset)") != then.get(k, "(unset)"))
+        diff = differing_keys(then, now)
         if diff:
             shown = ", ".join(f"{k}={then.get(k, '(unset)')!r} (now {now.get(k, '(unset)')!r})" for k in diff[:3])
             more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""

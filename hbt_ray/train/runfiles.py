@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hbt_ray import storage
-from hbt_ray.config import ConfigError, flat, to_dict
+from hbt_ray.config import ConfigError, differing_keys, flat, to_dict
 
 #: The run dir's record of the placement group its workers run in (written by rank 0 at setup).
 PLACEMENT_GROUP_FILE = "placement_group"
@@ -108,10 +108,9 @@ def check_run_setup(cfg: Any, run_dir: str) -> None:
                               "unknown): start another run (run.name=…) or replace it (--overwrite)")  # fmt: skip
         return
     then, now = json.loads(storage.read_text(path)), run_setup(cfg)
-    for key in sorted(set(then) | set(now)):
-        if then.get(key, "(unset)") != now.get(key, "(unset)"):
-            raise ConfigError(f"{key}: the run in {run_dir} ran with {then.get(key, '(unset)')!r}, now "
-                              f"{now.get(key, '(unset)')!r}: {fresh}")  # fmt: skip
+    for key in differing_keys(then, now)[:1]:
+        raise ConfigError(f"{key}: the run in {run_dir} ran with {then.get(key, '(unset)')!r}, now "
+                          f"{now.get(key, '(unset)')!r}: {fresh}")  # fmt: skip
 
 
 def write_run_setup(cfg: Any, run_dir: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hbt_ray import storage
-from hbt_ray.config import ConfigError, flat, override, to_dict
+from hbt_ray.config import ConfigError, differing_keys, flat, override, to_dict
 from hbt_ray.model import check_model_name
 from hbt_ray.train import TrainConfig
 from hbt_ray.train.config import RunConfig
@@ -151,11 +151,9 @@ def check_unchanged(record: dict[str, Any], out_dir: str) -> None:
     if not storage.exists(path):
         raise ConfigError(f"resume: {path} is missing: cannot tell what the sweep ran with; start a new sweep")
     then, now = flat(json.loads(storage.read_text(path))), flat(record)
+    changed = [k for k in differing_keys(then, now) if k not in RESUME_MAY_CHANGE and not k.startswith("wandb.")]
     # the training keys first: the one a user changed, rather than the space's fixed list it left
-    for key in sorted(set(then) | set(now), key=lambda k: (not k.startswith("train."), k)):
-        if key in RESUME_MAY_CHANGE or key.startswith("wandb."):
-            continue
-        if then.get(key, "(unset)") != now.get(key, "(unset)"):
-            raise ConfigError(f"{key}: the sweep in {out_dir} ran with {then.get(key, '(unset)')!r}, now "
-                              f"{now.get(key, '(unset)')!r}: resume it with its own settings, or start a new "
-                              "sweep (another name=…)")  # fmt: skip
+    for key in sorted(changed, key=lambda k: not k.startswith("train."))[:1]:
+        raise ConfigError(f"{key}: the sweep in {out_dir} ran with {then.get(key, '(unset)')!r}, now "
+                          f"{now.get(key, '(unset)')!r}: resume it with its own settings, or start a new "
+                          "sweep (another name=…)")  # fmt: skip

@@ -1,6 +1,6 @@
 """Where a sweep's outputs go: its folder in the configured storage (a local path or a URI, see
 :mod:`hbt_ray.storage`). The report files are written on the driver's machine first
-(:func:`local_report_dir`) and then published beside Tune's state; the best model is copied storage
+(:func:`local_report_dir`) and then published beside Tune's state (:func:`hbt_ray.storage.publish_files`); the best model is copied storage
 to storage."""
 
 from __future__ import annotations
@@ -30,11 +30,3 @@ def copy_best_model(best: dict[str, Any] | None, cfg: TuneConfig, out_dir: str) 
         return None
     best_model_dir = storage.copy_dir(best["export_dir"], storage.join(out_dir, "best_model"))
     return best_model_dir if storage.is_uri(best_model_dir) else Path(best_model_dir)
-
-
-def publish_report(report_dir: Path, out_dir: str, files: list[str]) -> None:
-    """Upload the report ``files`` from ``report_dir`` to a sweep folder in remote storage (nothing to do
-    when ``out_dir`` is the local folder they were written in)."""
-    if storage.is_uri(out_dir):
-        for file in files:
-            storage.write_bytes(storage.join(out_dir, file), (report_dir / file).read_bytes())

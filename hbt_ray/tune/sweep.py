@@ -52,7 +52,7 @@ from hbt_ray.tune.checks import (
     trial_train_config,
 )
 from hbt_ray.tune.config import TuneConfig
-from hbt_ray.tune.outputs import copy_best_model, local_report_dir, publish_report
+from hbt_ray.tune.outputs import copy_best_model, local_report_dir
 from hbt_ray.tune.report import (
     EXTRA_COLUMNS,
     _scalar,
@@ -380,5 +380,5 @@ def _summarize(
         "best_model_dir": None if best_model_dir is None else str(best_model_dir),
     }
     (report_dir / "summary.json").write_text(json.dumps(report, indent=2, default=str))
-    publish_report(report_dir, out_dir, ["results.csv", "results.md", "summary.json", *(p.name for p in images)])
+    storage.publish_files(report_dir, out_dir, ["results.csv", "results.md", "summary.json", *(p.name for p in images)])
     return summary, report
