@@ -73,6 +73,21 @@ def test_shard_with_wrong_schema_names_the_file(tmp_path):
         list(iter_shard_groups(tmp_path))
 
 
+def test_a_shard_replaced_by_hand_is_refused(tmp_path):
+    """b5232a8 checked a shard's schema and row count only: another file with as many rows trained
+    silently. The manifest keeps each shard's footer digest (byte sizes, column statistics)."""
+    from hbt_ray.data.shards import shard_paths
+
+    groups = [PairGroup(f"g{i}", "t", {"en": Pair(f"question {i}", f"passage {i}")}) for i in range(4)]
+    write_shards(groups, tmp_path, rows_per_shard=2, progress=False)
+    assert len(shard_paths(tmp_path)) == 2  # as written: accepted
+    other = [PairGroup(f"g{i}", "t", {"en": Pair(f"another question {i}", f"passage {i}")}) for i in (2, 3)]
+    pq.write_table(pa.Table.from_pylist([g.to_row() for g in other], schema=PAIR_SCHEMA),
+                   tmp_path / "shard-00001.parquet", compression="zstd")  # fmt: skip
+    with pytest.raises(DataError, match=r"shard-00001\.parquet: shard is not the file its manifest\.json was written"):
+        shard_paths(tmp_path)
+
+
 def test_write_shards_refuses_bad_groups_and_old_shards(tmp_path):
     g = PairGroup("g1", "t", {"en": Pair("q", "p")})
     with pytest.raises(DataError, match=r"\[group g1\]: duplicate group id"):

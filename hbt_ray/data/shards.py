@@ -16,6 +16,7 @@ batches of it back into PairGroups.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -172,7 +173,8 @@ def _write_into(
     def flush() -> None:
         name = SHARD_PATTERN.format(len(manifest.shards))
         pq.write_table(groups_to_table(buffer), staging / name, compression="zstd")
-        manifest.shards.append({"file": name, "rows": len(buffer)})
+        footer = footer_digest(pq.read_metadata(staging / name))
+        manifest.shards.append({"file": name, "rows": len(buffer), "footer": footer})
         buffer.clear()
 
     bar = tqdm(desc=f"write {out.name}", unit="groups", disable=not progress, leave=False)
@@ -267,8 +269,23 @@ def shard_paths(shard_dir: str | os.PathLike, validate: bool = True) -> list[Any
         if not storage.exists(path):
             raise DataError("shard listed in manifest.json is missing", path)
         if validate:
-            check_shard_schema(path, expected_rows=info.get("rows"))
+            check_shard_schema(path, expected_rows=info.get("rows"), expected_footer=info.get("footer"))
     return paths
+
+
+def footer_digest(meta: Any) -> str:
+    """A hash of a Parquet file's footer: its rows and each column chunk's byte sizes and statistics.
+    Another file (a shard replaced by hand) gives another one; computing it reads the footer only."""
+    parts: list[Any] = [meta.num_rows, meta.num_row_groups]
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            col = group.column(c)
+            stats = col.statistics
+            parts.append([col.path_in_schema, col.total_compressed_size, col.total_uncompressed_size,
+                          str(stats.min) if stats is not None and stats.has_min_max else None,
+                          str(stats.max) if stats is not None and stats.has_min_max else None])  # fmt: skip
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def _file_and_fs(path: str | os.PathLike) -> tuple[Any, Any]:
@@ -279,7 +296,9 @@ def _file_and_fs(path: str | os.PathLike) -> tuple[Any, Any]:
     return path, None
 
 
-def check_shard_schema(path: str | os.PathLike, expected_rows: int | None = None) -> None:
+def check_shard_schema(
+    path: str | os.PathLike, expected_rows: int | None = None, expected_footer: str | None = None
+) -> None:
     try:
         file, fs = _file_and_fs(path)
         meta = pq.read_metadata(file, filesystem=fs)
@@ -300,6 +319,9 @@ def check_shard_schema(path: str | os.PathLike, expected_rows: int | None = None
         )
     if expected_rows is not None and meta.num_rows != expected_rows:
         raise DataError(f"shard has {meta.num_rows} rows, manifest says {expected_rows}", path)
+    if expected_footer is not None and footer_digest(meta) != expected_footer:
+        raise DataError("shard is not the file its manifest.json was written with (replaced or changed "
+                        "since): write the shards again", path, reason="changed")  # fmt: skip
 
 
 def read_shards(shard_dir: str | os.PathLike, validate: bool = True, **read_parquet_kwargs: Any):
