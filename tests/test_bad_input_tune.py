@@ -65,10 +65,12 @@ def test_resume_of_a_sweep_that_is_not_there_lists_the_sweeps(tmp_path, capsys):
     out = tmp_path / "sweeps"
     for name in ("quick-20261201-101010", "paper"):
         (out / name / "tune").mkdir(parents=True)
+        (out / name / "sweep_config.json").write_text("{}")
+    (out / "not-a-sweep" / "tune").mkdir(parents=True)  # Ray's folder alone is not a sweep
     # overrides after an option are collected too (argparse's plain parse_args refused them)
     assert tune_main(["--resume", "name=quik", "--space", "quick", f"out_dir={out}", *TINY]) == 2
     _one_line_error(capsys, "no sweep 'quik' to resume", "paper, quick-20261201-101010")
-    assert sorted(p.name for p in out.iterdir()) == ["paper", "quick-20261201-101010"]  # nothing new
+    assert sorted(p.name for p in out.iterdir()) == ["not-a-sweep", "paper", "quick-20261201-101010"]  # nothing new
     assert tune_main(["--resume", f"out_dir={out}", *TINY]) == 2
     _one_line_error(capsys, "resume: name the sweep to resume with name=")
 

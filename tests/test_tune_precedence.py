@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,49 @@ def test_the_table_reports_what_trained_and_a_resume_keeps_its_settings(tmp_path
     line = _error_line(capsys)
     assert line.startswith("error: train.loss.temperature: the sweep in ") and "0.05" in line and "0.02" in line
     assert {p: p.read_bytes() for p in sweep.iterdir() if p.is_file()} == before
+
+    # Interrupted while the trial ran, and a pickle planted in every pickle Ray keeps in the sweep folder
+    # (tuner.pkl, the searcher's state): the resume reads only the JSON trial records, the trial continues
+    # its own run from that run's checkpoint, and the planted code never runs.
+    marker = tmp_path / "pwned"
+    planted = pickle.dumps(_Planted(str(marker)))
+    pickles = [p for p in (sweep / "tune").rglob("*.pkl")]
+    assert any(p.name == "tuner.pkl" for p in pickles), pickles
+    for path in pickles:
+        path.write_bytes(planted)
+    (record_file,) = (sweep / "trial_records").glob("*.json")
+    old = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**old, "status": "RUNNING", "metrics": {}}))
+    run_steps = (sweep / "trials" / old["trial"] / "steps.jsonl").read_text()
+    assert tune_main(["--resume", f"space={_space(tmp_path)}", *common, "train.sampler.strategy=x-y"]) == 0, \
+        capsys.readouterr().err[-3000:]
+    assert not marker.exists()
+    records = {p.stem: json.loads(p.read_text()) for p in (sweep / "trial_records").glob("*.json")}
+    (new,) = [r for r in records.values() if r["trial"] != old["trial"]]
+    assert new["resumes"] == old["trial"] and new["status"] == "TERMINATED" and new["params"] == old["params"]
+    # the run continued, at its last step: no step trained twice, the same model exported again
+    assert (sweep / "trials" / old["trial"] / "steps.jsonl").read_text() == run_steps
+    assert new["metrics"]["export_dir"].startswith(str(sweep / "trials" / old["trial"]))
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert [(r["trial"], r["status"]) for r in rows] == [(new["trial"], "TERMINATED")]
+    assert float(rows[0]["multi_map"]) == pytest.approx(old["metrics"]["eval/multi_map"])
+
+    # a finished sweep resumed runs no trial; a damaged record is one line naming its file, before Ray
+    capsys.readouterr()
+    assert tune_main(["--resume", f"space={_space(tmp_path)}", *common, "train.sampler.strategy=x-y"]) == 0
+    assert "[hbt_ray.tune] resuming" not in capsys.readouterr().out and len(list((sweep / "trial_records").iterdir())) == 2
+    record_file.write_text("{not json")
+    assert tune_main(["--resume", f"space={_space(tmp_path)}", *common, "train.sampler.strategy=x-y"]) == 2
+    assert _error_line(capsys).startswith(f"error: {record_file}: not a trial record")
+
+
+class _Planted:
+    """Unpickling it makes a folder: proof that code from the sweep folder ran."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.path,))

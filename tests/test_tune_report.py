@@ -49,3 +49,47 @@ def test_table_and_plots(tmp_path):
     heat = plot_alpha_tau_heatmap(rows, "multi_map", tmp_path)
     for p in [*paths, heat]:
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_resumed_optuna_knows_the_finished_trials_and_continues_the_interrupted_one_first():
+    """A resume never unpickles Ray's searcher state: Optuna is rebuilt from the JSON trial records."""
+    from hbt_ray.config import load_config
+    from hbt_ray.tune import TuneConfig
+    from hbt_ray.tune.records import resume_plan
+    from hbt_ray.tune.space import parse_space
+    from hbt_ray.tune.sweep import make_search_alg
+
+    space = parse_space({"search": "optuna", "num_samples": 5,
+                         "params": {"sampler.alpha": {"type": "uniform", "low": 0.0, "high": 1.0}}})  # fmt: skip
+    records = [
+        {"trial": "a", "status": "TERMINATED", "params": {"sampler.alpha": 0.2},
+         "metrics": {"final": 1, "eval/multi_map": 0.5}},
+        {"trial": "b", "status": "TERMINATED", "params": {"sampler.alpha": 0.9},  # stopped by ASHA
+         "metrics": {"step": 4, "eval/multi_map": 0.1}},
+        {"trial": "c", "status": "ERROR", "params": {"sampler.alpha": 0.4}, "metrics": {}},
+        {"trial": "d", "status": "RUNNING", "params": {"sampler.alpha": 0.7}, "metrics": {}},
+    ]  # fmt: skip
+    plan = resume_plan(records, space, num_samples=5, seed=0)
+    assert (len(plan.done), len(plan.running), plan.new, plan.trials) == (3, 1, 1, 2)
+    search = make_search_alg(space, load_config(TuneConfig, None, ["objective=multi_map"]), plan)
+    assert search.set_search_properties(None, None, space.param_space())
+    told = {t.params["sampler.alpha"]: t for t in search._ot_study.trials if t.state.name != "WAITING"}
+    assert {a: t.state.name for a, t in told.items()} == {0.2: "COMPLETE", 0.9: "PRUNED", 0.4: "FAIL"}
+    assert told[0.2].value == 0.5 and told[0.9].intermediate_values == {4: 0.1}
+    assert search.suggest("t1") == {"sampler.alpha": 0.7, "_resume_run": "d"}
+    assert "_resume_run" not in search.suggest("t2")
+
+
+def test_a_resumed_random_sweep_continues_the_interrupted_trial_and_draws_only_the_rest():
+    from hbt_ray.tune.records import resume_plan
+    from hbt_ray.tune.space import parse_space
+
+    space = parse_space({"search": "random", "num_samples": 4,
+                         "params": {"sampler.alpha": {"type": "uniform", "low": 0.0, "high": 1.0},
+                                    "loss.temperature": {"type": "choice", "values": [0.01, 0.05]}}})  # fmt: skip
+    records = [{"trial": "a", "status": "TERMINATED", "params": {"sampler.alpha": 0.2, "loss.temperature": 0.01}},
+               {"trial": "b", "status": "RUNNING", "params": {"sampler.alpha": 0.7, "loss.temperature": 0.05}}]
+    points = resume_plan(records, space, num_samples=4, seed=0).points
+    assert points[0] == {"sampler.alpha": 0.7, "loss.temperature": 0.05, "_resume_run": "b"} and len(points) == 3
+    assert all(0 <= p["sampler.alpha"] <= 1 and p["loss.temperature"] in (0.01, 0.05) for p in points[1:])
+    assert all(type(p["sampler.alpha"]) is float for p in points)  # plain JSON values, not numpy's

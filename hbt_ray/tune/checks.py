@@ -67,19 +67,19 @@ def check_sweep(cfg: TuneConfig, command_line: Collection[str] = ()) -> tuple[Se
 
 
 def sweeps_in(out_root: str | Path) -> list[str]:
-    """The names of the sweeps under ``out_root`` (folders with Tune's experiment state), local or a URI."""
-    return [d for d in storage.listdir(out_root) if storage.is_dir(storage.join(out_root, d, "tune"))]
+    """The names of the sweeps under ``out_root`` (folders with a ``sweep_config.json``), local or a URI."""
+    if not storage.is_dir(out_root):
+        return []
+    return [d for d in storage.listdir(out_root) if storage.exists(storage.join(out_root, d, "sweep_config.json"))]
 
 
 def check_resumable(cfg: TuneConfig) -> None:
     """``resume`` continues a sweep that exists; a missing or mistyped name is an error, never a new sweep."""
-    from ray import tune
-
     out_root = storage.resolve(cfg.out_dir)
     if not cfg.name:
         raise ConfigError(f"resume: name the sweep to resume with name=… (sweeps in {out_root}: "
                           f"{', '.join(sweeps_in(out_root)) or 'none'})")  # fmt: skip
-    if not tune.Tuner.can_restore(storage.join(out_root, cfg.name, "tune")):
+    if not storage.exists(storage.join(out_root, cfg.name, "sweep_config.json")):
         raise ConfigError(f"name: no sweep {cfg.name!r} to resume in {out_root} (sweeps there: "
                           f"{', '.join(sweeps_in(out_root)) or 'none'})")  # fmt: skip
 

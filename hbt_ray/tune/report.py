@@ -275,32 +275,22 @@ def _scalar(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool)) or value is None
 
 
-def describe_error(error: BaseException) -> str:
-    """``Type: message`` of the original exception inside Ray's wrappers (one line, no colour codes)."""
-    cause = error
-    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
-        cause = cause.cause
-    lines = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).splitlines() if ln.strip()]
-    message = lines[-1] if lines else ""
-    return f"{type(cause).__name__}: {message.strip()[:300]}"
-
-
 def _dotted_get(obj: Any, key: str) -> Any:
     for part in key.split("."):
         obj = getattr(obj, part, None)
     return obj
 
 
-def rows_from_results(result_grid: Any, swept: list[str], cfg: TuneConfig) -> list[dict[str, Any]]:
-    """One row per trial (swept keys, α, τ, metrics, status, error), sorted by α then τ."""
+def rows_from_records(records: list[dict[str, Any]], swept: list[str], cfg: TuneConfig) -> list[dict[str, Any]]:
+    """One row per trial record (:mod:`hbt_ray.tune.records`: swept keys, α, τ, metrics, status,
+    error), sorted by α then τ."""
     rows = []
-    for result in result_grid:
-        metrics = dict(result.metrics or {})
-        config = result.config or {}
-        row: dict[str, Any] = {
-            "trial": metrics.get("trial_id") or Path(result.path).name,
-            "status": "ERROR" if result.error else ("TERMINATED" if metrics.get("final") else "STOPPED"),
-        }
+    for record in records:
+        metrics, config = record.get("metrics") or {}, record["params"]
+        failed = record["status"] == "ERROR"
+        status = "ERROR" if failed else record["status"] if record["status"] == "RUNNING" else \
+            "TERMINATED" if metrics.get("final") else "STOPPED"  # fmt: skip
+        row: dict[str, Any] = {"trial": record["trial"], "status": status}
         for key in swept:
             row[key] = config.get(key)
         for key in (ALPHA, TAU):
@@ -313,12 +303,12 @@ def rows_from_results(result_grid: Any, swept: list[str], cfg: TuneConfig) -> li
         for key, value in metrics.items():  # the extra evals' metrics
             if "/" in key and key.split("/", 1)[0] in cfg.extra_evals and _scalar(value):
                 row[key] = value
-        if result.error is None and metrics.get("final"):
+        if not failed and metrics.get("final"):
             row["objective"] = objective_value(metrics, cfg.objectives)
         if metrics.get("export_dir"):
             row["export_dir"] = metrics["export_dir"]
-        if result.error is not None:
-            row["error"] = describe_error(result.error)
+        if failed:
+            row["error"] = record.get("error", "")
         rows.append(row)
     rows.sort(key=lambda r: (r.get(ALPHA) is None, r.get(ALPHA) or 0.0, r.get(TAU) or 0.0, r["trial"]))
     return rows

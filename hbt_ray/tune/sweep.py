@@ -53,6 +53,17 @@ from hbt_ray.tune.checks import (
 )
 from hbt_ray.tune.config import TuneConfig
 from hbt_ray.tune.outputs import copy_best_model, local_report_dir
+from hbt_ray.tune.records import (
+    POINT_KEY,
+    RECORDS,
+    RESUME_KEY,
+    ResumePlan,
+    read_records,
+    records_callback,
+    resume_plan,
+    resumed_run,
+    trial_params,
+)
 from hbt_ray.tune.report import (
     EXTRA_COLUMNS,
     _scalar,
@@ -61,7 +72,7 @@ from hbt_ray.tune.report import (
     pareto_front,
     plot_alpha_tau_heatmap,
     plot_metrics_vs_alpha,
-    rows_from_results,
+    rows_from_records,
     write_table,
 )
 from hbt_ray.tune.space import SearchSpace
@@ -104,8 +115,9 @@ def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
     ctx = tune.get_context()
     if cfg.inject_failure_trial >= 0 and trial_index(ctx.get_trial_name()) == cfg.inject_failure_trial:
         raise RuntimeError(f"injected failure in trial {ctx.get_trial_name()} (inject_failure_trial)")
-    train_cfg = trial_train_config(cfg, params)
-    train_cfg.run.name = ctx.get_trial_id()
+    train_cfg = trial_train_config(cfg, trial_params(params))
+    # a resumed sweep's interrupted trial continues its own training run, from that run's checkpoint
+    train_cfg.run.name = resumed_run(params) or ctx.get_trial_id()
     # Under the sweep's own folder, not Tune's trial dir (in Ray's temporary session folder, which Ray
     # and the OS clean up): the α = 0 and α = 1 models stay there to be compared after the sweep.
     train_cfg.run.storage_path = storage.join(cfg.out_dir, cfg.name, "trials")
@@ -142,11 +154,17 @@ def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
     tune.report(final)
 
 
-def make_search_alg(space: SearchSpace, cfg: TuneConfig) -> Any:
-    """Optuna (TPE) for an ``optuna`` space; None for grid / random (Tune's basic variant generator)."""
+def make_search_alg(space: SearchSpace, cfg: TuneConfig, plan: ResumePlan | None = None) -> Any:
+    """Optuna (TPE) for an ``optuna`` space; None for grid / random (Tune's basic variant generator).
+    A resumed sweep's Optuna is told the results of the trials already run (``plan.done``) and first
+    proposes the interrupted ones again (``plan.running``), each continuing its own training run."""
     if space.search != "optuna":
         return None
     from ray.tune.search.optuna import OptunaSearch
+
+    metrics = [f"eval/{m}" for m in cfg.objectives]  # run_trial's final result has them (the chosen λ's)
+    plan = plan or ResumePlan([], [], 0)
+    rerun = [(r["params"], r["trial"]) for r in plan.running]
 
     class OptunaOnEvaluations(OptunaSearch):
         """Optuna told about a trial's evaluations only: the ``eval/<metric>`` of every intermediate one
@@ -159,11 +177,41 @@ def make_search_alg(space: SearchSpace, cfg: TuneConfig) -> Any:
             if all(m in result for m in wanted):
                 super().on_trial_result(trial_id, result)
 
-    # run_trial's final result carries every evaluation metric under eval/ too (the chosen λ's)
-    metrics = [f"eval/{m}" for m in cfg.objectives]
+        def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
+            ready = super().set_search_properties(metric, mode, config, **spec)
+            if ready:  # the study exists now: tell it what the sweep's earlier trials found
+                for record in plan.done:
+                    self._ot_study.add_trial(optuna_trial(record, metrics, self._space))
+            return ready
+
+        def suggest(self, trial_id: str) -> dict | None:
+            config = super().suggest(trial_id)
+            if config and rerun and trial_params(config) == rerun[0][0]:  # an enqueued interrupted trial
+                config[RESUME_KEY] = rerun.pop(0)[1]
+            return config
+
+    points = [params for params, _ in rerun] or None
     if len(metrics) == 1:
-        return OptunaOnEvaluations(metric=metrics[0], mode=cfg.modes[0], seed=cfg.seed)
-    return OptunaOnEvaluations(metric=metrics, mode=cfg.modes, seed=cfg.seed)
+        return OptunaOnEvaluations(metric=metrics[0], mode=cfg.modes[0], seed=cfg.seed, points_to_evaluate=points)
+    return OptunaOnEvaluations(metric=metrics, mode=cfg.modes, seed=cfg.seed, points_to_evaluate=points)
+
+
+def optuna_trial(record: dict[str, Any], metrics: list[str], distributions: dict[str, Any]) -> Any:
+    """A finished trial's record as an Optuna trial: complete with its final values, pruned (a trial
+    ASHA stopped) with its last evaluation, failed when it errored."""
+    import optuna
+
+    values = record.get("metrics", {})
+    state = optuna.trial.TrialState
+    if not values.get("final") and record["status"] != "ERROR":
+        known = len(metrics) == 1 and metrics[0] in values
+        last = {int(values.get("step", 0)): values[metrics[0]]} if known else None
+        return optuna.trial.create_trial(state=state.PRUNED, params=record["params"], distributions=distributions,
+                                         intermediate_values=last)  # fmt: skip
+    if record["status"] == "ERROR" or not all(m in values for m in metrics):
+        return optuna.trial.create_trial(state=state.FAIL, params=record["params"], distributions=distributions)
+    return optuna.trial.create_trial(state=state.COMPLETE, values=[values[m] for m in metrics],
+                                     params=record["params"], distributions=distributions)  # fmt: skip
 
 
 def make_scheduler(space: SearchSpace, cfg: TuneConfig) -> Any:
@@ -213,24 +261,31 @@ class SweepSummary:
         return None if self.untuned is None else self.untuned.get("objective")
 
 
-def _tuner(cfg: TuneConfig, space: SearchSpace, trainable: Any, name: str, out_root: str, callbacks: list) -> Any:
-    """A new ``tune.Tuner``, or the restored one when ``resume`` and the sweep's state exists."""
+def _tuner(cfg: TuneConfig, space: SearchSpace, trainable: Any, name: str, out_root: str, callbacks: list,
+           plan: ResumePlan | None) -> Any:  # fmt: skip
+    """A new ``tune.Tuner`` for the sweep, or for what a resumed sweep still runs (``plan``; None when
+    nothing is left). Never ``Tuner.restore``: it unpickles files of the sweep folder (:mod:`.records`)."""
     from ray import tune
 
-    search_alg, scheduler = make_search_alg(space, cfg), make_scheduler(space, cfg)
-    exp_dir = storage.join(out_root, name, "tune")
-    if cfg.resume and tune.Tuner.can_restore(exp_dir):
-        print(f"[hbt_ray.tune] resuming {exp_dir}", flush=True)
-        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=False, restart_errored=False)
+    param_space, num_samples = space.param_space(), space.num_samples if cfg.num_samples is None else cfg.num_samples
+    if plan is not None:
+        if plan.trials == 0:
+            return None
+        print(f"[hbt_ray.tune] resuming {name}: {len(plan.done)} trials done, {len(plan.running)} to continue, "
+              f"{plan.new} new", flush=True)  # fmt: skip
+        if plan.points:  # grid and random: exactly the trials still to run, each once
+            param_space, num_samples = {POINT_KEY: tune.grid_search(plan.points)}, 1
+        else:
+            num_samples = plan.trials
     # Optuna ranks by its own metric(s); the other searches take Tune's single metric
     single = len(cfg.objectives) == 1 and space.search != "optuna"
     return tune.Tuner(
         trainable,
-        param_space=space.param_space(),
+        param_space=param_space,
         tune_config=tune.TuneConfig(
-            search_alg=search_alg,
-            scheduler=scheduler,
-            num_samples=space.num_samples if cfg.num_samples is None else cfg.num_samples,
+            search_alg=make_search_alg(space, cfg, plan),
+            scheduler=make_scheduler(space, cfg),
+            num_samples=num_samples,
             max_concurrent_trials=cfg.max_concurrent_trials,
             metric=cfg.objectives[0] if single else None,
             mode=cfg.modes[0] if single else None,
@@ -257,12 +312,14 @@ def run_sweep(cfg: TuneConfig, command_line: Collection[str] = ()) -> SweepSumma
     name = cfg.name or f"{Path(space.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_root = storage.resolve(cfg.out_dir)
     out_dir = storage.join(out_root, name)
-    if storage.is_uri(out_root):  # a missing bucket or credentials: one line, before any evaluation
-        storage.check_reachable(out_dir, "out_dir")
+    storage.check_writable(out_dir, "out_dir")  # a missing bucket or permission: one line, before any evaluation
     base = resolve_base_paths(base, out_root)
     record = sweep_record(cfg, base, space)
+    records_dir, plan = storage.join(out_dir, RECORDS), None
     if cfg.resume:
         check_unchanged(record, out_dir)
+        num_samples = space.num_samples if cfg.num_samples is None else cfg.num_samples
+        plan = resume_plan(read_records(records_dir), space, num_samples, cfg.seed)
     try:
         prepare_shards(base.data, base.data.shard_dir)  # written once: every trial reads them
     except ConfigError as err:  # the training section's keys, as this sweep's config names them
@@ -280,10 +337,13 @@ def run_sweep(cfg: TuneConfig, command_line: Collection[str] = ()) -> SweepSumma
     prov["eval_pool"] = describe_pool(base.eval)
     print(f"[hbt_ray.tune] every evaluation: {prov['eval_pool']}", flush=True)
     untuned = None
-    if cfg.evaluate_untuned:
+    untuned_file = storage.join(out_dir, "untuned.json")
+    if cfg.evaluate_untuned and cfg.resume and storage.exists(untuned_file):  # the same model and pool
+        untuned = {k: v for k, v in json.loads(storage.read_text(untuned_file)).items() if k != "provenance"}
+    elif cfg.evaluate_untuned:
         print(f"[hbt_ray.tune] evaluating the untuned model {base.model.name} on {base.eval.data} …", flush=True)
         untuned = evaluate_model(base.model, base.eval, cfg.objectives, cfg.extra_evals)
-        storage.write_text(storage.join(out_dir, "untuned.json"),
+        storage.write_text(untuned_file,
                            json.dumps({**untuned, "provenance": prov}, indent=2, default=str))  # fmt: skip
 
     tuned_cfg = copy.deepcopy(cfg)
@@ -295,12 +355,16 @@ def run_sweep(cfg: TuneConfig, command_line: Collection[str] = ()) -> SweepSumma
     mode = sweep_run.start()  # decides online or offline once, for the trials too
     trial_runs = trial_runs_callback(cfg.wandb, mode, name, report_dir, {"train": to_dict(base)})
     trials_dir = storage.join(out_dir, "trials")
-    callbacks = [leftover_groups_callback(trials_dir), *([trial_runs] if trial_runs else [])]
+    callbacks = [records_callback(records_dir), leftover_groups_callback(trials_dir),
+                 *([trial_runs] if trial_runs else [])]  # fmt: skip
     try:
-        result_grid = _tuner(cfg, space, trainable, name, out_root, callbacks).fit()
+        tuner = _tuner(cfg, space, trainable, name, out_root, callbacks, plan)
+        if tuner is not None:
+            tuner.fit()
         # tuned_cfg: the rows' α, τ and other columns are those the trials trained with (space and
         # command line applied), never the config file's
-        summary, report = _summarize(tuned_cfg, result_grid, space, name, out_dir, report_dir, untuned, prov)
+        summary, report = _summarize(tuned_cfg, read_records(records_dir), space, name, out_dir, report_dir,
+                                     untuned, prov)  # fmt: skip
     except BaseException:
         sweep_run.abort()
         raise
@@ -339,11 +403,11 @@ def describe_pool(eval_cfg: EvalConfig) -> str:
 
 
 def _summarize(
-    cfg: TuneConfig, result_grid: Any, space: SearchSpace, name: str, out_dir: str, report_dir: Path,
-    untuned: dict[str, Any] | None, prov: dict[str, Any],
+    cfg: TuneConfig, records: list[dict[str, Any]], space: SearchSpace, name: str, out_dir: str,
+    report_dir: Path, untuned: dict[str, Any] | None, prov: dict[str, Any],
 ) -> tuple[SweepSummary, dict[str, Any]]:  # fmt: skip
     """Table, plots, best model and ``summary.json`` of a finished sweep; → the summary and the report."""
-    rows = rows_from_results(result_grid, space.swept_keys, cfg)
+    rows = rows_from_records(records, space.swept_keys, cfg)
     model = describe_model(cfg.train.model.name)
     extra = [f"{e}/{m}" for e in cfg.extra_evals for m in EXTRA_COLUMNS if any(f"{e}/{m}" in r for r in rows)]
     wall_s = seconds_since(prov)  # the untuned model's evaluation and every trial, on this cluster

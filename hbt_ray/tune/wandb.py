@@ -118,7 +118,9 @@ class TrialLoggingActor(_WandbLoggingActor):
     offline; no W&B error leaves the actor (it only ends that trial's logging)."""
 
     def __init__(self, *args: Any, base_config: dict[str, Any] | None = None, **kwargs: Any):
-        kwargs["config"] = scrub_secrets({**(base_config or {}), **kwargs.get("config", {})})
+        from hbt_ray.tune.records import trial_params  # a resumed sweep nests them
+
+        kwargs["config"] = scrub_secrets({**(base_config or {}), **trial_params(kwargs.get("config", {}))})
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
