@@ -130,12 +130,20 @@ def render_cluster_config(
         ['export RAY_AUTH_MODE=token HBT_STORAGE=/mnt/efs/hbt HBT_SHARED_STORAGE=/mnt/efs/hbt; ray start']
     """
     out = copy.deepcopy(config)
+    if region is not None and not re.fullmatch(r"[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+", region):
+        raise ClusterConfigError(f"region: {region!r} is not an AWS region name (like eu-west-1)")
+    if max_workers is not None and max_workers < 0:
+        raise ClusterConfigError(f"max_workers: {max_workers} is below 0")
     if storage is not None:
+        from urllib.parse import urlparse
+
         from hbt_ray.storage import SHARED_ENV, is_uri
 
         if not (is_uri(storage) or storage.startswith("/")):
             raise ClusterConfigError(f"storage: {storage!r} is neither a URI (s3://bucket/prefix) nor an "
                                      "absolute path of a mount every node shares")  # fmt: skip
+        if is_uri(storage) and not urlparse(storage).netloc:
+            raise ClusterConfigError(f"storage: {storage!r} names no bucket (s3://bucket/prefix)")
         value = storage.rstrip("/") if is_uri(storage) else f"{storage} {SHARED_ENV}={storage}"
         for key in ("head_start_ray_commands", "worker_start_ray_commands"):
             commands = out.get(key) or []

@@ -8,9 +8,11 @@ against Ray's cluster-config schema.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
+import jsonschema
 import yaml
 
 from hbt_ray.cluster import load_cluster_config, render_cluster_config, validate_cluster_config
@@ -30,17 +32,27 @@ def main(argv: list[str] | None = None) -> int:
                              "HBT_STORAGE on every node")  # fmt: skip
     parser.add_argument("--out", default="-", help="output file (default: stdout)")
     args = parser.parse_args(argv)
+    logging.getLogger("ray.autoscaler").setLevel(logging.WARNING)  # Ray's "setting max workers …" INFO line
 
     try:
         config = _render(args)
-    except (ValueError, OSError) as err:  # ClusterConfigError, Ray's schema errors, an unreadable --base
+    except jsonschema.ValidationError as err:  # Ray's cluster schema: the key and the first line
+        where = ".".join(str(p) for p in err.absolute_path) or "cluster config"
+        return error_line(f"{args.base}: {where}: {err.message}"[:500])
+    except (ValueError, OSError) as err:  # ClusterConfigError, Ray's other checks, an unreadable --base
         return error_line(" ".join(str(err).split())[:500])
     text = yaml.safe_dump(config, sort_keys=False)
     if args.out == "-":
         sys.stdout.write(text)
-    else:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out} (validated against Ray's cluster schema)", file=sys.stderr)
+        return 0
+    out = Path(args.out)
+    try:  # whole or not at all: an earlier file there stays until the new one is complete
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    except OSError as err:
+        return error_line(f"--out {args.out}: cannot write it ({err.strerror or err})")
+    print(f"wrote {args.out} (validated against Ray's cluster schema)", file=sys.stderr)
     return 0
 
 

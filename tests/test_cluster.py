@@ -191,3 +191,33 @@ def test_train_cli_on_a_new_local_ray_is_quiet(tmp_path, shared_data):
     assert '"steps": 8' in out.stdout
     assert "Reporting training result" not in text
     assert "PlacementGroupCleaner" not in text
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--max-workers", "-3"], "max_workers: -3 is below 0"),
+        (["--region", "xx"], "region: 'xx' is not an AWS region name"),
+        (["--storage", "s3://"], "names no bucket"),
+        (["--out", "/no/such/dir/cluster.yaml"], "--out /no/such/dir/cluster.yaml: cannot write it"),
+        (["--base", "BASE_BAD_SCHEMA"], ": max_workers: 'many' is not of type 'integer'"),
+    ],
+)
+def test_render_cluster_errors_are_one_line_and_leave_the_old_file(tmp_path, capsys, args, needle):
+    """Each of these ended in a traceback (Ray's schema error, an unwritable --out) or was accepted."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_cluster", ROOT / "scripts" / "render_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bad_base = tmp_path / "bad.yaml"
+    bad_base.write_text(re.sub(r"(?m)^max_workers: \d+$", "max_workers: many", (ROOT / "cluster.yaml").read_text()))
+    args = [str(bad_base) if a == "BASE_BAD_SCHEMA" else a for a in args]
+    out = tmp_path / "mine.yaml"
+    out.write_text("my earlier cluster file\n")
+    if "--out" not in args:
+        args += ["--out", str(out)]
+    assert module.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert out.read_text() == "my earlier cluster file\n"
