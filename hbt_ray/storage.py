@@ -343,6 +343,26 @@ def check_reachable(location: str, key: str) -> None:
         raise ConfigError(f"{key}: cannot write to {location}{hint}: {_short(err)}") from None
 
 
+def check_writable(location: str | os.PathLike, key: str) -> None:
+    """Whether results can be written to ``location``, checked before any work whose result would be
+    lost: a URI as :func:`check_reachable`; a local path by a probe file in the folder itself or, when
+    it does not exist yet, in the deepest folder above it that does (folders made there are ours to
+    write), so nothing is created here. ConfigError names ``key``."""
+    if is_uri(location):
+        return check_reachable(str(location), key)
+    path = Path(location).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "exists and is not a directory" if existing == path else f"{existing} is a file, not a directory"
+        raise ConfigError(f"{key}: cannot write to {location}: {where}")
+    probe = existing / f".hbt_probe_{os.getpid()}"
+    try:
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot write to {location}: {err.strerror or err} in {existing}") from None
+
+
 def cluster_shape() -> tuple[int, bool]:
     """``(alive nodes, whether this driver's node has CPUs for workers)`` of the connected Ray cluster."""
     import ray

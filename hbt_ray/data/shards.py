@@ -16,6 +16,7 @@ batches of it back into PairGroups.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -132,6 +133,47 @@ def write_shards(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError("exists and is not a directory; give a new or shard directory", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _writing(out):
+        return _write_shards(groups, out, rows_per_shard, skipped, skipped_examples, source, overwrite, progress,
+                             max_bad_fraction, fingerprint)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """Held while shards are written into ``out``: a second writer (two ``prepare`` runs with one
+    ``--out``) is refused instead of replacing the first's shards when both finish. An OS lock, so a
+    crashed writer leaves none behind."""
+    import fcntl
+
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataError("another process is writing shards into it (two prepare runs with one --out?): "
+                            "wait for it, or choose another directory", out) from None  # fmt: skip
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino  # not a lock file the last holder removed
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _write_shards(
+    groups: Iterable[PairGroup], out: Path, rows_per_shard: int, skipped: Mapping[str, int] | None,
+    skipped_examples: list[str] | None, source: str, overwrite: bool, progress: bool,
+    max_bad_fraction: float | None, fingerprint: Mapping[str, Any] | None,
+) -> Manifest:  # fmt: skip
     old = sorted(out.glob("shard-*.parquet")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
     if old and not overwrite:
         raise DataError(
@@ -142,7 +184,6 @@ def write_shards(
     others = sorted(p.name for p in out.iterdir() if p not in old) if out.is_dir() else []
     if others:  # the folder is replaced as a whole when the new shards are complete
         raise DataError(f"holds other files than shards ({', '.join(others[:3])}); give a new or shard directory", out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

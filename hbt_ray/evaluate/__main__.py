@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from hbt_ray import storage
 from hbt_ray.cluster import init_ray, starts_new_instance
 from hbt_ray.config import ConfigError, error_line, load_config
 from hbt_ray.data.records import DataError
@@ -79,12 +80,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def _check_args(args: argparse.Namespace) -> None:
     """The flags, before Ray starts; ``args.model`` becomes what every actor can find (an absolute path)."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a directory")
-    above = next((p for p in out.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():  # a file on the way: the result could never be written
-        raise ConfigError(f"--out {out}: {above} is a file, not a directory")
+    storage.check_writable(args.out, "--out")  # before the evaluation, whose result would be lost
     try:
         model = ModelConfig(name=args.model)
         check_model_name(model, prefix="--model ")

@@ -38,12 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # ConfigError included: one line, before Ray starts
         return error_line(err)
     out = storage.resolve(cfg.out)  # a local folder, or a URI: the records and report are kept there
-    if storage.is_uri(out):
-        try:
-            storage.check_reachable(out, "out")
-        except ConfigError as err:
-            return error_line(err)
-    else:
+    try:
+        storage.check_writable(out, "out")
+    except ConfigError as err:
+        return error_line(err)
+    if not storage.is_uri(out):
         Path(out).mkdir(parents=True, exist_ok=True)
     args_given = sys.argv[1:] if argv is None else argv
     prov = provenance(shlex.join(["python", "-m", "hbt_ray.reproduce", *args_given]))  # at the start

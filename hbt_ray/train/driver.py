@@ -195,8 +195,10 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None, overwrite: bool 
     check_model_name(cfg.model)  # a wrong name fails here in seconds, not in every worker
     root = storage.resolve(cfg.run.storage_path)
     run_dir = storage.join(root, cfg.run.name)
-    if storage.is_uri(root):  # a missing bucket or credentials: one line now, not a worker's traceback
-        storage.check_reachable(run_dir, "run.storage_path")
+    # a missing bucket, credentials or write permission: one line now, not a worker's traceback
+    storage.check_writable(run_dir, "run.storage_path")
+    if cfg.data.shard_dir:
+        storage.check_writable(cfg.data.shard_dir, "data.shard_dir")
     if not overwrite:  # a changed setting is never taken for a resume
         check_run_setup(cfg, run_dir)
     import ray
