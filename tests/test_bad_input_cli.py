@@ -72,7 +72,7 @@ def evaluate_argv(tmp_path: Path, *extra: str) -> list[str]:
 def test_evaluate_unknown_data_spec(tmp_path, capsys):
     line = error_line(capsys, evaluate_main, evaluate_argv(tmp_path, "--data", "bogus"))
     assert line == (
-        "error: data: unknown eval set spec 'bogus' (known: xquad-r, mlqa-r, lareqa:PATH, miracl:PATH[:LANG], tatoeba[:PATH])"
+        "error: data: unknown eval set spec 'bogus' (known: xquad-r, mlqa-r, lareqa:PATH, pairs:PATH, miracl:PATH[:LANG], tatoeba[:PATH])"
     )
     assert not (tmp_path / "eval").exists()
 

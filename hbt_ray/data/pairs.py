@@ -22,7 +22,16 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from hbt_ray.data.files import iter_jsonl, require, require_text
-from hbt_ray.data.records import BadRecords, DataError, Pair, PairGroup, check_lang
+from hbt_ray.data.records import (
+    BadRecords,
+    Candidate,
+    DataError,
+    EvalQuery,
+    EvalSet,
+    Pair,
+    PairGroup,
+    check_lang,
+)
 
 
 def default_source(path: Path) -> str:
@@ -161,3 +170,28 @@ def _group_adjacent(
         current.pairs[lang] = pair
     if current is not None and (limit is None or n < limit):
         yield current
+
+
+def read_pairs_eval(path: str | os.PathLike, langs: Sequence[str] | None = None, bad: BadRecords | None = None) -> EvalSet:
+    """A pairs file as an eval set (``pairs:PATH``): in each language every pair's query retrieves its own
+    passage among that language's passages; a group's pairs in other languages are its parallel copies
+    (cross and multi settings, language bias). The group is the unit ``max_paragraphs`` keeps whole.
+
+    >>> import json, tempfile
+    >>> f = Path(tempfile.mkdtemp()) / "p.jsonl"
+    >>> _ = f.write_text("\\n".join(json.dumps({"group_id": g, "lang": l, "query": f"q{g}{l}", "passage": f"p{g}{l}"})
+    ...                  for g in "12" for l in ("en", "de")))
+    >>> s = read_pairs_eval(f)
+    >>> s.counts(), s.queries["de"][0]
+    ({'de': (2, 2), 'en': (2, 2)}, EvalQuery(qid='de:1', text='q1de', link='1', relevant=('de:1',), paragraph='de:1'))
+    """
+    queries: dict[str, list[EvalQuery]] = {}
+    candidates: dict[str, list[Candidate]] = {}
+    for group in read_pairs(path, langs=langs, bad=bad, progress=False):
+        for lang, pair in group.pairs.items():
+            key = f"{lang}:{group.group_id}"
+            queries.setdefault(lang, []).append(EvalQuery(key, pair.query, group.group_id, (key,), key))
+            candidates.setdefault(lang, []).append(Candidate(key, pair.passage, key))
+    if not queries:
+        raise DataError("no pairs" + (f" in languages {list(langs)}" if langs else ""), Path(path))
+    return EvalSet(Path(path).name, queries, candidates)

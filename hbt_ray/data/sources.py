@@ -20,7 +20,7 @@ from pathlib import Path
 from hbt_ray.data.records import LANG_RE, BadRecords, BitextSet, EvalSet, PairGroup, data_dir
 
 LAREQA_NAMES = ("xquad-r", "mlqa-r")
-EVAL_SPECS = "xquad-r, mlqa-r, lareqa:PATH, miracl:PATH[:LANG], tatoeba[:PATH]"
+EVAL_SPECS = "xquad-r, mlqa-r, lareqa:PATH, pairs:PATH, miracl:PATH[:LANG], tatoeba[:PATH]"
 PAIR_SPECS = "ddtp, xquad-r, mlqa-r, lareqa:PATH, pairs:PATH, miracl:PATH[:LANG]"
 
 
@@ -33,14 +33,14 @@ def check_spec(spec: object, kind: str = "pair") -> str:
     >>> check_spec("ddtp", "eval")
     Traceback (most recent call last):
     ...
-    ValueError: unknown eval set spec 'ddtp' (known: xquad-r, mlqa-r, lareqa:PATH, miracl:PATH[:LANG], tatoeba[:PATH])
+    ValueError: unknown eval set spec 'ddtp' (known: xquad-r, mlqa-r, lareqa:PATH, pairs:PATH, miracl:PATH[:LANG], tatoeba[:PATH])
     >>> check_spec("pairs:")
     Traceback (most recent call last):
     ...
     ValueError: pair source spec 'pairs:' names no path (pairs:PATH)
     """
     names = ("ddtp", *LAREQA_NAMES) if kind == "pair" else (*LAREQA_NAMES, "tatoeba")
-    prefixes = ("lareqa", "miracl", "pairs") if kind == "pair" else ("lareqa", "miracl", "tatoeba")
+    prefixes = ("lareqa", "miracl", "pairs") if kind == "pair" else ("lareqa", "miracl", "pairs", "tatoeba")
     what, known = ("pair source spec", PAIR_SPECS) if kind == "pair" else ("eval set spec", EVAL_SPECS)
     if isinstance(spec, str):
         if spec in names:
@@ -162,6 +162,10 @@ def load_eval_set(
         from hbt_ray.data.lareqa import read_lareqa_eval
 
         eval_set = read_lareqa_eval(Path(spec.removeprefix("lareqa:")), langs=langs, bad=bad)
+    elif spec.startswith("pairs:"):
+        from hbt_ray.data.pairs import read_pairs_eval
+
+        eval_set = read_pairs_eval(Path(spec.removeprefix("pairs:")), langs=langs, bad=bad)
     elif spec.startswith("miracl:"):
         from hbt_ray.data.miracl import read_miracl_eval
 

