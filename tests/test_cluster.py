@@ -152,7 +152,8 @@ def test_the_cluster_file_is_locked_down():
     assert all("RAY_AUTH_MODE=token" in c for c in starts)
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert "." not in config["file_mounts"].values()
-    assert "--runtime-env-json '" not in (ROOT / "README.md").read_text()  # no key in a job's runtime env
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:  # no key in a job's runtime env
+        assert "--runtime-env-json '" not in page.read_text(), page
 
 
 def test_ray_setup_hook_does_not_import_torch():
