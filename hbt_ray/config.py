@@ -290,6 +290,28 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: The shipped configs (package data): ``--config`` finds them by name from any directory.
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` if it exists; else the shipped config it names (``train_tiny``, ``train_tiny.yaml`` or
+    ``hbt_ray/configs/train_tiny.yaml`` from another directory); else ``path`` (read_yaml says it is missing).
+
+        >>> shipped = (CONFIGS_DIR / "train_tiny.yaml").resolve()
+        >>> resolve_config_path("hbt_ray/configs/train_tiny.yaml").resolve() == shipped == resolve_config_path("train_tiny")
+        True
+    """
+    given = Path(path)
+    if given.exists():
+        return given
+    if given.parent == Path(".") or given.parent.parts[-2:] == ("hbt_ray", "configs"):
+        for name in (given.name, f"{given.name}.yaml"):
+            if (CONFIGS_DIR / name).is_file():
+                return CONFIGS_DIR / name
+    return given
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; errors name the file."""
     path = Path(path)
@@ -328,6 +350,7 @@ def load_config(
     """Build ``cls`` from defaults ← ``base`` dict ← YAML file ← ``key=value`` overrides."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
+        path = resolve_config_path(path)
         try:
             data = _merge(data, read_yaml(path))
         except ConfigError as err:

@@ -61,7 +61,41 @@ def test_parse_space_docstring_example():
 
 
 def test_a_space_is_found_by_path_or_by_name():
-    by_name = resolve_space_path("paper_grid")
-    assert by_name == ROOT / "tune_spaces" / "paper_grid.yaml"
+    by_name = resolve_space_path("paper_grid").resolve()
+    assert by_name == ROOT / "tune_spaces" / "paper_grid.yaml"  # the package's link to the top-level folder
     assert resolve_space_path("tune_spaces/paper_grid.yaml").resolve() == by_name
     assert resolve_space_path("nonexistent") == Path("nonexistent")
+
+
+@pytest.mark.slow
+def test_an_installed_package_finds_its_spaces_and_configs_from_any_directory(tmp_path):
+    """pip install . (not editable) into a fresh folder; from outside the repo the shipped spaces and
+    configs are found by name in the installed package, and the drivers start."""
+    import subprocess
+    import sys
+
+    target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=600)  # fmt: skip
+    code = (
+        "import hbt_ray, pathlib\n"
+        "from hbt_ray.tune.space import load_space, resolve_space_path\n"
+        "from hbt_ray.config import load_config\n"
+        "from hbt_ray.train import TrainConfig\n"
+        "assert pathlib.Path(hbt_ray.__file__).is_relative_to(pathlib.Path(r'%s'))\n"
+        "path = resolve_space_path('quick')\n"
+        "print(path, load_space(path).swept_keys)\n"
+        "print(load_config(TrainConfig, 'hbt_ray/configs/train_tiny.yaml').model.name)\n"
+    ) % target  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = proc.stdout.splitlines()
+    assert first.startswith(str(target / "hbt_ray" / "tune_spaces" / "quick.yaml")) and "sampler.alpha" in first
+    assert second == "tiny"
+    for driver in ("hbt_ray.tune", "hbt_ray.train", "hbt_ray.evaluate"):
+        proc = subprocess.run([sys.executable, "-m", driver, "--help"], cwd=elsewhere, env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (driver, proc.stderr[-2000:])

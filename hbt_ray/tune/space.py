@@ -33,8 +33,9 @@ from typing import Any
 
 from hbt_ray.config import ConfigError, read_yaml
 
-#: The repository root: space names resolve to its tune_spaces/ folder.
-REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The shipped spaces (``hbt_ray/tune_spaces``, a link to the top-level ``tune_spaces/`` in the repo and a
+#: folder of package data once installed): space names resolve there, from any directory.
+SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")
 PARAM_TYPES = ("uniform", "loguniform", "int", "choice", "grid")
@@ -195,14 +196,17 @@ def load_space(path: str | Path) -> SearchSpace:
 
 
 def resolve_space_path(space: str) -> Path:
-    """A space given as a path, or by name from ``tune_spaces/``::
+    """A space given as a path, or by name (``quick``, ``tune_spaces/quick.yaml``) from the shipped ones::
 
-        >>> resolve_space_path("quick").relative_to(REPO_ROOT).as_posix()
-        'tune_spaces/quick.yaml'
+        >>> shipped = (SPACES_DIR / "quick.yaml").resolve()
+        >>> resolve_space_path("quick").resolve() == shipped == resolve_space_path("tune_spaces/quick.yaml").resolve()
+        True
     """
     path = Path(space)
-    candidates = [path, REPO_ROOT / path, REPO_ROOT / "tune_spaces" / path, REPO_ROOT / "tune_spaces" / f"{space}.yaml"]
-    for candidate in candidates:
+    shipped = [SPACES_DIR / f"{space}.yaml"] if path.name == space else []
+    if path.parent.name == "tune_spaces" or path.parent == Path("."):
+        shipped.append(SPACES_DIR / path.name)
+    for candidate in [path, *shipped]:
         if candidate.is_file():
             return candidate
     return path
