@@ -312,6 +312,34 @@ def resolve_config_path(path: str | Path) -> Path:
     return given
 
 
+def with_bases(data: dict[str, Any], source: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """``data`` with every ``base: FILE`` key (at the top or in any section) replaced by that file's
+    content, merged first: the rest of the mapping overrides it. FILE is relative to the file that names
+    it, or a shipped config's name; a base may name its own base. Errors name the file and the key::
+
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "recipe.yaml").write_text("optim: {lr: 7.0e-5, warmup_steps: 0}\\n")
+        >>> with_bases({"train": {"base": "recipe.yaml", "optim": {"lr": 1e-4}}}, d / "run.yaml")
+        {'train': {'optim': {'lr': 0.0001, 'warmup_steps': 0}}}
+    """
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out[key] = with_bases(value, source, _chain) if isinstance(value, dict) else value
+    if "base" not in out:
+        return out
+    name = out.pop("base")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{source}: base: {name!r} is not a config file name")
+    given = Path(name).expanduser()
+    path = given if given.is_absolute() else source.parent / given
+    path = path if path.exists() else resolve_config_path(given)
+    chain = (*_chain, source.resolve())
+    if path.resolve() in chain:
+        raise ConfigError(f"{source}: base: {name} includes itself ({' → '.join(p.name for p in chain)})")
+    return _merge(with_bases(read_yaml(path), path, chain), out)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; errors name the file."""
     path = Path(path)
@@ -352,7 +380,7 @@ def load_config(
     if path is not None:
         path = resolve_config_path(path)
         try:
-            data = _merge(data, read_yaml(path))
+            data = _merge(data, with_bases(read_yaml(path), Path(path)))
         except ConfigError as err:
             raise ConfigError(str(err)) from None
     data = _merge(data, parse_overrides(overrides))

@@ -83,11 +83,11 @@ def test_an_installed_package_finds_its_spaces_and_configs_from_any_directory(tm
         "from hbt_ray.tune.space import load_space, resolve_space_path\n"
         "from hbt_ray.config import load_config\n"
         "from hbt_ray.train import TrainConfig\n"
-        "assert pathlib.Path(hbt_ray.__file__).is_relative_to(pathlib.Path(r'%s'))\n"
+        f"assert pathlib.Path(hbt_ray.__file__).is_relative_to(pathlib.Path(r'{target}'))\n"
         "path = resolve_space_path('quick')\n"
         "print(path, load_space(path).swept_keys)\n"
         "print(load_config(TrainConfig, 'hbt_ray/configs/train_tiny.yaml').model.name)\n"
-    ) % target  # fmt: skip
+    )  # fmt: skip
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip

