@@ -132,6 +132,9 @@ class RunConfig:
     #: Ray placement of the workers' bundles; STRICT_SPREAD = one worker per node (multi-node runs)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_steps: int = 100
+    #: the run's length in passes over the data instead (one pass: every group once, i.e.
+    #: sampler.steps_per_epoch steps); when set, max_steps is computed from it on the driver
+    epochs: float | None = None
     checkpoint_every: int = 50  # 0 = only the final checkpoint
     keep_checkpoints: int = 2
     max_failures: int = 1
@@ -176,6 +179,8 @@ class RunConfig:
         for key in ("checkpoint_every", "max_failures", "eval_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ConfigError(f"epochs: must be finite and > 0, got {self.epochs}")
         if not (math.isfinite(self.report_every_s) and self.report_every_s >= 0):
             raise ConfigError(f"report_every_s: must be finite and >= 0, got {self.report_every_s}")
         if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
@@ -214,3 +219,4 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # per-step log lines of rank 0
     mix: dict[str, Any] = field(default_factory=dict)  # what it trained on: pairs per language / source (mix.json)
     stopped: bool = False  # stopped by Ctrl-C before run.max_steps, with a checkpoint to resume from
+    passes: float | None = None  # run.max_steps in passes over the data (sampler.steps_per_epoch steps each)

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -116,12 +117,13 @@ def prepare_shards(data: DataConfig, run_dir: str | Path) -> Any:
     return shard_dir
 
 
-def check_inputs(cfg: TrainConfig, manifest: Manifest, shard_dir: Path) -> None:
+def check_inputs(cfg: TrainConfig, manifest: Manifest, shard_dir: Path) -> float:
     """Raise here, on the driver and before Ray starts, what every training worker would otherwise find
     only after Ray Train started it and DeepSpeed built its engine (and again on every run.max_failures
     retry): shards without groups, ``data.langs`` or ``sampler.languages`` the shards lack, and every
     other check the workers' samplers make on the config against the data's languages and size (the
-    same constructor, on a stream that is never read)."""
+    same constructor, on a stream that is never read). ``run.epochs`` becomes ``run.max_steps`` here;
+    → the run's length in passes over the data, which it prints."""
     if manifest.groups == 0:
         raise DataError("holds no pair groups", shard_dir)
     missing = [lang for lang in cfg.data.langs if lang not in manifest.pairs_per_lang]
@@ -135,6 +137,15 @@ def check_inputs(cfg: TrainConfig, manifest: Manifest, shard_dir: Path) -> None:
     if sampler.excluded_langs:
         rare = ", ".join(f"{k} ({v})" for k, v in sampler.excluded_langs.items())
         print(f"[hbt_ray.train] not drawn, fewer groups than sampler.min_lang_groups: {rare}", file=sys.stderr)
+    per_pass = sampler.steps_per_epoch
+    if cfg.run.epochs is not None:
+        cfg.run.max_steps = max(1, math.ceil(cfg.run.epochs * per_pass))
+    passes = cfg.run.max_steps / per_pass
+    print(f"[hbt_ray.train] {cfg.run.max_steps:,} steps of {cfg.sampler.batch_size} pairs = {passes:.2f} passes over "
+          f"{manifest.groups:,} groups (one pass: {per_pass:,} steps, each group once"
+          + (f"; run.epochs={cfg.run.epochs:g}" if cfg.run.epochs is not None else "; or set run.epochs") + ")",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return passes
 
 
 def cluster_has_gpus() -> bool:
@@ -216,7 +227,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None, overwrite: bool 
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     shard_dir = prepare_shards(cfg.data, run_dir)
     manifest = read_manifest(shard_dir)
-    check_inputs(cfg, manifest, shard_dir)
+    passes = check_inputs(cfg, manifest, shard_dir)
     paths = [str(p) for p in shard_paths(shard_dir)]  # schema-checked here, once
     texts = None
     if cfg.model.name == "tiny":
@@ -298,6 +309,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None, overwrite: bool 
         model_path=model_dir if cfg.run.export and storage.exists(storage.join(model_dir, "config.json")) else None,
         history=history,
         mix=json.loads(storage.read_text(mix_file)) if storage.exists(mix_file) else {},
+        passes=passes,
     )
 
 

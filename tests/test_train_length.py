@@ -1,0 +1,35 @@
+"""A run's length in data terms: the driver says how many passes over the data its steps make, and
+``run.epochs`` sets the length in passes instead of steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from hbt_ray.config import ConfigError, load_config
+from hbt_ray.data.records import Pair, PairGroup
+from hbt_ray.data.shards import write_shards
+from hbt_ray.train import TrainConfig
+from hbt_ray.train.driver import check_inputs
+from hbt_ray.train.runfiles import run_setup
+
+
+def _manifest(tmp_path, groups=40):
+    data = [PairGroup(f"g{i}", "demo", {"en": Pair(f"q{i}", f"p{i}"), "de": Pair(f"f{i}", f"t{i}")})
+            for i in range(groups)]  # fmt: skip
+    return write_shards(data, tmp_path / "shards", rows_per_shard=10, progress=False)
+
+
+def test_the_driver_says_how_many_passes_and_epochs_set_the_steps(tmp_path, capsys):
+    manifest = _manifest(tmp_path)  # 40 groups, batches of 8: one pass is 5 steps
+    common = ["sampler.batch_size=8", "sampler.buffer_groups=16", "sampler.min_lang_groups=1", "run.num_workers=1"]
+    cfg = load_config(TrainConfig, None, [*common, "run.max_steps=12"])
+    assert check_inputs(cfg, manifest, tmp_path / "shards") == pytest.approx(2.4)
+    assert "12 steps of 8 pairs = 2.40 passes over 40 groups (one pass: 5 steps" in capsys.readouterr().err
+    cfg = load_config(TrainConfig, None, [*common, "run.epochs=3"])
+    setup_before = run_setup(cfg)
+    assert check_inputs(cfg, manifest, tmp_path / "shards") == 3.0 and cfg.run.max_steps == 15
+    assert "run.epochs=3" in capsys.readouterr().err
+    # the setup a resume is checked against does not hold the computed steps: the same command resumes
+    assert run_setup(cfg) == setup_before and "run.max_steps" not in setup_before
+    with pytest.raises(ConfigError, match=r"run\.epochs: must be finite and > 0, got 0"):
+        load_config(TrainConfig, None, ["run.epochs=0"])
