@@ -15,11 +15,13 @@ own cluster-config schema (the same check ``ray up`` runs)::
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
 
-from hbt_ray.config import ConfigError, read_yaml
+from hbt_ray.config import NO_BARS_ENV, ConfigError, read_yaml
 
 #: Keys whose values must never be written into a cluster file.
 SECRET_KEY_RE = re.compile(r"(api[_-]?key|secret|password|token|aws_access_key_id|aws_secret_access_key)", re.I)
@@ -42,6 +44,13 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         hook = f"{__name__}.quiet_worker_logs"
         kwargs.setdefault("runtime_env", {"worker_process_setup_hook": hook})
     env = worker_env()  # the storage endpoint and shared mounts: every task and actor reaches the same storage
+    if os.environ.get(NO_BARS_ENV) == "1":  # the driver writes to a file: no bars anywhere, and no Ray Data
+        env.update({NO_BARS_ENV: "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # bars or a few log lines
+                    "RAY_DATA_LOG_LEVEL": "WARNING"})  # per dataset run (every pass over the shards)
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     if env:
         runtime_env = dict(kwargs.get("runtime_env") or {})
         runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}

@@ -290,6 +290,28 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Set (to 1) by a driver whose stderr is not a terminal (a log file, CI, ``ray job submit``), and passed
+#: to Ray's workers: progress bars are then off everywhere, since in a file each update is a new line.
+NO_BARS_ENV = "HBT_NO_PROGRESS_BARS"
+
+
+def bars_off(wanted: bool = True) -> bool:
+    """tqdm's ``disable``: a bar shows only when it is ``wanted`` and the driver writes to a terminal.
+
+    >>> import os; os.environ[NO_BARS_ENV] = "1"; (bars_off(True), bars_off(False))
+    (True, True)
+    >>> del os.environ[NO_BARS_ENV]; bars_off(True)
+    False
+    """
+    return not wanted or os.environ.get(NO_BARS_ENV) == "1"
+
+
+def note_terminal() -> None:
+    """Called by every driver before it starts work: no progress bars when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        os.environ[NO_BARS_ENV] = "1"
+
+
 #: The shipped configs (package data): ``--config`` finds them by name from any directory.
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 

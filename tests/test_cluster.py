@@ -192,6 +192,10 @@ def test_train_cli_on_a_new_local_ray_is_quiet(tmp_path, shared_data):
     assert '"steps": 8' in out.stdout
     assert "Reporting training result" not in text
     assert "PlacementGroupCleaner" not in text
+    # stderr is a pipe here, as in a log file: no progress bars (each update would be a line), no Ray
+    # Data lines per pass over the shards; the run's length in passes is said once
+    assert "\r" not in text and "Starting execution of Dataset" not in text and "it/s]" not in text, text[-3000:]
+    assert text.count("8 steps of 32 pairs = ") == 1 and " passes over 300 groups" in text
 
 
 @pytest.mark.parametrize(

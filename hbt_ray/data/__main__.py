@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from hbt_ray import storage
-from hbt_ray.config import ConfigError, error_line
+from hbt_ray.config import ConfigError, error_line, note_terminal
 from hbt_ray.data.records import LANG_RE, BadRecords, DataError
 from hbt_ray.data.shards import write_shards
 from hbt_ray.data.sources import iter_pair_groups
@@ -102,4 +102,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    note_terminal()  # a log file or CI: no progress bars, here or in the workers
     sys.exit(main())

@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from hbt_ray.config import bars_off
 from hbt_ray.data.records import BadRecords, DataError
 
 
@@ -140,7 +141,7 @@ def iter_lines(
         raise _open_error(err, path) from None
     total = os.fstat(raw_file.fileno()).st_size
     bar = tqdm(
-        total=total, unit="B", unit_scale=True, desc=desc or path.name, disable=not progress, leave=False
+        total=total, unit="B", unit_scale=True, desc=desc or path.name, disable=bars_off(progress), leave=False
     )
     stream = gzip.GzipFile(fileobj=raw_file, mode="rb") if path.suffix == ".gz" else raw_file
     lineno = 0

@@ -27,6 +27,7 @@ from typing import Literal
 
 from tqdm import tqdm
 
+from hbt_ray.config import bars_off
 from hbt_ray.data.files import read_json_file, require, require_text
 from hbt_ray.data.records import (
     BadRecords,
@@ -281,7 +282,7 @@ def read_lareqa_eval(
     queries: dict[str, list[EvalQuery]] = {}
     candidates: dict[str, list[Candidate]] = {}
     paragraphs_per_lang = {}
-    for lang, file in tqdm(files.items(), desc=f"read {name}", unit="lang", leave=False):
+    for lang, file in tqdm(files.items(), desc=f"read {name}", unit="lang", leave=False, disable=bars_off()):
         paragraphs = parse_lareqa_file(file, lang, bad)
         if not paragraphs:  # else a traceback later: "nothing to encode"
             raise DataError("holds no paragraph", file, reason="empty")

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from hbt_ray.config import bars_off
 from hbt_ray.data.files import iter_jsonl, require, require_text
 from hbt_ray.data.records import (
     BadRecords,
@@ -79,7 +80,7 @@ def _iter_parquet(path: Path, progress: bool) -> Iterator[tuple[int, dict]]:
     row = 0
     batches = pf.iter_batches(batch_size=4096)
     with tqdm(
-        total=pf.metadata.num_rows, unit="rows", desc=path.name, disable=not progress, leave=False
+        total=pf.metadata.num_rows, unit="rows", desc=path.name, disable=bars_off(progress), leave=False
     ) as bar:
         while True:
             try:

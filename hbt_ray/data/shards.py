@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from hbt_ray import storage
+from hbt_ray.config import bars_off
 from hbt_ray.data.records import PAIR_SCHEMA, DataError, PairGroup, check_lang
 
 MANIFEST = "manifest.json"
@@ -218,7 +219,7 @@ def _write_into(
         manifest.shards.append({"file": name, "rows": len(buffer), "footer": footer})
         buffer.clear()
 
-    bar = tqdm(desc=f"write {out.name}", unit="groups", disable=not progress, leave=False)
+    bar = tqdm(desc=f"write {out.name}", unit="groups", disable=bars_off(progress), leave=False)
     try:  # closed on error too: a bar left open shares its line with the error message
         for group in groups:
             if group.group_id in seen:

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 from hbt_ray import storage
 from hbt_ray.cluster import init_ray, starts_new_instance
-from hbt_ray.config import ConfigError, error_line, load_config
+from hbt_ray.config import ConfigError, error_line, load_config, note_terminal
 from hbt_ray.data.records import DataError
 from hbt_ray.data.sources import is_bitext_spec
 from hbt_ray.evaluate.bitext_result import BitextResult
@@ -202,4 +202,5 @@ def _fail(message: str) -> NoReturn:
 
 
 if __name__ == "__main__":
+    note_terminal()  # a log file or CI: no progress bars, here or in the workers
     main()

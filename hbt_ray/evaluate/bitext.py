@@ -29,6 +29,7 @@ from dataclasses import asdict
 import numpy as np
 from tqdm.auto import tqdm
 
+from hbt_ray.config import bars_off
 from hbt_ray.data.records import BITEXT_GROUPS, BitextSet
 from hbt_ray.evaluate.bitext_result import BitextResult
 from hbt_ray.evaluate.config import EvalConfig
@@ -96,7 +97,7 @@ def evaluate_bitext_embeddings(
             raise ValueError(f"{bitext.name}/{lang}: embeddings do not match its {n} pairs")
     searcher = searcher_factory(cfg)
     per_lang: dict[str, dict[str, dict[str, float]]] = {}
-    bar = tqdm(total=len(langs) + 1, desc=f"search {bitext.name}", disable=not cfg.show_progress)
+    bar = tqdm(total=len(langs) + 1, desc=f"search {bitext.name}", disable=bars_off(cfg.show_progress))
     try:
         for lang in langs:
             searcher.add_pool(lang, sentences[lang])

@@ -38,7 +38,7 @@ from dataclasses import asdict
 import numpy as np
 from tqdm.auto import tqdm
 
-from hbt_ray.config import ConfigError
+from hbt_ray.config import ConfigError, bars_off
 from hbt_ray.data.records import BitextSet, DataError, EvalSet
 from hbt_ray.data.sources import load_eval_set
 from hbt_ray.evaluate.bitext import evaluate_bitext, subset_bitext
@@ -140,7 +140,7 @@ def evaluate_embeddings(
     pairs = [(x, y) for x in langs for y in langs if (x == y and "mono" in cfg.settings)]
     pairs += [(x, y) for x in langs for y in langs if x != y and "cross" in cfg.settings]
     steps = len(pairs) + (len(langs) if "multi" in cfg.settings else 0)
-    bar = tqdm(total=steps, desc=f"search {eval_set.name}", disable=not cfg.show_progress)
+    bar = tqdm(total=steps, desc=f"search {eval_set.name}", disable=bars_off(cfg.show_progress))
     skipped: dict[str, int] = {}
     try:
         for y in langs:

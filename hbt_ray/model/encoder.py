@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hbt_ray import storage
+from hbt_ray.config import bars_off
 from hbt_ray.model.config import (
     HBT_CONFIG_FILE,
     Kind,
@@ -137,7 +138,7 @@ class DualEncoder(torch.nn.Module):
         self.eval()
         try:
             starts = range(0, len(texts), batch_size)
-            for start in tqdm(starts, desc=f"encode {kind}s", disable=not show_progress, leave=False):
+            for start in tqdm(starts, desc=f"encode {kind}s", disable=bars_off(show_progress), leave=False):
                 idx = order[start : start + batch_size]
                 vecs = self.embed([texts[i] for i in idx], kind)
                 out[idx] = vecs.float().cpu().numpy()

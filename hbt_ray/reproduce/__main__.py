@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from hbt_ray import storage
-from hbt_ray.config import ConfigError, error_line, load_config
+from hbt_ray.config import ConfigError, error_line, load_config, note_terminal
 from hbt_ray.data.records import DataError
 from hbt_ray.provenance import provenance
 from hbt_ray.reproduce import ReproduceConfig, check_records, load_records, run_all, write_report
@@ -67,4 +67,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    note_terminal()  # a log file or CI: no progress bars, here or in the workers
     raise SystemExit(main())

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from hbt_ray.config import ConfigError, config_keys, error_line, load_config
+from hbt_ray.config import ConfigError, config_keys, error_line, load_config, note_terminal
 from hbt_ray.data.records import DataError
 from hbt_ray.train import TrainConfig, train
 
@@ -53,4 +53,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    note_terminal()  # a log file or CI: no progress bars, here or in the workers
     sys.exit(main())

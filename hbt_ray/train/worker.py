@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hbt_ray import storage
-from hbt_ray.config import load_config
+from hbt_ray.config import bars_off, load_config
 from hbt_ray.data.streams import shard_streams
 from hbt_ray.loss import ContrastiveModule
 from hbt_ray.model import export_from_state_dict, load_dual_encoder
@@ -164,7 +164,7 @@ class TrainRecipe:
         if group is not None:
             storage.write_text(storage.join(self.run_dir, PLACEMENT_GROUP_FILE), group.id.hex())
         self.attempt, self.stopping = f"{os.getpid()}-{time.time():.0f}", False
-        if self.rank == 0 and self.cfg.run.progress:
+        if self.rank == 0 and not bars_off(self.cfg.run.progress):
             from tqdm import tqdm
 
             self.progress = tqdm(total=self.cfg.run.max_steps, initial=self.step_no, desc="train", unit="step",
