@@ -259,7 +259,7 @@ def test_sweep_in_the_bucket(cluster):
         "train.run.num_workers=1", "train.run.cpus_per_worker=0.5", "train.run.max_steps=3",
         "train.run.checkpoint_every=0", "train.run.progress=false", "train.eval.langs=[en,de]",
         "train.eval.max_paragraphs=2", "train.eval.show_progress=false", "wandb.mode=disabled",
-        f"train.eval.cache_dir={cluster.private / 'emb'}",
+        f"train.eval.cache_dir={cluster.private / 'emb'}", "keep_trial_models=true",
     ))  # fmt: skip
     assert f"results: s3://{BUCKET}/sweeps/s " in out and f"best model: s3://{BUCKET}/sweeps/s/best_model" in out
     files = cluster.s3_list("sweeps/s")
@@ -268,6 +268,7 @@ def test_sweep_in_the_bucket(cluster):
     # each trial's model and its WiSE-FT model (written on node 2, uploaded there, evaluated from there)
     for suffix in ("model/config.json", "model_wise_0.5/config.json", "interpolate.json", "steps.jsonl"):
         assert sum(f.startswith("sweeps/s/trials/") and f.endswith(suffix) for f in files) == 2, (suffix, files)
+    assert not [f for f in files if "/checkpoint_" in f], files  # deleted in the bucket as each trial ended
     assert cluster.s3("sweeps/s/results.md").decode().strip() in out  # the table printed on the driver
     summary = json.loads(cluster.s3("sweeps/s/summary.json"))
     assert summary["trials"] == 2 and summary["errored"] == 0

@@ -144,10 +144,15 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
     assert "tato/tatoeba_acc" in summary.untuned
     assert summary.untuned is not None and "multi_map" in summary.untuned
     assert (summary.best_model_dir / "modules.json").exists()
-    # every trial's model stays in the sweep's own folder (not in Ray's temporary session folder)
+    # a sweep that fits on a disk: only the best model survives (best_model/); each trial keeps its small
+    # files in the sweep's own folder (not in Ray's temporary session folder), no checkpoint, no model
     for alpha in (0.0, 0.5, 1.0):
-        export = Path(rows[alpha]["export_dir"])
-        assert export.is_relative_to(out / "trials") and (export / "modules.json").exists(), export
+        run_dir = Path(rows[alpha]["export_dir"]).parent
+        assert run_dir.is_relative_to(out / "trials"), run_dir
+        kept = sorted(p.name for p in run_dir.iterdir())
+        assert {"steps.jsonl", "mix.json", "interpolate.json"} <= set(kept), kept
+        assert not [k for k in kept if k.startswith(("checkpoint_", "model"))], kept
+    assert json.loads((out / "summary.json").read_text())["kept_per_trial"] == ["metrics", "steps.jsonl", "mix.json"]
 
     # table + plots
     md = (out / "results.md").read_text()

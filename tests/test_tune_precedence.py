@@ -75,7 +75,7 @@ def test_the_table_reports_what_trained_and_a_resume_keeps_its_settings(tmp_path
     common = [f"out_dir={out}", "name=s", "wandb.mode=disabled", "train.run.num_workers=1",
               "train.run.cpus_per_worker=0.5", "train.run.max_steps=2", "train.run.checkpoint_every=0",
               "train.run.progress=false", "train.eval.langs=[en,de]", "train.eval.max_paragraphs=2",
-              "train.eval.show_progress=false", "interpolate=[]", *TINY]  # fmt: skip
+              "train.eval.show_progress=false", "interpolate=[]", "keep_checkpoints=true", *TINY]  # fmt: skip
     # the space fixes hybrid and τ 0.05; the command line asks for x-y: x-y trains, τ 0.05 is reported
     assert tune_main([f"space={_space(tmp_path)}", *common, "train.sampler.strategy=x-y"]) == 0, \
         capsys.readouterr().err[-3000:]

@@ -19,7 +19,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from hbt_ray.config import ConfigError, error_line, load_config, read_yaml, with_bases
+from hbt_ray.config import ConfigError, error_line, load_config, note_terminal, read_yaml, with_bases
 from hbt_ray.data.records import DataError
 from hbt_ray.tune import TuneConfig, run_sweep
 
@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"this machine's copy of the report and the W&B files: {summary.report_dir}")
     if summary.best_model_dir:
         print(f"best model: {summary.best_model_dir}")
+    print(f"kept per trial in {summary.out_dir}/trials: metrics, steps.jsonl, mix.json"
+          + (", its model" if cfg.keep_trial_models else "") + (", its checkpoints" if cfg.keep_checkpoints else "")
+          + ("" if cfg.keep_trial_models else " (keep_trial_models=true keeps every trial's model)"))
     failed = [r for r in summary.rows if r.get("status") == "ERROR"]
     if summary.rows and len(failed) == len(summary.rows):
         print(f"error: every trial failed ({len(failed)}); the first: {failed[0].get('error', '?')}", file=sys.stderr)
@@ -90,4 +93,5 @@ def _fmt(value: float | None) -> str:
 
 
 if __name__ == "__main__":
+    note_terminal()  # a log file or CI: no progress bars, here or in the workers
     raise SystemExit(main())

@@ -58,9 +58,13 @@ class TuneConfig:
     evaluate_untuned: bool = True
     #: copy the best trial's exported model to <out_dir>/<name>/best_model
     export_best: bool = True
-    #: keep every trial's exported model under <out_dir>/<name>/trials/<trial id>/ (false: only the best
-    #: model survives the sweep, in best_model/)
-    keep_trial_models: bool = True
+    #: keep every trial's model (its chosen WiSE-FT variant) under <out_dir>/<name>/trials/<trial id>/
+    #: after the sweep; false (default): a trial keeps its metrics, steps.jsonl and mix.json, and only the
+    #: best model survives, in best_model/ (a model is hundreds of MB; a sweep has dozens of trials)
+    keep_trial_models: bool = False
+    #: keep a trial's training checkpoints once it has ended (false: deleted as soon as it ends; an
+    #: interrupted trial keeps them, and a resumed sweep continues it from there)
+    keep_checkpoints: bool = False
     #: seed of the search algorithm (Optuna)
     seed: int = 0
     #: Ray to use: "" = $RAY_ADDRESS (set by `ray job submit`) else a new local instance; "auto" = the

@@ -70,6 +70,20 @@ def error_summary(text: str) -> str:
     return (named or lines or [""])[-1][:300]
 
 
+def trial_line(record: dict[str, Any]) -> str:
+    """A trial's record in one line: its parameters, then its error or its evaluation.
+
+    >>> trial_line({"params": {"sampler.alpha": 0.5}, "metrics": {"eval/mean_map": 0.751, "final": 1}})
+    'sampler.alpha=0.5  mean_map=0.7510'
+    """
+    params = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["params"].items())
+    if record.get("error"):
+        return f"{params}  {record['error']}"
+    metrics = record.get("metrics") or {}
+    shown = [f"{k[5:]}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/") and isinstance(v, float)]
+    return "  ".join([params, *shown[:6]])
+
+
 def records_callback(records_dir: str) -> Any:
     """A Tune callback (on the driver) that writes each trial's record as it starts, ends or fails."""
     from ray.tune import Callback
@@ -80,6 +94,8 @@ def records_callback(records_dir: str) -> Any:
         if error is not None:
             record["error"] = error
         storage.write_text(storage.join(records_dir, f"{trial.trial_id}.json"), json.dumps(record, indent=1))
+        if status != "RUNNING":  # one line per trial, in a log file too
+            print(f"[hbt_ray.tune] trial {trial.trial_id} {status}: {trial_line(record)}", flush=True)
 
     class WriteRecords(Callback):
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -162,3 +178,21 @@ def resume_plan(records: list[dict[str, Any]], space: SearchSpace, num_samples: 
 
 def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
+
+
+def optuna_trial(record: dict[str, Any], metrics: list[str], distributions: dict[str, Any]) -> Any:
+    """A finished trial's record as an Optuna trial: complete with its final values, pruned (a trial
+    ASHA stopped) with its last evaluation, failed when it errored."""
+    import optuna
+
+    values = record.get("metrics", {})
+    state = optuna.trial.TrialState
+    if not values.get("final") and record["status"] != "ERROR":
+        known = len(metrics) == 1 and metrics[0] in values
+        last = {int(values.get("step", 0)): values[metrics[0]]} if known else None
+        return optuna.trial.create_trial(state=state.PRUNED, params=record["params"], distributions=distributions,
+                                         intermediate_values=last)  # fmt: skip
+    if record["status"] == "ERROR" or not all(m in values for m in metrics):
+        return optuna.trial.create_trial(state=state.FAIL, params=record["params"], distributions=distributions)
+    return optuna.trial.create_trial(state=state.COMPLETE, values=[values[m] for m in metrics],
+                                     params=record["params"], distributions=distributions)  # fmt: skip

@@ -38,7 +38,7 @@ from typing import Any
 
 from hbt_ray import storage
 from hbt_ray.cluster import init_ray
-from hbt_ray.config import ConfigError, to_dict
+from hbt_ray.config import NO_BARS_ENV, ConfigError, to_dict
 from hbt_ray.evaluate import METRIC_MODES, EvalConfig, evaluate, load_eval_data
 from hbt_ray.model import describe_model
 from hbt_ray.provenance import provenance, provenance_lines, seconds_since
@@ -52,12 +52,13 @@ from hbt_ray.tune.checks import (
     trial_train_config,
 )
 from hbt_ray.tune.config import TuneConfig
-from hbt_ray.tune.outputs import copy_best_model, local_report_dir
+from hbt_ray.tune.outputs import copy_best_model, describe_pool, lighten_trial, local_report_dir
 from hbt_ray.tune.records import (
     POINT_KEY,
     RECORDS,
     RESUME_KEY,
     ResumePlan,
+    optuna_trial,
     read_records,
     records_callback,
     resume_plan,
@@ -140,10 +141,12 @@ def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
         )  # fmt: skip
         if lam != 1.0 and cfg.extra_evals and ranked_on is None:
             summary = evaluate_model(model_path, train_cfg.eval, cfg.objectives, cfg.extra_evals)
+    lighten_trial(result.run_dir, str(model_path), cfg)
     final = {
         **{k: v for k, v in summary.items() if _scalar(v)},
         "pairs_per_s": _mean_pairs_per_s(result.history) or result.metrics.get("pairs_per_s"),
         "train_steps": result.steps,
+        "train_passes": result.passes,
         "train_seconds": time.time() - start,
         "export_dir": str(model_path),
         "interpolate": lam,
@@ -194,24 +197,6 @@ def make_search_alg(space: SearchSpace, cfg: TuneConfig, plan: ResumePlan | None
     if len(metrics) == 1:
         return OptunaOnEvaluations(metric=metrics[0], mode=cfg.modes[0], seed=cfg.seed, points_to_evaluate=points)
     return OptunaOnEvaluations(metric=metrics, mode=cfg.modes, seed=cfg.seed, points_to_evaluate=points)
-
-
-def optuna_trial(record: dict[str, Any], metrics: list[str], distributions: dict[str, Any]) -> Any:
-    """A finished trial's record as an Optuna trial: complete with its final values, pruned (a trial
-    ASHA stopped) with its last evaluation, failed when it errored."""
-    import optuna
-
-    values = record.get("metrics", {})
-    state = optuna.trial.TrialState
-    if not values.get("final") and record["status"] != "ERROR":
-        known = len(metrics) == 1 and metrics[0] in values
-        last = {int(values.get("step", 0)): values[metrics[0]]} if known else None
-        return optuna.trial.create_trial(state=state.PRUNED, params=record["params"], distributions=distributions,
-                                         intermediate_values=last)  # fmt: skip
-    if record["status"] == "ERROR" or not all(m in values for m in metrics):
-        return optuna.trial.create_trial(state=state.FAIL, params=record["params"], distributions=distributions)
-    return optuna.trial.create_trial(state=state.COMPLETE, values=[values[m] for m in metrics],
-                                     params=record["params"], distributions=distributions)  # fmt: skip
 
 
 def make_scheduler(space: SearchSpace, cfg: TuneConfig) -> Any:
@@ -295,7 +280,9 @@ def _tuner(cfg: TuneConfig, space: SearchSpace, trainable: Any, name: str, out_r
             storage_path=out_root,
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0),
-            verbose=1,
+            # Tune's status tables and per-trial boxes only on a terminal; in a file, the records callback
+            # writes one line per trial instead
+            verbose=0 if os.environ.get(NO_BARS_ENV) == "1" else 1,
         ),
     )
 
@@ -389,19 +376,6 @@ def leftover_groups_callback(trials_dir: str) -> Any:
     return RemoveLeftoverGroups()
 
 
-def describe_pool(eval_cfg: EvalConfig) -> str:
-    """How big the evaluation is: ``xquad-r: 7 languages, 1,435 queries, 1,204 candidates (30 whole
-    paragraphs per language)`` — differences between trials mean something only on a pool large enough."""
-    counts = load_eval_data(eval_cfg).counts()
-    if eval_cfg.max_pairs is not None or all(isinstance(c, int) for c in counts.values()):
-        return f"{eval_cfg.data}: {len(counts)} languages, {sum(counts.values()):,} pairs"
-    queries, candidates = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
-    subset = f"{eval_cfg.max_paragraphs} whole paragraphs per language" if eval_cfg.max_paragraphs else "all"
-    if eval_cfg.skip_paragraphs:
-        subset += f", after the first {eval_cfg.skip_paragraphs}"
-    return f"{eval_cfg.data}: {len(counts)} languages, {queries:,} queries, {candidates:,} candidates ({subset})"
-
-
 def _summarize(
     cfg: TuneConfig, records: list[dict[str, Any]], space: SearchSpace, name: str, out_dir: str,
     report_dir: Path, untuned: dict[str, Any] | None, prov: dict[str, Any],
@@ -424,8 +398,10 @@ def _summarize(
     best = max(finished, key=lambda r: r["objective"]) if finished else None
     pareto = [finished[i] for i in pareto_front(finished, cfg.objectives, cfg.modes)]
     best_model_dir = copy_best_model(best, cfg, out_dir)
-    if not cfg.keep_trial_models:
-        storage.remove(storage.join(out_dir, "trials"))
+    if not cfg.keep_trial_models:  # the trials' metrics, steps.jsonl and mix.json stay
+        for row in rows:
+            if row.get("export_dir"):
+                storage.remove(row["export_dir"])
     where = out_dir if storage.is_uri(out_dir) else Path(out_dir)
     summary = SweepSummary(where, rows, best, pareto, untuned, images, best_model_dir, report_dir)
     report = {
@@ -442,6 +418,8 @@ def _summarize(
         "pareto": [r["trial"] for r in pareto],
         "meets_targets": [r["trial"] for r in rows if untuned and missed_targets(r, untuned) == "all met"],
         "best_model_dir": None if best_model_dir is None else str(best_model_dir),
+        "kept_per_trial": ["metrics", "steps.jsonl", "mix.json", *(["model"] if cfg.keep_trial_models else []),
+                           *(["checkpoints"] if cfg.keep_checkpoints else [])],
     }
     (report_dir / "summary.json").write_text(json.dumps(report, indent=2, default=str))
     storage.publish_files(report_dir, out_dir, ["results.csv", "results.md", "summary.json", *(p.name for p in images)])
