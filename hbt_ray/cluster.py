@@ -46,7 +46,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     env = worker_env()  # the storage endpoint and shared mounts: every task and actor reaches the same storage
     if os.environ.get(NO_BARS_ENV) == "1":  # the driver writes to a file: no bars anywhere, and no Ray Data
         env.update({NO_BARS_ENV: "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # bars or a few log lines
-                    "RAY_DATA_LOG_LEVEL": "WARNING"})  # per dataset run (every pass over the shards)
+                    "RAY_DATA_LOG_LEVEL": "WARNING",  # per dataset run (every pass over the shards)
+                    "HF_HUB_DISABLE_PROGRESS_BARS": "1"})  # nor transformers' loading and saving bars
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False

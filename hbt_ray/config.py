@@ -310,6 +310,7 @@ def note_terminal() -> None:
     """Called by every driver before it starts work: no progress bars when stderr is not a terminal."""
     if not sys.stderr.isatty():
         os.environ[NO_BARS_ENV] = "1"
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading / saving bars
 
 
 #: The shipped configs (package data): ``--config`` finds them by name from any directory.

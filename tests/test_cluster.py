@@ -185,7 +185,8 @@ def test_train_cli_on_a_new_local_ray_is_quiet(tmp_path, shared_data):
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0"}
     cmd = [sys.executable, "-m", "hbt_ray.train", "--config", str(ROOT / "hbt_ray/configs/train_tiny.yaml"),
            f"run.storage_path={tmp_path}", "run.num_workers=1", "run.max_steps=8", "run.report_every_s=0",
-           "run.checkpoint_every=4", "run.export=false", "data.limit_groups=300"]  # fmt: skip
+           "run.checkpoint_every=4", "data.limit_groups=300", "run.eval_every=4", "eval.langs=[en,de]",
+           "eval.max_paragraphs=2"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
@@ -195,6 +196,7 @@ def test_train_cli_on_a_new_local_ray_is_quiet(tmp_path, shared_data):
     # stderr is a pipe here, as in a log file: no progress bars (each update would be a line), no Ray
     # Data lines per pass over the shards; the run's length in passes is said once
     assert "\r" not in text and "Starting execution of Dataset" not in text and "it/s]" not in text, text[-3000:]
+    assert "Loading weights" not in text and "Writing model shards" not in text  # transformers' bars
     assert text.count("8 steps of 32 pairs = ") == 1 and " passes over 300 groups" in text
 
 

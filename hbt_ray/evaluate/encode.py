@@ -28,6 +28,7 @@ import numpy as np
 
 from hbt_ray import storage
 from hbt_ray.cluster import init_ray
+from hbt_ray.config import bars_off
 from hbt_ray.data.records import EvalSet
 from hbt_ray.evaluate.config import EvalConfig
 
@@ -320,7 +321,7 @@ def encode_texts_ray(
     if local.is_dir():  # the actors may run on other nodes: a folder only this machine has is refused
         storage.check_cluster_storage({"model": str(local.resolve())})
     ctx = ray.data.DataContext.get_current()
-    progress_before, ctx.enable_progress_bars = ctx.enable_progress_bars, show_progress
+    progress_before, ctx.enable_progress_bars = ctx.enable_progress_bars, not bars_off(show_progress)
     out: np.ndarray | None = None
     try:
         items = [{"row": i, "text": t, "kind": k} for i, (t, k) in enumerate(zip(texts, kinds))]
