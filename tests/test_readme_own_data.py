@@ -17,7 +17,7 @@ from hbt_ray.train.__main__ import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 #: appended to the README's train command: the tiny model and a few steps, the rest as written
-TEST_SIZED = ["model.name=tiny", "model.freeze_layers=0", "run.max_steps=4", "run.eval_every=2",
+TEST_SIZED = ["model.name=tiny", "model.freeze_layers=0", "run.epochs=null", "run.max_steps=4", "run.eval_every=2",
               "run.num_workers=1", "run.checkpoint_every=0", "run.progress=false", "eval.show_progress=false"]  # fmt: skip
 
 
