@@ -16,11 +16,15 @@ compared first (they must agree to ~1e-5).
 **LAReQA** (``--data xquad-r --langs en,de,zh --max-paragraphs 10``): mono / cross / multi mAP over the
 full ranking, as :func:`hbt_ray.evaluate.run.evaluate_embeddings` defines them.
 
-(a) *hbt_ray*: ``evaluate(model_dir, eval_set, EvalConfig(concurrency=1, actor_threads=T, ...))``: one
-    Ray Data encoder actor with ``T`` torch threads (Ray started with ``T`` CPUs before the clock
-    starts) encodes every query and candidate once; FAISS exact search in the driver; all three settings
-    and the language bias from those embeddings. Timed: actor start and model load in the actor,
+(a) *hbt_ray*: ``evaluate(model_dir, eval_set, EvalConfig(concurrency=1, actor_threads=T, ...))`` with
+    ``encode_on: auto``: on this one-node Ray instance (started with ``T`` CPUs before the clock starts)
+    the one CPU encoder actor would run on this machine, so this process encodes every query and
+    candidate once with ``T`` torch threads; FAISS exact search; all three settings and the language
+    bias from those embeddings. Timed: model load (the resident model is released before each run),
     encoding, search, metrics.
+(a') *hbt_ray, one actor*: the same with ``encode_on: actors``: one Ray Data encoder actor with ``T``
+    torch threads, what a cluster runs (rows sorted by kind and length before they are cut into
+    batches). Timed: actor start and model load in the actor, encoding, transfer, search, metrics.
 (b) *sentence-transformers, encode once*: ``SentenceTransformer(model_dir, device="cpu")`` in this
     process, ``torch.set_num_threads(T)``; every query encoded once (``prompt_name="query"``), every
     candidate once (``prompt_name="passage"``), batch size ``B``, ST's own length sorting, L2-normalised;
@@ -47,18 +51,21 @@ full ranking, as :func:`hbt_ray.evaluate.run.evaluate_embeddings` defines them.
     ``settings=["mono"]`` (same actor set-up as (a)): both encode every query and candidate once.
     Timed: model load, encoding, search, metrics, mteb writing its result JSON.
 
-**Tatoeba** (``--tatoeba-langs``, ``--max-pairs``): hbt_ray end-to-end (``evaluate`` on a BitextSet, one
-actor as above: both directions per language, the pooled variant, the summary) in texts/s over the
+**Tatoeba** (``--tatoeba-langs``, ``--max-pairs``): hbt_ray end-to-end (``evaluate`` on a BitextSet, as
+(a), and on one actor as (a'): both directions per language, the pooled variant, the summary) in texts/s over the
 distinct texts it encodes (:func:`hbt_ray.evaluate.bitext.bitext_texts`); encode-only: the same model
 loaded in this process (``load_encoder``, ``T`` threads) encoding those same texts as queries, timed
 without the model load (printed apart), i.e. the throughput ceiling of the end-to-end run; and mteb's
 Tatoeba task (:func:`~hbt_ray.evaluate.mteb_tasks.run_mteb`; it mines language -> English only, and
 encodes each subset's two sides, so English sentences shared by languages are encoded again), whose
 texts/s is given over the same distinct texts. The overhead is encode-only texts/s / end-to-end texts/s.
+**A large pool** (``--large-langs``, default all 57 languages, ``--large-pairs`` per language; 0 skips
+it): hbt_ray end-to-end as (a) against encode-only, on tens of thousands of texts.
 
 Ends with ``RESULT speedup_vs_st_encode_once=<(b)/(a)> speedup_vs_mteb_mono=<(c)/(a, mono)>
-tatoeba_end_to_end_texts_per_s=<x> tatoeba_encode_only_texts_per_s=<y> tatoeba_overhead=<y/x>``
-(median wall times / throughputs). ``--out FILE`` writes the whole report to FILE as well.
+tatoeba_end_to_end_texts_per_s=<x> tatoeba_encode_only_texts_per_s=<y> tatoeba_overhead=<y/x>
+tatoeba_end_to_end_vs_encode_only=<x/y> large_texts=<n> large_end_to_end_vs_encode_only=<x/y on the large
+pool>`` (median wall times / throughputs). ``--out FILE`` writes the whole report to FILE as well.
 """
 
 from __future__ import annotations
@@ -108,7 +115,7 @@ class Run:
 class Side:
     key: str
     label: str
-    fn: Callable[[Any, Any], Run]  # (LAReQA set, Tatoeba set) → a run
+    fn: Callable[[Any, Any, Any], Run]  # (LAReQA set, Tatoeba set, large Tatoeba set) → a run
     ran: str = ""  # what it ran: filled in after the first run
     runs: list[Run] = field(default_factory=list)
 
@@ -122,12 +129,16 @@ class Side:
 # ------------------------------------------------------------------------------------------ the sides
 
 
-def hbt_side(model_dir: Path, data: Any, threads: int, batch: int, settings: list[str] | None = None) -> Run:
-    """hbt_ray's evaluate(): one Ray Data encoder actor with ``threads`` torch threads."""
-    from hbt_ray.evaluate import EvalConfig, evaluate
+def hbt_side(model_dir: Path, data: Any, threads: int, batch: int, settings: list[str] | None = None,
+             encode_on: str = "auto") -> Run:  # fmt: skip
+    """hbt_ray's evaluate(): ``encode_on`` auto (this process, here) or actors (one Ray Data actor), with
+    ``threads`` torch threads; the model is loaded inside the clock either way."""
+    from hbt_ray.evaluate import EvalConfig, evaluate, release_encoders
 
     kwargs = {"settings": settings} if settings else {}
-    cfg = EvalConfig(concurrency=1, actor_threads=threads, batch_size=batch, show_progress=False, **kwargs)
+    cfg = EvalConfig(concurrency=1, actor_threads=threads, batch_size=batch, show_progress=False,
+                     encode_on=encode_on, **kwargs)  # fmt: skip
+    release_encoders()  # every run loads the model, as every other side does
     t0 = time.perf_counter()
     result = evaluate(str(model_dir), data, cfg)
     wall = time.perf_counter() - t0
@@ -359,6 +370,8 @@ def main() -> None:
     parser.add_argument("--max-paragraphs", type=int, default=10)
     parser.add_argument("--tatoeba-langs", default=DEFAULT_TATOEBA)
     parser.add_argument("--max-pairs", type=int, default=200)
+    parser.add_argument("--large-langs", default="", help="the large pool's Tatoeba languages (default: all)")
+    parser.add_argument("--large-pairs", type=int, default=410, help="pairs per language of the large pool; 0: none")
     parser.add_argument("--batch-size", type=int, default=32)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parser.add_argument("--threads", type=int, default=cores, help="torch threads of every side (default: cores)")
@@ -397,12 +410,19 @@ def main() -> None:
     lang_list = args.langs.split(",")
     eval_set = load_eval_set(args.data, langs=lang_list, max_paragraphs=args.max_paragraphs)
     bitext = load_eval_set("tatoeba", langs=args.tatoeba_langs.split(","), max_pairs=args.max_pairs)
+    large = None
+    if args.large_pairs > 0:
+        large = load_eval_set("tatoeba", langs=args.large_langs.split(",") if args.large_langs else None,
+                              max_pairs=args.large_pairs)  # fmt: skip
     n_lareqa = sum(q + c for q, c in eval_set.counts().values())
     b_texts = bitext_texts(bitext)[0]
     say(f"- LAReQA: {eval_set.name} {args.langs}, {args.max_paragraphs} paragraphs: "
         f"(queries, candidates) per language {eval_set.counts()}, {n_lareqa} texts")  # fmt: skip
     say(f"- Tatoeba: {len(bitext.langs)} languages x up to {args.max_pairs} pairs {bitext.counts()}, "
         f"groups {dict(bitext.groups)}: {len(b_texts)} distinct texts")  # fmt: skip
+    if large is not None:
+        say(f"- large pool: Tatoeba, {len(large.langs)} languages x up to {args.large_pairs} pairs: "
+            f"{len(bitext_texts(large)[0])} distinct texts")  # fmt: skip
     biggest_pool = max(len(eval_set.candidates[x]) for x in eval_set.langs)
     if biggest_pool > 1000:
         say(f"WARNING: a pool of {biggest_pool} candidates: mteb's map_at_1000 is not the full-ranking mAP")
@@ -423,20 +443,29 @@ def main() -> None:
         init_ray("local", num_cpus=threads, object_store_memory=512 * 1024 * 1024, log_to_driver=False)
         say(f"- Ray: local instance, num_cpus={threads}, started before timing ({time.perf_counter() - t0:.1f} s)")
 
+        on_actor = {"encode_on": "actors"}
         sides = [
-            Side("hbt", "(a) hbt_ray", lambda es, bt: hbt_side(model_dir, es, threads, batch)),
-            Side("st", "(b) ST encode once", lambda es, bt: st_side(model_dir, es, threads, batch, lengths)),
-            Side("hbt_mono", "(a) hbt_ray mono", lambda es, bt: hbt_side(model_dir, es, threads, batch, ["mono"])),
-            Side("mteb_mono", "(c) mteb mono", lambda es, bt: mteb_side(model_dir, es, threads, batch)),
-            Side("hbt_tat", "hbt_ray end-to-end", lambda es, bt: hbt_side(model_dir, bt, threads, batch)),
-            Side("enc_tat", "encode-only", lambda es, bt: encode_only_side(model_dir, bt, threads, batch)),
-            Side("mteb_tat", "mteb Tatoeba", lambda es, bt: mteb_side(model_dir, bt, threads, batch)),
+            Side("hbt", "(a) hbt_ray", lambda es, bt, lg: hbt_side(model_dir, es, threads, batch)),
+            Side("hbt_actor", "(a') one actor", lambda es, bt, lg: hbt_side(model_dir, es, threads, batch, **on_actor)),
+            Side("st", "(b) ST encode once", lambda es, bt, lg: st_side(model_dir, es, threads, batch, lengths)),
+            Side("hbt_mono", "(a) hbt_ray mono", lambda es, bt, lg: hbt_side(model_dir, es, threads, batch, ["mono"])),
+            Side("mteb_mono", "(c) mteb mono", lambda es, bt, lg: mteb_side(model_dir, es, threads, batch)),
+            Side("hbt_tat", "hbt_ray end-to-end", lambda es, bt, lg: hbt_side(model_dir, bt, threads, batch)),
+            Side("hbt_tat_actor", "(a') one actor",
+                 lambda es, bt, lg: hbt_side(model_dir, bt, threads, batch, **on_actor)),  # fmt: skip
+            Side("enc_tat", "encode-only", lambda es, bt, lg: encode_only_side(model_dir, bt, threads, batch)),
+            Side("mteb_tat", "mteb Tatoeba", lambda es, bt, lg: mteb_side(model_dir, bt, threads, batch)),
         ]
+        if large is not None:
+            sides += [
+                Side("hbt_large", "hbt_ray, large", lambda es, bt, lg: hbt_side(model_dir, lg, threads, batch)),
+                Side("enc_large", "encode-only, large", lambda es, bt, lg: encode_only_side(model_dir, lg, threads, batch)),
+            ]  # fmt: skip
         if args.warmup:  # a process's one-time costs (lazy imports, numba JIT, Ray Data's first run): untimed
             t0 = time.perf_counter()
             small_es, small_bt = eval_set.subset(1), bitext.head(5)
             for side in sides:
-                side.fn(small_es, small_bt)
+                side.fn(small_es, small_bt, small_bt)
             say(f"- warm-up: every side once on 1 paragraph / 5 pairs, untimed ({time.perf_counter() - t0:.1f} s)")
         by_key = {s.key: s for s in sides}
         step = max(1, len(sides) // args.rounds)
@@ -447,7 +476,7 @@ def main() -> None:
             say(f"round {r + 1}/{args.rounds}: " + ", ".join(s.key for s in order))
             for side in order:
                 load = os.getloadavg()[0]
-                run = side.fn(eval_set, bitext)
+                run = side.fn(eval_set, bitext, large)
                 side.runs.append(run)
                 parts = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in run.extra.get("parts", {}).items())
                 say(f"  {side.label:22s} {run.wall_s:7.1f} s   [load avg {load:4.1f} -> {os.getloadavg()[0]:4.1f}]"
@@ -461,16 +490,22 @@ def main() -> None:
     n_lareqa_st = by_key["st"].runs[-1].n_texts
     enc_load = statistics.median(r.extra["load_s"] for r in by_key["enc_tat"].runs)
     actor = f"1 Ray Data actor, actor_threads={threads}"
+    here = f"encode_on auto: in this process (one CPU actor would run here), {threads} torch threads"
     lens = f"max tokens query {lengths[0]} / passage {lengths[1]}"
-    by_key["hbt"].ran = f"{actor}; mono+cross+multi+bias; time: actor start, model load, encode, FAISS search, metrics"
+    by_key["hbt"].ran = f"{here}; mono+cross+multi+bias; time: model load, encode, FAISS search, metrics"
+    by_key["hbt_actor"].ran = f"{actor}; as (a); time: actor start, model load, encode, transfer, search, metrics"
+    by_key["hbt_tat_actor"].ran = f"{actor}; as hbt_ray end-to-end; time: as (a')"
     by_key["st"].ran = (f"in-process, torch threads {torch.get_num_threads()}, ST max_seq_length set per kind "
                         f"({lens}); {len(emb['query'])} queries + {len(emb['passage'])} candidates encoded once; "
                         "time: model load, encode, numpy search, ranx mAP")  # fmt: skip
-    by_key["hbt_mono"].ran = f"{actor}; settings=[mono]; time: as (a)"
+    by_key["hbt_mono"].ran = f"{here}; settings=[mono]; time: as (a)"
     by_key["mteb_mono"].ran = (f"in-process (run_mteb: our encoder behind mteb's protocol), torch threads {threads}; "
                                f"{by_key['mteb_mono'].runs[-1].extra['encoded']} texts encoded; time: model load, "
                                "encode, mteb RetrievalEvaluator (pytrec_eval), result JSON")  # fmt: skip
-    by_key["hbt_tat"].ran = f"{actor}; both directions + pooled; time: actor start, model load, encode, search, metrics"
+    by_key["hbt_tat"].ran = f"{here}; both directions + pooled; time: model load, encode, search, metrics"
+    if large is not None:
+        by_key["hbt_large"].ran = f"{here}; as hbt_ray end-to-end, on the large pool"
+        by_key["enc_large"].ran = "as encode-only, on the large pool"
     by_key["enc_tat"].ran = (f"in-process load_encoder, torch threads {threads}, kind=query; time: encode only "
                              f"(model load {enc_load:.1f} s, not counted)")  # fmt: skip
     by_key["mteb_tat"].ran = (f"in-process run_mteb (Tatoeba task, lang->eng), torch threads {threads}; "
@@ -491,15 +526,20 @@ def main() -> None:
         f"{langs_n} calls) would encode {ir_texts} texts instead of {n_lareqa_st} ({ir_texts / n_lareqa_st:.1f}x): "
         f"~{ir_texts / st_rate:.0f} s at side (b)'s rate")  # fmt: skip
 
-    gaps = [table("LAReQA: mono / cross / multi (mAP, full ranking)", [by_key["hbt"], by_key["st"]], LAREQA_METRICS)]
+    gaps = [table("LAReQA: mono / cross / multi (mAP, full ranking)", [by_key["hbt"], by_key["hbt_actor"], by_key["st"]],
+                  LAREQA_METRICS)]  # fmt: skip
     gaps.append(table("LAReQA mono only: hbt_ray vs mteb's own evaluator", [by_key["hbt_mono"], by_key["mteb_mono"]],
                       ("mono_map",)))  # fmt: skip
     gaps.append(table("Tatoeba (language -> English, mean over languages)",
-                      [by_key["hbt_tat"], by_key["enc_tat"], by_key["mteb_tat"]], TATOEBA_METRICS, tatoeba=True))  # fmt: skip
-    for key in ("hbt", "st"):
+                      [by_key["hbt_tat"], by_key["hbt_tat_actor"], by_key["enc_tat"], by_key["mteb_tat"]],
+                      TATOEBA_METRICS, tatoeba=True))  # fmt: skip
+    if large is not None:
+        gaps.append(table(f"Large pool: Tatoeba, {len(large.langs)} languages x up to {args.large_pairs} pairs",
+                          [by_key["hbt_large"], by_key["enc_large"]], TATOEBA_METRICS, tatoeba=True))  # fmt: skip
+    for key in ("hbt", "hbt_actor", "st"):
         parts = {k: statistics.median(r.extra["parts"][k] for r in by_key[key].runs) for k in by_key[key].runs[0].extra["parts"]}
         say(f"{by_key[key].label}, medians: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in parts.items())
-            + (" (hbt_ray's encode includes the actor's start and model load)" if key == "hbt" else ""))  # fmt: skip
+            + (" (hbt_ray's encode includes the model load, and an actor's start)" if key.startswith("hbt") else ""))  # fmt: skip
     agree = max(gaps) <= 1e-4
     say(f"metric values agree across sides to 1e-4: {'yes' if agree else 'NO'} (largest gap {max(gaps):.1e})")
     say(f"- load average at end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -508,11 +548,17 @@ def main() -> None:
     speed_mteb = by_key["mteb_mono"].median() / by_key["hbt_mono"].median()
     e2e = by_key["hbt_tat"].runs[-1].n_texts / by_key["hbt_tat"].median()
     enc = by_key["enc_tat"].runs[-1].n_texts / by_key["enc_tat"].median()
+    n_large, large_ratio = 0, float("nan")
+    if large is not None:
+        n_large = by_key["hbt_large"].runs[-1].n_texts
+        large_ratio = by_key["enc_large"].median() / by_key["hbt_large"].median()
+    actor_ratio = by_key["hbt_actor"].median() / by_key["hbt"].median()
     say(f"\nratios: (b)/(a) {speed_st:.2f}x, (c)/(a mono) {speed_mteb:.2f}x; Tatoeba encode-only / end-to-end "
-        f"{enc / e2e:.2f}x")  # fmt: skip
+        f"{enc / e2e:.2f}x; one actor / this process (LAReQA) {actor_ratio:.2f}x")  # fmt: skip
     say(f"RESULT speedup_vs_st_encode_once={speed_st:.2f} speedup_vs_mteb_mono={speed_mteb:.2f} "
         f"tatoeba_end_to_end_texts_per_s={e2e:.1f} tatoeba_encode_only_texts_per_s={enc:.1f} "
-        f"tatoeba_overhead={enc / e2e:.2f}")  # fmt: skip
+        f"tatoeba_overhead={enc / e2e:.2f} tatoeba_end_to_end_vs_encode_only={e2e / enc:.2f} "
+        f"large_texts={n_large} large_end_to_end_vs_encode_only={large_ratio:.2f}")  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(_REPORT) + "\n", encoding="utf-8")

@@ -11,7 +11,8 @@ from hbt_ray.data.sources import load_eval_set
 from hbt_ray.evaluate import (
     EvalConfig,
     encode_eval_set,
-    encode_eval_set_ray,
+    encode_eval_set_model,
+    encodes_here,
     evaluate,
     evaluate_embeddings,
     load_eval_data,
@@ -37,7 +38,8 @@ def tiny():
 
 def test_ray_data_encoding_matches_in_process_and_is_cached(ray_local, xquad_slice, tiny, tmp_path):
     cfg = EvalConfig(concurrency=2, batch_size=32, cache_dir=str(tmp_path / "cache"), show_progress=False)
-    on_ray = encode_eval_set_ray("tiny", xquad_slice, cfg)
+    assert not encodes_here(cfg)  # two actors: on Ray Data
+    on_ray = encode_eval_set_model("tiny", xquad_slice, cfg)
     local = encode_eval_set(tiny, xquad_slice, batch_size=32, show_progress=False)
     for lang in LANGS:
         assert on_ray.queries[lang].shape == (len(xquad_slice.queries[lang]), tiny.dim)
@@ -48,7 +50,7 @@ def test_ray_data_encoding_matches_in_process_and_is_cached(ray_local, xquad_sli
     # the second call reads the cache: prove it by planting different numbers in the file
     planted = np.load(cached[0]) * 0 + 0.5
     np.save(cached[0], planted)
-    again = encode_eval_set_ray("tiny", xquad_slice, cfg)
+    again = encode_eval_set_model("tiny", xquad_slice, cfg)
     assert np.all(again.queries["en"] == 0.5)
     # in process, an encoder that names its weights (the same spec) hits the same cache entry
     tiny.fingerprint = spec_fingerprint("tiny")
@@ -71,10 +73,34 @@ def test_ray_data_encoding_matches_in_process_and_is_cached(ray_local, xquad_sli
     np.testing.assert_allclose(fresh.queries["en"], only_en.queries["en"], atol=1e-6)
     # a cache file cut short (a full disk, a copy interrupted): encoded again and rewritten, not a traceback
     cached[0].write_bytes(cached[0].read_bytes()[:200])
-    rebuilt = encode_eval_set_ray("tiny", xquad_slice, cfg)
+    rebuilt = encode_eval_set_model("tiny", xquad_slice, cfg)
     np.testing.assert_allclose(rebuilt.queries["en"], local.queries["en"], atol=1e-5)
     assert np.load(cached[0]).shape[0] == sum(len(v) for v in xquad_slice.queries.values()) + sum(
         len(v) for v in xquad_slice.candidates.values())  # fmt: skip
+
+
+def test_one_cpu_actor_on_this_machine_is_this_process_with_the_same_numbers(ray_local, xquad_slice, tmp_path):
+    from hbt_ray.evaluate import encode as enc
+
+    here_cfg = EvalConfig(batch_size=8, show_progress=False)
+    assert encodes_here(here_cfg)  # auto: one CPU actor on the one node of ray_local
+    assert not encodes_here(EvalConfig(num_gpus=1.0)) and not encodes_here(EvalConfig(encode_on="actors"))
+    on_actor = evaluate("tiny", xquad_slice, EvalConfig(batch_size=8, encode_on="actors", show_progress=False))
+    enc.release_encoders()
+    here = evaluate("tiny", xquad_slice, here_cfg)
+    assert here.summary == pytest.approx(on_actor.summary, abs=1e-6)
+    # the model stays loaded for this process's next evaluation of it (an extra eval set, a language)
+    resident = list(enc._RESIDENT.values())
+    assert len(resident) == 1
+    again = evaluate("tiny", xquad_slice.select_langs(["en", "de"]), EvalConfig(batch_size=8, settings=["mono"],
+                                                                                show_progress=False))
+    assert list(enc._RESIDENT.values())[0] is resident[0] and again.summary["mono_map"] > 0
+    # another model replaces it: one model in memory at a time
+    other = tmp_path / "other"
+    load_dual_encoder(ModelConfig(name="tiny", seed=1)).save_pretrained(other)
+    evaluate(str(other), xquad_slice, here_cfg)
+    assert len(enc._RESIDENT) == 1 and list(enc._RESIDENT.values())[0] is not resident[0]
+    enc.release_encoders()
 
 
 def test_load_eval_data_reads_the_subset_the_config_names(xquad_slice):

@@ -311,6 +311,34 @@ def test_trial_runs_without_a_key_log_offline_with_their_status(ray_local, monke
         assert b"not-a-key" not in records
 
 
+def test_a_trial_logging_actor_closes_wandb_before_it_ends(tmp_path):
+    """W&B's exit hook, left to close the service connection when Ray ends the actor, found the service
+    gone and printed a traceback into the sweep's log; the actor closes it itself when its run ends."""
+    import subprocess
+    import sys
+
+    script = f"""
+import queue
+from ray.air.integrations.wandb import _QueueItem
+import wandb.sdk.wandb_setup as setup
+from hbt_ray.tune.wandb import TrialLoggingActor
+q = queue.Queue()
+q.put((_QueueItem.RESULT, {{"loss": 1.0, "training_iteration": 1}}))
+q.put((_QueueItem.END, None))
+actor = TrialLoggingActor({str(tmp_path)!r}, q, [], [], project="p", mode="offline", name="t0",
+                          dir={str(tmp_path)!r}, id="t0")
+actor.run()
+print("service connection left open:", setup._singleton is not None)
+"""
+    env = {**os.environ, "WANDB_SILENT": "true", "NETRC": str(tmp_path / "no-netrc")}
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "service connection left open: False" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert _offline_run(tmp_path, "t0")  # and the run was written
+
+
 def test_the_recipe_sweep_config_passes_every_driver_check():
     """``hbt_ray/configs/tune_recipe.yaml`` + ``tune_spaces/recipe.yaml`` (issue 19): every searched key at
     its bounds / values through the typed loader, the extra evals and the objective."""

@@ -49,7 +49,7 @@ from hbt_ray.evaluate.encode import (
     ModelSpec,
     TextEncoder,
     encode_eval_set,
-    encode_eval_set_ray,
+    encode_eval_set_model,
     is_model_spec,
     model_config,
 )
@@ -236,7 +236,8 @@ def evaluate(
     model: ModelSpec | TextEncoder, eval_set: EvalSet | BitextSet, cfg: EvalConfig
 ) -> EvalResult | BitextResult:
     """Encode + search + metrics. ``model``: a spec / model dir / ModelConfig (encoded on Ray Data by a pool of
-    ``cfg.concurrency`` actors) or an in-memory encoder (encoded in this process, as the trainer does).
+    ``cfg.concurrency`` actors, or in this process: ``cfg.encode_on``) or an in-memory encoder (encoded in
+    this process, as the trainer does).
     ``eval_set`` is usually ``load_eval_data(cfg)``; it is subset by ``cfg`` (:func:`subset_eval_set`).
     A BitextSet gives a :class:`BitextResult` (:func:`hbt_ray.evaluate.bitext.evaluate_bitext`); both
     results have the flat ``summary`` the trainer and the tuner read."""
@@ -245,7 +246,7 @@ def evaluate(
     t0 = time.perf_counter()
     eval_set = subset_eval_set(eval_set, cfg)
     if is_model_spec(model):
-        embeddings = encode_eval_set_ray(model, eval_set, cfg)
+        embeddings = encode_eval_set_model(model, eval_set, cfg)
     else:
         embeddings = encode_eval_set(
             model, eval_set, cfg.batch_size, cfg.float16, cfg.cache_dir, show_progress=cfg.show_progress

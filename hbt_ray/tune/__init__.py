@@ -11,7 +11,14 @@ the best model) with :mod:`~hbt_ray.tune.report` (results table, Pareto front, p
     ([0.0, 0.5, 1.0], 'xquad-r')
 """
 
-from hbt_ray.tune.config import TuneConfig, WandbConfig
+import os
+
+# Tune warns whenever handling a trial's result takes over half a second. A trial's last result here
+# does disk work by design (its record, dropping its heavy files, copying the best model), so the
+# warning only repeats itself in every log; read once, when Ray Tune is first imported.
+os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "30")
+
+from hbt_ray.tune.config import TuneConfig, WandbConfig  # noqa: E402
 from hbt_ray.tune.report import (
     objective_value,
     pareto_front,

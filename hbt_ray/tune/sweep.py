@@ -39,7 +39,7 @@ from typing import Any
 from hbt_ray import storage
 from hbt_ray.cluster import init_ray
 from hbt_ray.config import NO_BARS_ENV, ConfigError, to_dict
-from hbt_ray.evaluate import METRIC_MODES, EvalConfig, evaluate, load_eval_data
+from hbt_ray.evaluate import METRIC_MODES, EvalConfig, evaluate, load_eval_data, release_encoders
 from hbt_ray.model import describe_model
 from hbt_ray.provenance import provenance, provenance_lines, seconds_since
 from hbt_ray.train import prepare_shards, train
@@ -91,12 +91,16 @@ def evaluate_model(
     model: Any, eval_cfg: EvalConfig, objectives: list[str], extra: dict[str, EvalConfig] | None = None
 ) -> dict[str, Any]:
     """Evaluate a model (spec, ModelConfig or exported dir) on the eval section, and on each ``extra``
-    one (keys ``<name>/<metric>``); → the summary dict with its ``objective``."""
-    result = evaluate(model, load_eval_data(eval_cfg), eval_cfg)
-    summary = dict(result.summary)
-    for name, section in (extra or {}).items():
-        more = evaluate(model, load_eval_data(section), section).summary
-        summary.update({f"{name}/{k}": v for k, v in more.items()})
+    one (keys ``<name>/<metric>``); → the summary dict with its ``objective``. A model encoded in this
+    process is loaded once for all of them and let go at the end (the next one is another model)."""
+    try:
+        result = evaluate(model, load_eval_data(eval_cfg), eval_cfg)
+        summary = dict(result.summary)
+        for name, section in (extra or {}).items():
+            more = evaluate(model, load_eval_data(section), section).summary
+            summary.update({f"{name}/{k}": v for k, v in more.items()})
+    finally:
+        release_encoders()
     summary["objective"] = objective_value(summary, objectives)
     return summary
 

@@ -125,6 +125,17 @@ class TrialLoggingActor(_WandbLoggingActor):
 
     def run(self) -> None:
         try:
+            self._run()
+        finally:
+            # Close W&B's service connection while the actor is alive: left to W&B's exit hook, it ran
+            # when Ray ended the actor, found the service gone and printed a traceback into the log.
+            try:
+                self._wandb.teardown()
+            except Exception:  # noqa: BLE001, S110 — nothing left to save
+                pass
+
+    def _run(self) -> None:
+        try:
             super().run()
             return
         except Exception as err:  # noqa: BLE001 — W&B must never fail the sweep
