@@ -67,3 +67,12 @@ def test_profile_eval_times_every_part_and_sorted_rows_pad_less(tmp_path, shared
     lareqa, tatoeba = zip(*(table[k] for k in ("pad share, eval order", "pad share, sorted")))
     assert float(lareqa[1]) < float(lareqa[0])  # sorting by kind and length cuts the padding
     assert table["forward"][1].endswith("(est.)")  # over --forward-max: estimated, and marked so
+
+
+def test_check_make_run_refuses_a_folder_that_exists(tmp_path):
+    """What the folder holds afterwards must be that run's alone: an existing one is refused, unchanged."""
+    (tmp_path / "keep.txt").write_text("mine")
+    proc = subprocess.run([sys.executable, "scripts/check_make_run.py", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and str(tmp_path) in proc.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine"
