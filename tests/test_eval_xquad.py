@@ -80,7 +80,7 @@ def test_ray_data_encoding_matches_in_process_and_is_cached(ray_local, xquad_sli
 
 
 def test_one_cpu_actor_on_this_machine_is_this_process_with_the_same_numbers(ray_local, xquad_slice, tmp_path):
-    from hbt_ray.evaluate import encode as enc
+    from hbt_ray.evaluate import placement as enc
 
     here_cfg = EvalConfig(batch_size=8, show_progress=False)
     assert encodes_here(here_cfg)  # auto: one CPU actor on the one node of ray_local

@@ -42,20 +42,22 @@ from hbt_ray.evaluate.encode import (
     ModelSpec,
     TextEncoder,
     encode_eval_set,
-    encode_eval_set_model,
-    encode_model,
-    encode_texts,
     encode_texts_ray,
-    encodes_here,
     is_model_spec,
     load_encoder,
     model_config,
     model_fingerprint,
-    release_encoders,
     spec_fingerprint,
     texts_fingerprint,
 )
 from hbt_ray.evaluate.metrics import metrics_from_ranks, rank_distance, relevant_ranks
+from hbt_ray.evaluate.placement import (
+    encode_eval_set_model,
+    encode_model,
+    encode_texts,
+    encodes_here,
+    release_encoders,
+)
 from hbt_ray.evaluate.result import EvalResult
 from hbt_ray.evaluate.run import evaluate, evaluate_embeddings, load_eval_data, subset_eval_set
 from hbt_ray.evaluate.search import (

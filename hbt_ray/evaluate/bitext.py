@@ -33,7 +33,8 @@ from hbt_ray.config import bars_off
 from hbt_ray.data.records import BITEXT_GROUPS, BitextSet
 from hbt_ray.evaluate.bitext_result import BitextResult
 from hbt_ray.evaluate.config import EvalConfig
-from hbt_ray.evaluate.encode import ModelSpec, TextEncoder, encode_texts, is_model_spec, model_config
+from hbt_ray.evaluate.encode import ModelSpec, TextEncoder, is_model_spec, model_config
+from hbt_ray.evaluate.placement import encode_texts
 from hbt_ray.evaluate.search import LocalSearcher, RaySearcher, make_searcher
 
 DIRECTIONS = ("to_eng", "from_eng")

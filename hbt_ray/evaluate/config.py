@@ -100,7 +100,7 @@ class EvalConfig:
     # --- how: encoding
     #: where a model given by spec or directory is encoded: ``actors`` (a Ray Data pool of ``concurrency``
     #: encoder actors), ``process`` (the evaluating process itself), ``auto``: this process when the pool
-    #: would be one CPU actor on this same machine (see ``hbt_ray.evaluate.encode.encodes_here``)
+    #: would be one CPU actor on this same machine (see ``hbt_ray.evaluate.placement.encodes_here``)
     encode_on: Literal["auto", "process", "actors"] = "auto"
     batch_size: int = 64  # encode batch size (rows per map_batches call)
     concurrency: int = 1  # encoder actors on Ray Data (for a model given by spec or directory)

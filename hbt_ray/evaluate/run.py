@@ -49,11 +49,11 @@ from hbt_ray.evaluate.encode import (
     ModelSpec,
     TextEncoder,
     encode_eval_set,
-    encode_eval_set_model,
     is_model_spec,
     model_config,
 )
 from hbt_ray.evaluate.metrics import metrics_from_ranks, rank_distance, relevant_ranks
+from hbt_ray.evaluate.placement import encode_eval_set_model
 from hbt_ray.evaluate.result import EvalResult
 from hbt_ray.evaluate.search import LocalSearcher, RaySearcher, make_searcher
 
