@@ -100,7 +100,32 @@ def test_one_cpu_actor_on_this_machine_is_this_process_with_the_same_numbers(ray
     load_dual_encoder(ModelConfig(name="tiny", seed=1)).save_pretrained(other)
     evaluate(str(other), xquad_slice, here_cfg)
     assert len(enc._RESIDENT) == 1 and list(enc._RESIDENT.values())[0] is not resident[0]
+    # weights rewritten in the same dir (a sweep's best_model): loaded again, never the stale copy
+    stale = list(enc._RESIDENT.values())[0]
+    load_dual_encoder(ModelConfig(name="tiny", seed=2)).save_pretrained(other)
+    rewritten = evaluate(str(other), xquad_slice, here_cfg)
+    assert list(enc._RESIDENT.values())[0] is not stale
     enc.release_encoders()
+    assert rewritten.summary == pytest.approx(evaluate(str(other), xquad_slice, here_cfg).summary, abs=1e-6)
+    enc.release_encoders()
+
+
+def test_the_weights_content_hash_is_paid_only_where_it_keys_a_cache(xquad_slice, tmp_path, monkeypatch):
+    from hbt_ray.evaluate import placement
+
+    hashed: list[object] = []
+    real = placement.spec_fingerprint
+    monkeypatch.setattr(placement, "spec_fingerprint", lambda model: hashed.append(model) or real(model))
+    cfg = EvalConfig(batch_size=8, show_progress=False, encode_on="process", settings=["mono"])
+    model = tmp_path / "m"
+    load_dual_encoder(ModelConfig(name="tiny", seed=1)).save_pretrained(model)
+    placement.release_encoders()
+    evaluate(str(model), xquad_slice, cfg)
+    assert hashed == []  # no cache: the resident encoder is keyed by the files' sizes and times
+    evaluate(str(model), xquad_slice, EvalConfig(batch_size=8, show_progress=False, encode_on="process",
+                                                 settings=["mono"], cache_dir=str(tmp_path / "cache")))  # fmt: skip
+    assert hashed == [str(model)]
+    placement.release_encoders()
 
 
 def test_load_eval_data_reads_the_subset_the_config_names(xquad_slice):

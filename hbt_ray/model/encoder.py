@@ -197,6 +197,24 @@ def write_sentence_transformers_files(path: Path, cfg: ModelConfig, dim: int) ->
     )
 
 
+def _record_added_tokens(path: Path, tokenizer: Any) -> None:
+    """Write the added (special) tokens into ``tokenizer_config.json`` when the save left them out.
+
+    Without them, ``AutoTokenizer.from_pretrained`` falls back to a legacy path that parses the whole
+    ``tokenizer.json`` a second time in Python (it is already parsed by ``tokenizers``): for XLM-R's
+    vocabulary that doubles the load time, paid by every evaluation and every loader of the export."""
+    file = path / "tokenizer_config.json"
+    added = getattr(tokenizer, "added_tokens_decoder", None)
+    if not file.is_file() or not added:
+        return
+    config = json.loads(file.read_text(encoding="utf-8"))
+    if "added_tokens_decoder" in config:
+        return
+    fields = ("content", "lstrip", "rstrip", "normalized", "single_word", "special")
+    config["added_tokens_decoder"] = {str(i): {f: getattr(t, f) for f in fields} for i, t in sorted(added.items())}
+    _write_json(file, config)
+
+
 def _add_unused_pooler(path: Path, backbone: torch.nn.Module) -> None:
     """``AutoModel`` (what ``SentenceTransformer(path)`` loads) builds BERT-style models with a pooler, a
     dense layer over the first token that neither our pooling nor sentence-transformers' uses. Our
@@ -272,6 +290,7 @@ def export_from_state_dict(
         save_model(backbone, str(path / "model.safetensors"), metadata={"format": "pt"})
     _add_unused_pooler(path, backbone)
     tokenizer.save_pretrained(str(path))
+    _record_added_tokens(path, tokenizer)
     write_sentence_transformers_files(path, resolved, int(backbone.config.hidden_size))
     saved = dataclasses.asdict(resolved)
     saved["source_name"] = cfg.name
