@@ -271,13 +271,14 @@ def encode_eval_set(
 class EncoderActor:
     """A Ray Data ``map_batches`` worker: loads the model once, encodes ``text`` by ``kind``."""
 
-    def __init__(self, model: ModelSpec, batch_size: int = 64, float16: bool = False, threads: int = 0):
+    def __init__(self, model: ModelSpec, batch_size: int = 64, float16: bool = False, threads: int = 0,
+                 device: str = "cpu"):  # fmt: skip
         import torch
 
         if threads > 0:
             torch.set_num_threads(threads)
-
-        device = "cuda" if torch.cuda.is_available() else None
+        # The device the pool reserved, never "whatever this process can see": Ray leaves the GPUs of
+        # a node visible to an actor that reserved none, and training ranks are using them.
         self.encoder = load_encoder(model, device=device, float16=float16)
         self.batch_size = batch_size
         self.float16 = float16
@@ -290,12 +291,15 @@ class EncoderActor:
         return {"row": np.asarray(batch["row"]), "embedding": emb}
 
 
-def _auto_num_gpus(num_gpus: float | None) -> float:
-    if num_gpus is not None:
-        return num_gpus
-    import ray
+def actor_resources(num_gpus: float | None, cpus_per_actor: float) -> tuple[float, float, str]:
+    """(GPUs, CPUs, device) of one encoder actor: ``num_gpus``, or one GPU when the cluster has GPUs now
+    (an autoscaling cluster whose GPU nodes have not started yet has none: set ``eval.num_gpus``); the
+    actor runs on ``cuda`` exactly when it reserved a GPU."""
+    if num_gpus is None:
+        import ray
 
-    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        num_gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return (num_gpus, 0.0, "cuda") if num_gpus > 0 else (0.0, cpus_per_actor, "cpu")
 
 
 def encode_texts_ray(
@@ -330,7 +334,7 @@ def encode_texts_ray(
         # Blocks of ~batch_size rows (at most 2000) so the actors work in parallel even on small sets.
         blocks = max(1, min(2000, math.ceil(len(items) / batch_size)))
         ds = ray.data.from_items(items, override_num_blocks=blocks)
-        gpus = _auto_num_gpus(num_gpus)
+        gpus, cpus, device = actor_resources(num_gpus, cpus_per_actor)
         ds = ds.map_batches(
             EncoderActor,
             fn_constructor_kwargs={
@@ -338,11 +342,12 @@ def encode_texts_ray(
                 "batch_size": batch_size,
                 "float16": float16,
                 "threads": actor_threads,
+                "device": device,
             },
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_gpus=gpus,
-            num_cpus=0 if gpus > 0 else cpus_per_actor,
+            num_cpus=cpus,
             batch_format="numpy",
         )
         for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):

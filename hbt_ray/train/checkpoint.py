@@ -56,7 +56,11 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        # This worker's own device only: Ray shares CUDA_VISIBLE_DEVICES among a node's workers, so "all
+        # visible devices" is other ranks' GPUs too, and their number changes when a restart lands on
+        # another node.
+        device = torch.cuda.current_device()
+        state["cuda_device"] = torch.cuda.get_rng_state(device).tolist()
     return state
 
 
@@ -68,8 +72,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    if not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    own = state.get("cuda_device")
+    if own is None and state.get("cuda"):  # an older save held every visible device's state: take ours
+        own = state["cuda"][device] if device < len(state["cuda"]) else None
+    if own is not None:
+        torch.cuda.set_rng_state(torch.tensor(own, dtype=torch.uint8), device)
 
 
 def _json_default(obj: Any) -> Any:

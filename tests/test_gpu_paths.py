@@ -1,0 +1,90 @@
+"""The CUDA / mixed-precision paths, checked on a CPU machine (issue 30): what a GPU node would run, with
+``torch.cuda`` mocked where the path only asks it questions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hbt_ray.train.checkpoint import rng_state, set_rng_state
+
+
+class FakeCuda:
+    """``torch.cuda`` as a worker sees it on a node: ``visible`` devices, this worker's is ``current``."""
+
+    def __init__(self, visible: int, current: int) -> None:
+        self.visible, self.current = visible, current
+        self.states = {d: torch.full((16,), d, dtype=torch.uint8) for d in range(visible)}
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "is_available", lambda: True)
+        monkeypatch.setattr(cuda, "device_count", lambda: self.visible)
+        monkeypatch.setattr(cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(cuda, "get_rng_state", self.get)
+        monkeypatch.setattr(cuda, "set_rng_state", self.set)
+        monkeypatch.setattr(cuda, "get_rng_state_all", lambda: [self.states[d] for d in range(self.visible)])
+        monkeypatch.setattr(cuda, "set_rng_state_all", lambda states: [self.set(s, d) for d, s in enumerate(states)])
+
+    def _index(self, device: int | str | torch.device = "cuda") -> int:
+        if isinstance(device, int):
+            index = device
+        else:
+            index = torch.device(device).index
+            index = self.current if index is None else index
+        if not 0 <= index < self.visible:
+            raise IndexError(f"CUDA device {index} of {self.visible} visible")
+        return index
+
+    def get(self, device: int | str | torch.device = "cuda") -> torch.Tensor:
+        return self.states[self._index(device)].clone()
+
+    def set(self, state: torch.Tensor, device: int | str | torch.device = "cuda") -> None:
+        self.states[self._index(device)] = state.clone()
+
+
+def test_a_resumed_rank_restores_its_own_device_rng_on_a_node_with_fewer_gpus(monkeypatch):
+    """Saved on a node where the rank saw 8 GPUs (Ray shares CUDA_VISIBLE_DEVICES among a node's workers),
+    restored after a preemption on a node where it sees 4: the rank's own state comes back, nothing else
+    is touched, and nothing raises."""
+    before = FakeCuda(visible=8, current=6)
+    before.states[6] = torch.arange(16, dtype=torch.uint8)
+    before.install(monkeypatch)
+    saved = rng_state()
+    assert saved["cuda_device"] == list(range(16))  # this worker's device only
+    assert "cuda" not in saved
+
+    after = FakeCuda(visible=4, current=2)
+    after.install(monkeypatch)
+    set_rng_state(saved)
+    assert after.states[2].tolist() == list(range(16))
+    assert [after.states[d].tolist() for d in (0, 1, 3)] == [[d] * 16 for d in (0, 1, 3)]
+
+    # a save from before this fix (every visible device's state): the rank takes its own, or none
+    legacy = {**saved, "cuda": [[d] * 16 for d in range(8)]}
+    del legacy["cuda_device"]
+    set_rng_state(legacy)
+    assert after.states[2].tolist() == [2] * 16
+    set_rng_state({**legacy, "cuda": legacy["cuda"][:2]})  # fewer saved than this rank's index: skipped
+    assert after.states[2].tolist() == [2] * 16
+
+
+def test_an_encoder_actor_uses_the_device_its_pool_reserved_not_any_it_can_see(monkeypatch, tmp_path):
+    """Ray leaves a node's GPUs visible to an actor that reserved none: such an actor stays on the CPU
+    (before, it took GPU 0 beside the training ranks); the pool's GPU request decides the device."""
+    import ray
+
+    from hbt_ray.evaluate import encode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, as the actor sees it
+    actor = encode.EncoderActor("tiny", batch_size=4)
+    assert next(actor.encoder.parameters()).device.type == "cpu"
+    out = actor({"row": [0, 1], "text": ["a b", "c"], "kind": ["query", "passage"]})
+    assert out["embedding"].shape[0] == 2
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    for gpus_in_cluster, expected in ((0, (0.0, 1.0, "cpu")), (8, (1.0, 0.0, "cuda"))):
+        monkeypatch.setattr(ray, "cluster_resources", lambda g=gpus_in_cluster: {"CPU": 16.0, "GPU": float(g)})
+        assert encode.actor_resources(None, 1.0) == expected
+    assert encode.actor_resources(0.5, 1.0) == (0.5, 0.0, "cuda")  # asked for: reserved and used
+    assert encode.actor_resources(0.0, 2.0) == (0.0, 2.0, "cpu")
