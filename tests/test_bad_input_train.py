@@ -172,6 +172,21 @@ def test_data_error_in_a_worker_ends_the_run_without_retries(ray_local, tmp_path
     assert len(failed.read_text().splitlines()) == 1  # one attempt, no retry
 
 
+def test_strict_spread_with_more_workers_than_nodes_is_refused_not_left_waiting(ray_local, tmp_path, small_shards):
+    """STRICT_SPREAD wants a node per worker: 2 workers on this one-node cluster would wait forever for a
+    second node (16 workers on two 8-GPU nodes, the same). Refused on the driver, before any worker."""
+    cfg = load_config(
+        TrainConfig,
+        TINY_YAML,
+        [f"run.storage_path={tmp_path}", f"data.shard_dir={small_shards}", *SMALL, "run.name=spread",
+         "run.progress=false", "run.num_workers=2", "run.placement_strategy=STRICT_SPREAD", "run.max_steps=2"],
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^run\.placement_strategy: STRICT_SPREAD puts each of the 2 workers on its "
+                                          r"own node, and the cluster has 1 node;"):  # fmt: skip
+        train(cfg)
+    assert not (tmp_path / "spread" / "steps.jsonl").exists()
+
+
 def test_a_changed_setting_is_never_taken_for_a_resume(ray_local, tmp_path, small_shards):
     """b5232a8: the same run.name with another lr resumed at the final step, trained nothing, exported the
     old model again and printed the old metrics. Now: refused in one line naming the key, before Ray;

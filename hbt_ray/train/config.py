@@ -129,7 +129,8 @@ class RunConfig:
     num_workers: int = 2
     use_gpu: Literal["auto", "true", "false"] = "auto"
     cpus_per_worker: float = 1.0  # leave CPUs for Ray Data: it streams the shards during training
-    #: Ray placement of the workers' bundles; STRICT_SPREAD = one worker per node (multi-node runs)
+    #: Ray placement of the workers' bundles: SPREAD spreads them over the nodes; STRICT_SPREAD wants a node
+    #: per worker (refused with more workers than nodes, where Ray would wait forever)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_steps: int = 100
     #: the run's length in passes over the data instead (one pass: every group once, i.e.

@@ -156,6 +156,24 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def check_placement(num_workers: int, strategy: str, alive_nodes: int) -> None:
+    """``STRICT_SPREAD`` puts every worker on a node of its own: with more workers than nodes Ray waits
+    for nodes that never come (e.g. 16 workers on two 8-GPU nodes), so it is refused before any start.
+
+    >>> check_placement(2, "STRICT_SPREAD", alive_nodes=2)
+    >>> check_placement(16, "STRICT_SPREAD", alive_nodes=2)
+    Traceback (most recent call last):
+    ...
+    hbt_ray.config.ConfigError: run.placement_strategy: STRICT_SPREAD puts each of the 16 workers on its own node, and the cluster has 2 nodes; use SPREAD (workers spread over the nodes as evenly as they fit) or PACK
+    """
+    if strategy == "STRICT_SPREAD" and num_workers > alive_nodes:
+        raise ConfigError(
+            f"run.placement_strategy: STRICT_SPREAD puts each of the {num_workers} workers on its own node, and "
+            f"the cluster has {alive_nodes} node{'s' if alive_nodes != 1 else ''}; use SPREAD (workers spread over the nodes as evenly as "
+            "they fit) or PACK"
+        )
+
+
 #: Errors of the configuration or of the data: a retry reads the same config and the same files and
 #: fails the same way, after starting a worker group and building the model again.
 FINAL_ERRORS = (ConfigError, DataError)
@@ -248,6 +266,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None, overwrite: bool 
         clear_run(run_dir)
     write_run_setup(cfg, run_dir)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own tqdm shows the steps
+    check_placement(cfg.run.num_workers, cfg.run.placement_strategy, len([n for n in ray.nodes() if n.get("Alive")]))
     gpu = cluster_has_gpus() if cfg.run.use_gpu == "auto" else cfg.run.use_gpu == "true"
     # The workers follow the driver's decision (a worker alone cannot tell what its peers got).
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, use_gpu="true" if gpu else "false"))
