@@ -434,3 +434,24 @@ def test_nan_loss_error_names_the_step(ray_local, tmp_path, shard_dir):
         train(cfg)
     logged = [json.loads(line) for line in (tmp_path / "nan" / "steps.jsonl").read_text().splitlines()]
     assert [h["step"] for h in logged] == [1, 2] and all(np.isfinite(h["loss"]) for h in logged)
+
+
+@pytest.mark.slow
+def test_a_skipped_step_with_grad_accum_keeps_deepspeed_accumulation_aligned(ray_local, tmp_path, shard_dir):
+    """A NaN on the second of two micro-batches, after the first was taken: the step is skipped and
+    DeepSpeed's accumulation rewound, so each later optimizer step is exactly two micro-batches of one
+    logical step (before, the boundary shifted by one micro-batch for the rest of the run). ZeRO-2 with
+    the optimizer offloaded: its CPU gradient sums must not carry the skipped step's NaN forward."""
+    cfg = tiny_config(
+        tmp_path, shard_dir, "run.name=accum", "run.num_workers=1", "deepspeed.single_worker_stage=null",
+        "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true", "optim.grad_accum=2", "run.max_steps=5",
+        "run.checkpoint_every=0", "run.nan_policy=skip", "run.debug_nan_at_step=3", "run.export=false",
+    )  # fmt: skip
+    result = train(cfg)
+    assert result.metrics["skipped_steps"] == 1
+    logged = [h for h in result.history if not h["skipped"]]
+    assert [h["step"] for h in result.history if h["skipped"]] == [3]
+    assert [h["step"] for h in logged] == [1, 2, 4, 5]
+    assert [h["optimizer_steps"] for h in logged] == [1, 2, 3, 4]
+    assert [h["micro_steps"] for h in logged] == [2, 4, 6, 8]
+    assert all(np.isfinite(h["loss"]) for h in logged)

@@ -168,7 +168,7 @@ class RunConfig:
     # Debug switches for the failure tests (off by default).
     debug_kill_at_step: int | None = None  # SIGKILL rank debug_kill_rank after this step, first attempt only
     debug_kill_rank: int = 1
-    debug_nan_at_step: int | None = None  # replace this step's loss by NaN (every rank)
+    debug_nan_at_step: int | None = None  # this step's last micro-batch's loss becomes NaN (every rank)
 
     def validate(self) -> None:
         # one folder of storage_path: empty, "." or a nested path would put the run among other runs

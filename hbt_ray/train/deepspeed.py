@@ -120,6 +120,24 @@ def build_optimizer(module: Any, optim: OptimConfig) -> Any:
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=optim.fused)
 
 
+def accumulation_marks(engine: Any) -> tuple[int, int | None]:
+    """Where DeepSpeed's gradient accumulation stands before a step's first micro-batch: the engine's
+    micro-step count (it places the accumulation boundary) and the ZeRO optimizer's own micro-step id
+    (it decides whether a backward adds to the gradients held so far). See :func:`rewind_accumulation`."""
+    return engine.micro_steps, getattr(engine.optimizer, "micro_step_id", None)
+
+
+def rewind_accumulation(engine: Any, marks: tuple[int, int | None]) -> None:
+    """Drop a skipped step's gradients and put the accumulation back where the step began. Zeroing the
+    gradients alone leaves the micro-batches already taken counted: with ``grad_accum`` > 1 every later
+    optimizer step would then mix the end of one logical step with the start of the next, and a
+    ZeRO-Offload optimizer would add the next backward to the skipped step's (non-finite) sums."""
+    engine.zero_grad()
+    engine.micro_steps = marks[0]
+    if marks[1] is not None:
+        engine.optimizer.micro_step_id = marks[1]
+
+
 def consolidated_state_dict(engine: Any) -> dict[str, Any]:
     """Full state dict of the encoder on every rank (gathers ZeRO-3 shards: a collective)."""
     import deepspeed

@@ -39,7 +39,14 @@ from hbt_ray.sampler import HybridBatchSampler
 from hbt_ray.train import checkpoint as ckpt
 from hbt_ray.train.batches import PrefetchedBatches, batch_preparer, deal_by_tokens
 from hbt_ray.train.config import TrainConfig
-from hbt_ray.train.deepspeed import build_optimizer, consolidated_state_dict, deepspeed_config, zero_stage
+from hbt_ray.train.deepspeed import (
+    accumulation_marks,
+    build_optimizer,
+    consolidated_state_dict,
+    deepspeed_config,
+    rewind_accumulation,
+    zero_stage,
+)
 from hbt_ray.train.gradcache import cached_step, num_chunks
 from hbt_ray.train.mix import FALLBACK_GRACE_STEPS, MIX_FILE, FallbackShareError, mix_counts, mix_summary
 from hbt_ray.train.runfiles import PLACEMENT_GROUP_FILE, StepLog, stop_requested
@@ -184,6 +191,7 @@ class TrainRecipe:
         mix_langs, mix_sources = self.batches.sampler.langs, self.job.get("sources") or []
         step_counts = [0.0] * (len(mix_langs) + len(mix_sources) + 2)
         phase = dict.fromkeys(PHASES, 0.0)
+        marks = accumulation_marks(self.engine)
         for micro_index in range(cfg.optim.grad_accum):
             t_phase = time.perf_counter()
             batch, prepared = self.batches.next()
@@ -201,8 +209,8 @@ class TrainRecipe:
             else:
                 loss, tau = self.engine(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask)
             t_phase = _add_time(phase, "forward", t_phase)
-            if cfg.run.debug_nan_at_step is not None and self.step_no + 1 == cfg.run.debug_nan_at_step:
-                loss = loss * float("nan")
+            if self.step_no + 1 == cfg.run.debug_nan_at_step and micro_index == cfg.optim.grad_accum - 1:
+                loss = loss * float("nan")  # the step's last micro-batch: the others have been taken
             # All ranks must take the same decision: act on the mean loss over ranks. The same
             # all-reduce sums the candidates each query is scored against (passages + negatives of
             # every rank when loss.gather, else this rank's) and carries rank 0's "report due".
@@ -237,7 +245,8 @@ class TrainRecipe:
         self.step_no += 1  # a skipped step still consumed its batches: the stream stays aligned
         self._add_mix(step_counts, mix_langs, mix_sources)
         if nonfinite_at:
-            self._skip_nonfinite(f"step {self.step_no} (micro-batch {nonfinite_at}/{cfg.optim.grad_accum})")
+            self._skip_nonfinite(f"step {self.step_no} (micro-batch {nonfinite_at}/{cfg.optim.grad_accum})", marks)
+            losses = []  # skipped, whatever micro-batches went before the non-finite one
         dt = time.perf_counter() - t0
         self.losses, self.prints = losses, prints
         if not losses:
@@ -257,6 +266,8 @@ class TrainRecipe:
             "fallback_pairs": self.mix["fallback_pairs"],
             "fallback_share": self.mix["fallback_pairs"] / max(1, self.mix["pairs"]),
             "candidates": max(candidates),
+            "optimizer_steps": self.engine.global_steps,  # DeepSpeed's count: steps taken minus skipped
+            "micro_steps": self.engine.micro_steps,  # grad_accum (x GradCache chunks) per optimizer step
             **{f"time_{k}_s": v for k, v in phase.items()},
         }
 
@@ -284,12 +295,12 @@ class TrainRecipe:
                 f"step {self.step_no}",
             )
 
-    def _skip_nonfinite(self, where: str) -> None:
+    def _skip_nonfinite(self, where: str, marks: tuple[int, int | None]) -> None:
         run = self.cfg.run
         if run.nan_policy == "error":
             raise NonFiniteLossError(f"non-finite loss at {where}; set run.nan_policy=skip to skip such steps")
         self.skipped += 1
-        self.engine.optimizer.zero_grad()
+        rewind_accumulation(self.engine, marks)
         if self.rank == 0:
             print(f"[hbt_ray.train] non-finite loss at {where}: skipped ({self.skipped} so far)", flush=True)
         if self.skipped > run.max_skipped_steps:
