@@ -4,7 +4,6 @@ groups that a rare language is recycled from."""
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -12,6 +11,7 @@ import numpy as np
 from hbt_ray.data.records import DataError, PairGroup
 
 from .config import RESERVOIR_MIN, SamplerConfig, StreamFactory
+from .reservoir import Reservoir
 from .stats import SamplerStats
 
 Plan = tuple[tuple[int, ...], tuple[int, ...]]
@@ -57,10 +57,7 @@ class GroupBuffer:
         self.qs: list[Any] = [None] * size  # per slot: the row's queries / passages lists
         self.ps: list[Any] = [None] * size
         self._plans: dict[tuple, Plan] = {}
-        # Per language, the most recently used groups that hold it: drawn again when the buffer has too
-        # few fresh ones (a small language drawn at its tempered p(L) is used more often than the
-        # stream brings it — the upsampling lang_temperature asks for).
-        self.reservoir: list[deque] = [deque(maxlen=max(4 * per_rank, RESERVOIR_MIN)) for _ in langs]
+        self.reservoir = [Reservoir(max(4 * per_rank, RESERVOIR_MIN)) for _ in langs]
         self.stream: Any = None
         self.stream_pass = 0
         self.stream_pos = 0  # rows read from the current pass
@@ -117,6 +114,9 @@ class GroupBuffer:
         self.stats.passes += 1
 
     # ------------------------------------------------------------------ admission
+    def _usable(self, row: Any) -> tuple[int, ...]:
+        return self.lang_plan(row["langs"], row["group_id"])[0]
+
     def lang_plan(self, langs: Any, gid: Any) -> Plan:
         """(language indices, positions in the row lists) of a row's usable languages, cached per tuple."""
         key = tuple(langs)
@@ -273,12 +273,23 @@ class GroupBuffer:
         """Free slots (their rows stay referenced until overwritten: at most buffer_groups rows); with
         ``keep``, the used groups join the reservoirs of their languages."""
         ids = self.ids
-        if keep:
-            reservoir, rows = self.reservoir, self.rows
-            for slot in slots.tolist():
-                for col in np.flatnonzero(self.lang_pos[slot] >= 0).tolist():
-                    reservoir[col].append(rows[slot])
-        self.in_buffer.difference_update([ids[s] for s in slots.tolist()])
+        slot_list = slots.tolist()
+        gids = [ids[s] for s in slot_list]
+        if keep and slot_list:  # (every alive slot has a usable language)
+            # Every (language, slot) of a usable language, language by language, slots in release order.
+            present = self.lang_pos[slots] >= 0
+            multi = (present.sum(axis=1) >= 2).tolist()
+            langs, which = np.nonzero(present.T)
+            bounds = (np.flatnonzero(np.diff(langs)) + 1).tolist()
+            starts, ends = [0, *bounds], [*bounds, len(langs)]
+            rows = [self.rows[s] for s in slot_list]
+            which_list = which.tolist()
+            for lang, start, end in zip(langs[starts].tolist(), starts, ends):
+                idx = which_list[start:end]
+                self.reservoir[lang].extend(
+                    [rows[i] for i in idx], [gids[i] for i in idx], [multi[i] for i in idx]
+                )
+        self.in_buffer.difference_update(gids)
         self.alive[slots] = False
         self.cross_ok[slots] = False
         self.has[:, slots] = False
@@ -289,16 +300,8 @@ class GroupBuffer:
     ) -> np.ndarray:
         """Up to n groups of ``lang`` used before (its reservoir), not in the buffer, put into spare slots
         for this step (released, and so back in the reservoirs, with the batch)."""
-        in_buffer, seen, rows = self.in_buffer, set(), []
-        for row in self.reservoir[lang]:
-            gid = row["group_id"]
-            if gid in in_buffer or gid in seen:
-                continue
-            cols = self.lang_plan(row["langs"], gid)[0]
-            if other is not None and (len(cols) < 2 if other < 0 else other not in cols):
-                continue
-            seen.add(gid)
-            rows.append(row)
+        in_buffer = self.in_buffer
+        rows = self.reservoir[lang].candidates(in_buffer, other, self._usable)
         if not rows:
             return np.zeros(0, dtype=np.int64)
         if len(rows) > n:

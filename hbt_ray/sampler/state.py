@@ -45,7 +45,7 @@ def state_dict(
     reservoirs = []
     for res in buf.reservoir:
         idx = []
-        for row in res:
+        for row in res.rows:
             i = unique.get(row["group_id"])
             if i is None:
                 i = unique[row["group_id"]] = len(reservoir_rows)
@@ -108,5 +108,4 @@ def load_buffer(buf: GroupBuffer, state: dict[str, Any]) -> None:
     buf.index_slots(filled, counts, cols, poss)
     rows = state.get("reservoir_rows", [])
     for res, idx in zip(buf.reservoir, state.get("reservoirs", [[] for _ in buf.reservoir])):
-        res.clear()
-        res.extend(rows[i] for i in idx)
+        res.load([rows[i] for i in idx], buf._usable)
