@@ -111,21 +111,19 @@ class Drawer:
         taken[candidates] = True
         return candidates
 
-    def _draw_lang(
-        self,
-        rng: np.random.Generator,
-        slots: np.ndarray,
-        exclude: np.ndarray | None = None,
-        weights: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Per slot a language ∝ p among the group's languages (minus ``exclude``); ``weights``: the
-        slots' ``(languages present) * p`` if already computed (modified when excluding)."""
-        if weights is None:
-            weights = (self.buffer.lang_pos[slots] >= 0) * self.p[None, :]
+    def _draw_lang(self, rng: np.random.Generator, slots: np.ndarray) -> np.ndarray:
+        """Per slot a language ∝ p among the group's languages."""
+        return self._langs_of(slots, rng.random(len(slots)))
+
+    def _langs_of(self, slots: np.ndarray, u: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+        """Per slot the language ∝ p among the group's languages (minus ``exclude``) that the uniform
+        ``u`` picks: the arithmetic of a draw whose random numbers were taken already, so the draws of
+        several languages are computed at once."""
+        weights = (self.buffer.lang_pos[slots] >= 0) * self.p[None, :]
         if exclude is not None:
             weights[np.arange(len(slots)), exclude] = 0.0
         cum = np.cumsum(weights, axis=1)
-        u = rng.random(len(slots)) * cum[:, -1]
+        u = u * cum[:, -1]
         return np.minimum((cum <= u[:, None]).sum(axis=1), self.n_langs - 1)
 
     def _draw_from_p(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -146,15 +144,25 @@ class Drawer:
             slots = np.concatenate([slots, self.buffer.recycle(rng, lang, n - len(slots), taken, other)])
         return slots
 
+    def _needs(self, drawn: np.ndarray, n: int) -> list[tuple[int, int]]:
+        """(value, how often drawn) of the values in ``drawn`` (all < n), ascending."""
+        counts = np.bincount(drawn, minlength=n)
+        values = np.flatnonzero(counts)
+        return list(zip(values.tolist(), counts[values].tolist()))
+
     def _xx_part(self, rng: np.random.Generator, k: int, taken: np.ndarray) -> tuple[list, int]:
         """k (L, L) pairs, L drawn per pair ∝ p(L); (parts, pairs that had to be filled otherwise)."""
         parts, short = [], 0
-        drawn = self._draw_from_p(rng, k)
-        for lang in np.unique(drawn).tolist():
-            need = int((drawn == lang).sum())
+        picked, langs = [], []
+        for lang, need in self._needs(self._draw_from_p(rng, k), self.n_langs):
             slots = self._pick_lang(rng, lang, need, taken)
-            parts.append((slots, np.full(len(slots), lang), np.full(len(slots), lang)))
+            picked.append(slots)
+            langs.append(lang)
             short += need - len(slots)
+        if picked:
+            slots = np.concatenate(picked)
+            lang_of = np.repeat(langs, [len(x) for x in picked])
+            parts.append((slots, lang_of, lang_of))
         if short:  # a language with fewer groups than asked of it: (L', L') pairs of whatever is there
             self.stats.short_steps += 1
             self.stats.xx_fallback += short
@@ -165,27 +173,33 @@ class Drawer:
         """k (X, Y) pairs, X ≠ Y: X drawn per pair ∝ p(L), Y among the group's other languages ∝ p (with
         ``lang_pairs``: (X, Y) drawn ∝ their weight); (parts, pairs filled with x-x pairs for want)."""
         parts, short = [], 0
+        picked, qs, ps, us = [], [], [], []
         n_langs = self.n_langs
         if self._pair_w is None:
-            drawn = self._draw_from_p(rng, k)
-            for lang in np.unique(drawn).tolist():
-                need = int((drawn == lang).sum())
+            for lang, need in self._needs(self._draw_from_p(rng, k), n_langs):
                 slots = self._pick_lang(rng, lang, need, taken, other=-1)
-                if len(slots):
-                    weights = (self.buffer.lang_pos[slots] >= 0) * self.p[None, :]
-                    qlang = np.full(len(slots), lang)
-                    parts.append((slots, qlang, self._draw_lang(rng, slots, exclude=qlang, weights=weights)))
+                if len(slots):  # Y's random numbers now, in the order of the draws; Y itself below
+                    picked.append(slots)
+                    qs.append(lang)
+                    us.append(rng.random(len(slots)))
                 short += need - len(slots)
         else:
             flat_w = self._pair_w.reshape(-1)
             cum = np.cumsum(flat_w)
             drawn = np.minimum(np.searchsorted(cum, rng.random(k) * cum[-1], side="right"), len(flat_w) - 1)
-            for pair in np.unique(drawn).tolist():
-                need = int((drawn == pair).sum())
+            for pair, need in self._needs(drawn, len(flat_w)):
                 q, p = divmod(pair, n_langs)
                 slots = self._pick_lang(rng, q, need, taken, other=p)
-                parts.append((slots, np.full(len(slots), q), np.full(len(slots), p)))
+                picked.append(slots)
+                qs.append(q)
+                ps.append(p)
                 short += need - len(slots)
+        if picked:
+            slots = np.concatenate(picked)
+            sizes = [len(x) for x in picked]
+            qlang = np.repeat(qs, sizes)
+            plang = np.repeat(ps, sizes) if ps else self._langs_of(slots, np.concatenate(us), exclude=qlang)
+            parts.append((slots, qlang, plang))
         if short:
             self.stats.short_steps += 1
             self.stats.cross_fallback += short
