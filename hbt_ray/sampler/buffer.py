@@ -14,7 +14,8 @@ from .config import RESERVOIR_MIN, SamplerConfig, StreamFactory
 from .reservoir import Reservoir
 from .stats import SamplerStats
 
-Plan = tuple[tuple[int, ...], tuple[int, ...]]
+#: (language indices, positions in the row lists, id of the plan's row in the plan table)
+Plan = tuple[tuple[int, ...], tuple[int, ...], int]
 
 
 class GroupBuffer:
@@ -57,6 +58,10 @@ class GroupBuffer:
         self.qs: list[Any] = [None] * size  # per slot: the row's queries / passages lists
         self.ps: list[Any] = [None] * size
         self._plans: dict[tuple, Plan] = {}
+        # Per plan its slot row of lang_pos and whether it can give a cross pair: a slot is indexed by
+        # copying its plan's rows, not language by language.
+        self._plan_pos = np.full((64, n_langs), -1, dtype=np.int16)
+        self._plan_cross = np.zeros(64, dtype=bool)
         self.reservoir = [Reservoir(max(4 * per_rank, RESERVOIR_MIN)) for _ in langs]
         self.stream: Any = None
         self.stream_pass = 0
@@ -134,12 +139,21 @@ class GroupBuffer:
                         f"stream of rank {self.rank}",
                         f"group {gid}",
                     )
-            if len(self._plans) > 100_000:
-                self._plans.clear()
-            plan = self._plans[key] = (tuple(cols), tuple(poss))
+            pid = len(self._plans)
+            if pid == len(self._plan_cross):
+                self._plan_pos = np.concatenate([self._plan_pos, np.full_like(self._plan_pos, -1)])
+                self._plan_cross = np.concatenate([self._plan_cross, np.zeros_like(self._plan_cross)])
+            self._plan_pos[pid] = -1  # a row of a cleared cache
+            self._plan_pos[pid, cols] = poss
+            if self._pair_w is None:
+                self._plan_cross[pid] = len(cols) >= 2
+            else:
+                present = (self._plan_pos[pid] >= 0).astype(float)
+                self._plan_cross[pid] = ((present @ self._pair_w) * present).sum() > 0
+            plan = self._plans[key] = (tuple(cols), tuple(poss), pid)
         return plan
 
-    def _admit(self) -> tuple[Any, tuple[tuple[int, ...], tuple[int, ...]]] | None:
+    def _admit(self) -> tuple[Any, Plan] | None:
         """The next (row, language plan) for the buffer: a deferred row whose group has left the buffer,
         else the next stream row. A stream row whose group is still in the buffer (the stream wrapped
         around) is deferred; with more than ``buffer_groups`` deferred rows (split smaller than the
@@ -193,12 +207,13 @@ class GroupBuffer:
         free = np.flatnonzero(~self.alive[: self.cfg.buffer_groups])  # the spare slots stay free
         if len(free) == 0:
             return
-        counts: list[int] = []
-        cols: list[int] = []
-        poss: list[int] = []
+        if len(self._plans) > 100_000:  # between refills: no plan id is held
+            self._plans.clear()
+        pids: list[int] = []
         filled: list[int] = []
         rows, ids, qs, ps, in_buffer = self.rows, self.ids, self.qs, self.ps, self.in_buffer
         plans, deferred = self._plans, self.deferred
+        fast = 0  # rows of the fast path not yet counted in the stream position and stats
         for slot in free.tolist():
             row = None
             stream = self.stream
@@ -206,10 +221,9 @@ class GroupBuffer:
                 try:
                     row = next(stream)
                 except StopIteration:
+                    fast = self._count_fast(fast)
                     self._end_pass()  # _admit opens the next one
                 if row is not None:
-                    self.stream_pos += 1
-                    self._pass_rows += 1
                     try:
                         gid = row["group_id"]
                         langs = row["langs"]
@@ -225,49 +239,52 @@ class GroupBuffer:
                     except (KeyError, TypeError):
                         ok = False
                     if ok:
-                        self.stats.groups_read += 1
+                        fast += 1
                     else:
+                        fast = self._count_fast(fast)
+                        self.stream_pos += 1
+                        self._pass_rows += 1
                         self._pending = row  # the slow path checks and reports it
                         row = None
             if row is None:
+                fast = self._count_fast(fast)
                 admitted = self._admit()
                 if admitted is None:
                     break
-                row, (row_cols, row_poss) = admitted
+                row, plan = admitted
                 gid, queries, passages = row["group_id"], row["queries"], row["passages"]
-            else:
-                row_cols, row_poss = plan
-            counts.append(len(row_cols))
-            cols.extend(row_cols)
-            poss.extend(row_poss)
+            pids.append(plan[2])
             rows[slot] = row
             ids[slot] = gid
             qs[slot] = queries
             ps[slot] = passages
             in_buffer.add(gid)
             filled.append(slot)
+        self._count_fast(fast)
         if filled:
             self.arrival[filled] = np.arange(self.arrivals, self.arrivals + len(filled))
             self.arrivals += len(filled)
-            self.index_slots(filled, counts, cols, poss)
+            self.index_slots(filled, pids)
 
-    def index_slots(self, filled: list[int], counts: list[int], cols: list[int], poss: list[int]) -> None:
-        """Index newly filled slots: slot ``filled[i]`` has ``counts[i]`` usable languages, whose
-        (language index, position in the row lists) are the next ``counts[i]`` items of cols / poss."""
+    def _count_fast(self, n: int) -> int:
+        """Count ``n`` rows admitted by the fast path of :meth:`refill` as read; → 0."""
+        self.stream_pos += n
+        self._pass_rows += n
+        self.stats.groups_read += n
+        return 0
+
+    def index_slots(self, filled: list[int], pids: list[int]) -> None:
+        """Index newly filled slots: slot ``filled[i]`` holds a row of plan ``pids[i]`` (slots freed by
+        :meth:`release`, so their rows of the indices are empty)."""
         if not filled:
             return
-        filled_arr = np.array(filled, dtype=np.intp)
-        counts_arr = np.array(counts, dtype=np.intp)
-        rows_idx = np.repeat(filled_arr, counts_arr)
-        cols_arr = np.array(cols, dtype=np.intp)
-        self.lang_pos[rows_idx, cols_arr] = poss
-        self.has[cols_arr, rows_idx] = True
-        self.alive[filled_arr] = True
-        if self._pair_w is None:
-            self.cross_ok[filled_arr] = counts_arr >= 2
-        else:
-            hf = (self.lang_pos[filled_arr] >= 0).astype(float)
-            self.cross_ok[filled_arr] = ((hf @ self._pair_w) * hf).sum(axis=1) > 0
+        slots = np.array(filled, dtype=np.intp)
+        pid = np.array(pids, dtype=np.intp)
+        pos = self._plan_pos[pid]
+        self.lang_pos[slots] = pos
+        self.has[:, slots] = (pos >= 0).T
+        self.alive[slots] = True
+        self.cross_ok[slots] = self._plan_cross[pid]
 
     def release(self, slots: np.ndarray, keep: bool = True) -> None:
         """Free slots (their rows stay referenced until overwritten: at most buffer_groups rows); with
@@ -310,16 +327,13 @@ class GroupBuffer:
             else:
                 rows = rows[:n]  # the least recently used first
         spare = np.flatnonzero(~self.alive[self.cfg.buffer_groups :])[: len(rows)] + self.cfg.buffer_groups
-        counts, cols_all, poss_all = [], [], []
+        pids = []
         for slot, row in zip(spare.tolist(), rows):
-            cols, poss = self.lang_plan(row["langs"], row["group_id"])
-            counts.append(len(cols))
-            cols_all.extend(cols)
-            poss_all.extend(poss)
+            pids.append(self.lang_plan(row["langs"], row["group_id"])[2])
             self.rows[slot], self.ids[slot] = row, row["group_id"]
             self.qs[slot], self.ps[slot] = row["queries"], row["passages"]
             in_buffer.add(row["group_id"])
-        self.index_slots(spare.tolist(), counts, cols_all, poss_all)
+        self.index_slots(spare.tolist(), pids)
         taken[spare] = True
         self.stats.recycled_pairs += len(spare)
         return spare.astype(np.int64)

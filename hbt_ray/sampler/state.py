@@ -91,12 +91,9 @@ def load_buffer(buf: GroupBuffer, state: dict[str, Any]) -> None:
     buf.in_buffer.clear()
     buf.seek(int(state["stream_pass"]), int(state["stream_pos"]))
     buf.deferred = list(state["deferred"])
-    counts, cols, poss, filled = [], [], [], []
+    pids, filled = [], []
     for slot, arrival, row in state["buffer"]:
-        row_cols, row_poss = buf.lang_plan(row["langs"], row["group_id"])
-        counts.append(len(row_cols))
-        cols.extend(row_cols)
-        poss.extend(row_poss)
+        pids.append(buf.lang_plan(row["langs"], row["group_id"])[2])
         buf.rows[slot] = row
         buf.ids[slot] = row["group_id"]
         buf.qs[slot] = row["queries"]
@@ -105,7 +102,7 @@ def load_buffer(buf: GroupBuffer, state: dict[str, Any]) -> None:
         buf.arrival[slot] = arrival
         filled.append(slot)
     buf.arrivals = int(state["arrivals"])
-    buf.index_slots(filled, counts, cols, poss)
+    buf.index_slots(filled, pids)
     rows = state.get("reservoir_rows", [])
     for res, idx in zip(buf.reservoir, state.get("reservoirs", [[] for _ in buf.reservoir])):
         res.load([rows[i] for i in idx], buf._usable)
