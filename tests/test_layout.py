@@ -16,7 +16,7 @@ PACKAGE = ROOT / "hbt_ray"
 LAYERS = {"config": 0, "cluster": 0, "provenance": 0, "storage": 0, "data": 1, "sampler": 2, "model": 3, "loss": 4, "evaluate": 5,
           "train": 6, "tune": 7, "reproduce": 8}  # fmt: skip
 MAX_LINES = 450
-LONG_ALLOWED = {"sampler.py"}
+LONG_ALLOWED: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:
