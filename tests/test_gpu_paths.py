@@ -88,3 +88,79 @@ def test_an_encoder_actor_uses_the_device_its_pool_reserved_not_any_it_can_see(m
         assert encode.actor_resources(None, 1.0) == expected
     assert encode.actor_resources(0.5, 1.0) == (0.5, 0.0, "cuda")  # asked for: reserved and used
     assert encode.actor_resources(0.0, 2.0) == (0.0, 2.0, "cpu")
+
+
+MIXED_PRECISION_SCRIPT = r'''
+import json, os, socket, sys
+
+os.environ["DS_ACCELERATOR"] = "cpu"
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                  LOCAL_WORLD_SIZE="1")
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+import deepspeed
+from deepspeed.utils import safe_get_full_fp32_param
+
+from hbt_ray.loss import ContrastiveModule, LossConfig
+from hbt_ray.model import ModelConfig, load_dual_encoder
+from hbt_ray.train.config import DeepSpeedConfig, OptimConfig
+from hbt_ray.train.deepspeed import build_optimizer, consolidated_state_dict, deepspeed_config
+
+stage, cache_dir = int(sys.argv[1]), sys.argv[2]
+torch.manual_seed(0)
+encoder = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir))
+module = ContrastiveModule(encoder, LossConfig(temperature=0.05, learnable_temperature=True, gather=False))
+optim = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant")
+ds = DeepSpeedConfig(zero_stage=stage, precision="bf16", single_worker_stage=None)
+engine, *_ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, optim),
+                                  config=deepspeed_config(optim, ds, 10, 4, 1), dist_init_required=False)
+q = encoder.tokenize([f"query {i} about {i * 3}" for i in range(4)], "query")
+p = encoder.tokenize([f"passage {i} answers {i * 3} in words" for i in range(4)], "passage")
+for _ in range(3):
+    loss, tau = engine(q["input_ids"], q["attention_mask"], p["input_ids"], p["attention_mask"], None, None)
+    engine.backward(loss)
+    engine.step()
+state = consolidated_state_dict(engine)
+masters, module_copy = {}, {}
+for name, param in engine.module.encoder.named_parameters():
+    masters[name] = safe_get_full_fp32_param(param).float()
+with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+    for name, param in engine.module.encoder.named_parameters():
+        module_copy[name] = param.detach().clone()
+    log_tau = engine.module.temperature.log_tau.detach().clone()
+report = {
+    "export_dtypes": sorted({str(state[n].dtype) for n in masters}),
+    "module_dtypes": sorted({str(v.dtype) for v in module_copy.values()}),
+    "export_equals_master": all(torch.equal(state[n], masters[n]) for n in masters),
+    "module_differs_from_master": any(not torch.equal(module_copy[n].float(), masters[n]) for n in masters),
+    "tau_dtype": str(log_tau.dtype),
+    "tau_forward_dtype": str(tau.dtype),
+}
+print("REPORT " + json.dumps(report))
+'''
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_bf16_export_holds_the_fp32_master_weights(tmp_path, stage):
+    """Under ``precision: bf16`` the module's weights are the bf16 copy the forward uses; DeepSpeed keeps
+    fp32 masters (ZeRO 2: partitioned; ZeRO 3: partitioned and gathered). The export is the masters, so a
+    GPU-trained model is as exact as a CPU-trained one (before: the rounded bf16 copy)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", MIXED_PRECISION_SCRIPT, str(stage), str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=600, cwd=root)  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    report = json.loads(lines[-1].removeprefix("REPORT "))
+    assert report["module_dtypes"] == ["torch.bfloat16"]  # the run really was bf16
+    assert report["module_differs_from_master"]  # so which copy is exported matters
+    assert report["export_dtypes"] == ["torch.float32"] and report["export_equals_master"], report

@@ -139,10 +139,22 @@ def rewind_accumulation(engine: Any, marks: tuple[int, int | None]) -> None:
 
 
 def consolidated_state_dict(engine: Any) -> dict[str, Any]:
-    """Full state dict of the encoder on every rank (gathers ZeRO-3 shards: a collective)."""
+    """Full state dict of the encoder on every rank (a collective: every rank calls it).
+
+    The parameters are the optimizer's fp32 master weights where there are any (ZeRO 1-3 and DeepSpeed's
+    bf16 optimizer keep them), not the module's copy: under bf16 / fp16 that copy is the rounded one the
+    forward pass used, so an export of it would be lossy for no reason and not comparable with fp32 runs.
+    Buffers, and parameters without a master copy (fp32 without ZeRO), come from the module."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        return {k: v.detach().cpu().clone() for k, v in module.encoder.state_dict().items()}
+    masters = {}
+    for name, param in module.encoder.named_parameters(remove_duplicate=False):
+        full = safe_get_full_fp32_param(param)  # assembled from the ranks' partitions: a collective
+        if full is not None:
+            masters[name] = full.detach().float().cpu().clone()
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        state = {k: v.detach().cpu().clone() for k, v in module.encoder.state_dict().items()}
+    state.update((name, value) for name, value in masters.items() if name in state)
+    return state
