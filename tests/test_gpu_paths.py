@@ -164,3 +164,43 @@ def test_a_bf16_export_holds_the_fp32_master_weights(tmp_path, stage):
     assert report["module_dtypes"] == ["torch.bfloat16"]  # the run really was bf16
     assert report["module_differs_from_master"]  # so which copy is exported matters
     assert report["export_dtypes"] == ["torch.float32"] and report["export_equals_master"], report
+
+
+def test_on_gpu_offload_is_pinned_reductions_overlap_and_fp32_matmuls_use_tf32():
+    from hbt_ray.train.config import DeepSpeedConfig, OptimConfig
+    from hbt_ray.train.deepspeed import deepspeed_config, enable_tf32
+
+    offload = DeepSpeedConfig(zero_stage=3, offload_optimizer=True, offload_param=True)
+    for on_gpu in (True, False):
+        zero = deepspeed_config(OptimConfig(), offload, 10, 8, 2, on_gpu=on_gpu)["zero_optimization"]
+        assert zero["offload_optimizer"]["pin_memory"] is on_gpu and zero["offload_param"]["pin_memory"] is on_gpu
+        assert zero["overlap_comm"] is on_gpu
+    assert "overlap_comm" not in deepspeed_config(OptimConfig(), DeepSpeedConfig(zero_stage=1), 10, 8, 2,
+                                                  on_gpu=True)["zero_optimization"]  # fmt: skip
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:  # (settable properties of torch's backend modules: set and restored by hand)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert not enable_tf32(torch.device("cpu")) and not torch.backends.cuda.matmul.allow_tf32
+        assert enable_tf32(torch.device("cuda", 0))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_batches_for_a_gpu_are_made_in_pinned_memory(monkeypatch, tmp_path):
+    """``non_blocking=True`` copies are asynchronous only from page-locked memory: the prefetch thread
+    pins every tensor of a batch meant for a GPU (and none of one for a CPU worker)."""
+    from hbt_ray.model import ModelConfig, load_dual_encoder
+    from hbt_ray.sampler import Batch
+    from hbt_ray.train.batches import batch_preparer
+
+    pinned: list[tuple[int, ...]] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(tuple(t.shape)) or t)
+    encoder = load_dual_encoder(ModelConfig(name="tiny", cache_dir=str(tmp_path)), train_texts=["a b c", "d e"])
+    batch = Batch(step=0, epoch=0, strategy="x-y", lang=None, queries=["a b", "c"], passages=["d e", "a"],
+                  negatives=[["e d"], []], query_langs=["en", "en"], passage_langs=["de", "de"], group_ids=["1", "2"])
+    batch_preparer(encoder, hard_negatives=True)(batch)
+    assert pinned == []
+    prepared = batch_preparer(encoder, hard_negatives=True, pin=True)(batch)
+    assert len(pinned) == 6 and sorted(pinned) == sorted(tuple(t.shape) for t in prepared[:6])

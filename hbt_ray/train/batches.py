@@ -13,12 +13,16 @@ from typing import Any
 from hbt_ray.sampler import Batch, HybridBatchSampler
 
 
-def batch_preparer(encoder: Any, hard_negatives: bool) -> Callable[[Batch], tuple[Any, ...]]:
+def batch_preparer(encoder: Any, hard_negatives: bool, pin: bool = False) -> Callable[[Batch], tuple[Any, ...]]:
     """``prepare(batch)`` → ``(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, negatives_per_pair)``: the
-    batch tokenized by the encoder (``n_ids`` None when no pair has hard negatives)."""
+    batch tokenized by the encoder (``n_ids`` None when no pair has hard negatives). ``pin`` (training on
+    a GPU): the tensors in page-locked memory, made in the prefetch thread, so that the step's
+    ``.to(device, non_blocking=True)`` is an asynchronous copy rather than a blocking one."""
 
     def tokenize(texts: list[str], kind: str) -> tuple[Any, Any]:
         tok = encoder.tokenize(texts, kind)
+        if pin:
+            return tok["input_ids"].pin_memory(), tok["attention_mask"].pin_memory()
         return tok["input_ids"], tok["attention_mask"]
 
     def prepare(batch: Batch) -> tuple[Any, ...]:

@@ -33,21 +33,27 @@ def worker_env_vars(run: RunConfig) -> dict[str, str]:
 
 def deepspeed_config(
     optim: OptimConfig, ds_cfg: DeepSpeedConfig, max_steps: int, micro_batch_per_worker: int, world_size: int,
-    chunks: int = 1,
+    chunks: int = 1, on_gpu: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """The DeepSpeed config dict for ``deepspeed.initialize``, built from the typed sections. With GradCache
     (``chunks`` > 1) every chunk is an engine micro-step: ``micro_batch_per_worker`` is then the chunk.
 
+    ``on_gpu``: offloaded states live in pinned host memory (copies to and from the GPU run asynchronously)
+    and ZeRO 2/3 overlap their gradient reductions with the backward on a CUDA stream; on CPU workers both
+    only cost (there is no device copy to speed up, no second stream).
+
     >>> ds = deepspeed_config(OptimConfig(), DeepSpeedConfig(), 100, micro_batch_per_worker=16, world_size=2)
-    >>> ds["zero_optimization"]["stage"], ds["train_batch_size"]
-    (2, 32)
+    >>> ds["zero_optimization"]["stage"], ds["train_batch_size"], ds["zero_optimization"]["overlap_comm"]
+    (2, 32, False)
     """
     o, d = optim, ds_cfg
     zero: dict[str, Any] = {"stage": zero_stage(d, world_size)}
+    if zero["stage"] >= 2:
+        zero["overlap_comm"] = on_gpu
     if d.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if d.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     if zero["stage"] == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     ds: dict[str, Any] = {
@@ -102,6 +108,19 @@ def _scheduler(o: OptimConfig, max_steps: int) -> dict[str, Any]:
         "params": {"warmup_min_lr": warmup_start, "warmup_max_lr": o.lr, "warmup_num_steps": warmup,
                    "warmup_type": "linear"},
     }  # fmt: skip
+
+
+def enable_tf32(device: Any) -> bool:
+    """On a CUDA device, let fp32 matmuls and convolutions use TF32 tensor cores (fp32 range, a 10-bit
+    mantissa, several times the fp32 rate on Ampere and later): what the fp32 parts of a run (and a
+    ``precision: fp32`` run) use there; on CPU nothing changes. → whether it was enabled."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
 
 
 def build_optimizer(module: Any, optim: OptimConfig) -> Any:

@@ -44,6 +44,7 @@ from hbt_ray.train.deepspeed import (
     build_optimizer,
     consolidated_state_dict,
     deepspeed_config,
+    enable_tf32,
     rewind_accumulation,
     zero_stage,
 )
@@ -114,6 +115,7 @@ class TrainRecipe:
         if cfg.run.torch_threads > 0:
             torch.set_num_threads(cfg.run.torch_threads)
         self.device = ray.train.torch.get_device() if use_gpu(cfg.run.use_gpu) else torch.device("cpu")
+        enable_tf32(self.device)
         ckpt.seed_everything(cfg.run.seed)  # same init on every rank
         self.encoder = load_dual_encoder(cfg.model, train_texts=self.job.get("tokenizer_texts"))
         module = ContrastiveModule(self.encoder, cfg.loss)
@@ -128,7 +130,7 @@ class TrainRecipe:
             model=module,
             optimizer=build_optimizer(module, cfg.optim),
             config=deepspeed_config(cfg.optim, cfg.deepspeed, cfg.run.max_steps, math.ceil(micro / chunks), world,
-                                    chunks=chunks),  # fmt: skip
+                                    chunks=chunks, on_gpu=self.device.type == "cuda"),  # fmt: skip
             dist_init_required=False,
         )
         # Each rank streams its own disjoint part of the shards (files r::world, read lazily by Ray Data
@@ -140,7 +142,7 @@ class TrainRecipe:
             cfg.sampler, shard_streams(paths, rank, world, seed=cfg.sampler.seed), rank, world,
             self.job["lang_counts"], num_groups=self.job["num_groups"],
         )  # fmt: skip
-        prepare = batch_preparer(self.encoder, cfg.loss.hard_negatives)
+        prepare = batch_preparer(self.encoder, cfg.loss.hard_negatives, pin=self.device.type == "cuda")
         self.batches = PrefetchedBatches(sampler, prepare, depth=cfg.run.prefetch_batches)
         self.balance = cfg.run.balance_tokens and cfg.loss.gather and world > 1
         # Where each rank runs (Ray node ids, rank order), logged in steps.jsonl: shows the placement.
