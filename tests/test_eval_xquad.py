@@ -242,3 +242,26 @@ def test_a_language_the_subset_left_without_queries_does_not_make_the_scores_nan
     result = evaluate_embeddings(data, encode_eval_set(tiny, data, show_progress=False), cfg)
     for key in ("mono_map", "cross_map", "multi_map", "bias"):
         assert np.isfinite(result.summary[key]), (key, result.summary)
+
+
+def test_encoding_here_uses_this_process_threads_not_one_actor_cpu(xquad_slice, monkeypatch):
+    """In a plain driver all cores (inside a Ray worker or trial, what Ray reserved: its thread count);
+    ``cpus_per_actor`` sizes actors, and a process encoding itself is not one (it used 1 thread)."""
+    import torch
+
+    from hbt_ray.evaluate import placement
+
+    seen: list[int] = []
+    real = placement._encode_by_kind
+    monkeypatch.setattr(placement, "_encode_by_kind", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = EvalConfig(batch_size=8, show_progress=False, encode_on="process", settings=["mono"])
+        evaluate("tiny", xquad_slice, cfg)
+        evaluate("tiny", xquad_slice, EvalConfig(batch_size=8, show_progress=False, encode_on="process",
+                                                 settings=["mono"], actor_threads=1, cache_dir=None))  # fmt: skip
+        assert seen == [2, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        placement.release_encoders()

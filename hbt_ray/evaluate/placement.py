@@ -105,12 +105,14 @@ def release_encoders() -> None:
 
 
 def _encode_here(model: ModelSpec, texts: Sequence[str], kinds: Sequence[str], cfg: EvalConfig) -> np.ndarray:
-    """What one encoder actor would compute, in this process with the actor's thread count."""
+    """What one encoder actor would compute, in this process: with ``actor_threads`` torch threads, else
+    with the threads this process has (all cores in a plain driver; inside a Ray worker or Tune trial, the
+    CPUs Ray reserved for it — not ``cpus_per_actor``, which sizes an actor this process is not)."""
     import torch
 
     encoder = resident_encoder(model, resident_key(model, cfg.float16), cfg.float16)
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.actor_threads or max(1, round(cfg.cpus_per_actor)))
+    torch.set_num_threads(cfg.actor_threads or threads_before)
     try:
         matrix = _encode_by_kind(encoder, texts, kinds, cfg.batch_size, cfg.show_progress)
     finally:
