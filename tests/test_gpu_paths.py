@@ -110,21 +110,26 @@ from hbt_ray.loss import ContrastiveModule, LossConfig
 from hbt_ray.model import ModelConfig, load_dual_encoder
 from hbt_ray.train.config import DeepSpeedConfig, OptimConfig
 from hbt_ray.train.deepspeed import build_optimizer, consolidated_state_dict, deepspeed_config
+from hbt_ray.train.temperature import TemperatureStepper
 
 stage, cache_dir = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)
 encoder = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir))
-module = ContrastiveModule(encoder, LossConfig(temperature=0.05, learnable_temperature=True, gather=False))
+module = ContrastiveModule(encoder, LossConfig(temperature=0.05, learnable_temperature=True, gather=False),
+                           fp32_temperature=True)
 optim = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant")
+tau_stepper = TemperatureStepper(module.temperature, optim, torch.device("cpu"))
 ds = DeepSpeedConfig(zero_stage=stage, precision="bf16", single_worker_stage=None)
 engine, *_ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, optim),
                                   config=deepspeed_config(optim, ds, 10, 4, 1), dist_init_required=False)
 q = encoder.tokenize([f"query {i} about {i * 3}" for i in range(4)], "query")
 p = encoder.tokenize([f"passage {i} answers {i * 3} in words" for i in range(4)], "passage")
 for _ in range(3):
+    lr = engine.get_lr()[0]
     loss, tau = engine(q["input_ids"], q["attention_mask"], p["input_ids"], p["attention_mask"], None, None)
     engine.backward(loss)
     engine.step()
+    tau_stepper.step(lr, 1.0)
 state = consolidated_state_dict(engine)
 masters, module_copy = {}, {}
 for name, param in engine.module.encoder.named_parameters():
@@ -140,6 +145,8 @@ report = {
     "module_differs_from_master": any(not torch.equal(module_copy[n].float(), masters[n]) for n in masters),
     "tau_dtype": str(log_tau.dtype),
     "tau_forward_dtype": str(tau.dtype),
+    "tau": float(engine.module.temperature()),
+    "tau_owned_by_deepspeed": any(p is engine.module.temperature.log_tau for p in engine.module.parameters()),
 }
 print("REPORT " + json.dumps(report))
 '''
@@ -164,6 +171,10 @@ def test_a_bf16_export_holds_the_fp32_master_weights(tmp_path, stage):
     assert report["module_dtypes"] == ["torch.bfloat16"]  # the run really was bf16
     assert report["module_differs_from_master"]  # so which copy is exported matters
     assert report["export_dtypes"] == ["torch.float32"] and report["export_equals_master"], report
+    # τ kept in fp32, out of DeepSpeed's hands, and learning in steps finer than bf16's (0.05 is 0.0498 there)
+    assert report["tau_dtype"] == report["tau_forward_dtype"] == "torch.float32", report
+    assert not report["tau_owned_by_deepspeed"]
+    assert report["tau"] != 0.05 and abs(report["tau"] - 0.05) < 1e-3 * 0.05 * 3 + 1e-9, report
 
 
 def test_on_gpu_offload_is_pinned_reductions_overlap_and_fp32_matmuls_use_tf32():

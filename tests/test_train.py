@@ -455,3 +455,25 @@ def test_a_skipped_step_with_grad_accum_keeps_deepspeed_accumulation_aligned(ray
     assert [h["optimizer_steps"] for h in logged] == [1, 2, 3, 4]
     assert [h["micro_steps"] for h in logged] == [2, 4, 6, 8]
     assert all(np.isfinite(h["loss"]) for h in logged)
+
+
+@pytest.mark.slow
+def test_bf16_training_keeps_a_learnable_temperature_in_fp32(ray_local, tmp_path, shard_dir):
+    """Under precision bf16 DeepSpeed casts what it owns to bf16, where τ = 0.05 is 0.0498 and moves in
+    ~1.6 % steps: the trainer keeps τ out of DeepSpeed and steps it in fp32, so a small learning rate
+    moves it by a little, not by nothing or by a bf16 step. A worker killed after the checkpoint of step 2
+    resumes with that checkpoint's τ (DeepSpeed never saw it): step 3 is the same τ on both attempts."""
+    cfg = tiny_config(
+        tmp_path, shard_dir, "run.name=bf16tau", "run.num_workers=1", "deepspeed.precision=bf16",
+        "loss.learnable_temperature=true", "loss.temperature=0.05", "optim.lr=1e-4", "optim.warmup_steps=0",
+        "run.export=false", "run.max_steps=4", "run.checkpoint_every=2", "run.max_failures=1",
+        "run.debug_kill_at_step=3", "run.debug_kill_rank=0",
+    )  # fmt: skip
+    result = train(cfg)
+    attempts = list(dict.fromkeys(h["attempt"] for h in result.history))
+    assert len(attempts) == 2, attempts
+    taus = {(h["attempt"], h["step"]): h["temperature"] for h in result.history}
+    first = [taus[(attempts[0], step)] for step in (1, 2, 3)]
+    assert first[0] == pytest.approx(0.05, abs=1e-7)  # the start value, exactly
+    assert first[-1] != first[0] and all(abs(t - 0.05) < 2e-5 for t in first), first
+    assert taus[(attempts[1], 3)] == pytest.approx(first[2], abs=1e-9)

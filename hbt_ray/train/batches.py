@@ -4,6 +4,7 @@ so every collective waits as little as possible for the slowest rank."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -191,3 +192,25 @@ class PrefetchedBatches:
         if self._thread is not None:
             self._thread.join()
         self.sampler.close()
+
+
+def all_reduce_mean(values: list[float]) -> list[float]:
+    """The mean of each value over the ranks (plain values on one process)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return [float(x) for x in t.cpu()]
+
+
+def batch_fingerprint(queries: list[str], passages: list[str]) -> str:
+    h = hashlib.sha1()
+    for text in (*queries, *passages):
+        h.update(text.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:12]

@@ -134,10 +134,11 @@ def read_rank_state(directory: Path, rank: int) -> dict[str, Any]:
 
 def save_checkpoint(
     engine: Any, batches: Any, *, step: int, skipped: int, rank: int, world: int, metrics: dict[str, Any],
-    mix: dict[str, Any] | None = None,
+    mix: dict[str, Any] | None = None, temperature: dict[str, Any] | None = None,
 ) -> None:
     """Save and report a checkpoint with ``metrics`` (a collective: every rank calls it); ``mix``: the
-    pairs trained on so far (the same on every rank), continued by a resumed run."""
+    pairs trained on so far (the same on every rank), continued by a resumed run; ``temperature``: a τ
+    stepped outside DeepSpeed (hbt_ray.train.temperature), the same on every rank."""
     import ray.train
 
     tag = f"step{step}"
@@ -146,7 +147,8 @@ def save_checkpoint(
         engine.save_checkpoint(str(tmp_path / "deepspeed"), tag=tag)
         save_rank_state(tmp_path, rank, batches)
         if rank == 0:
-            state = {"step": step, "tag": tag, "skipped": skipped, "world_size": world, "mix": mix or {}}
+            state = {"step": step, "tag": tag, "skipped": skipped, "world_size": world, "mix": mix or {},
+                     "temperature": temperature}  # fmt: skip
             (tmp_path / "trainer_state.json").write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -173,9 +175,11 @@ def load_deepspeed_state(engine: Any, directory: str | Path, tag: str) -> None:
     engine.load_checkpoint(str(directory), tag=tag)
 
 
-def load_checkpoint(checkpoint: Any, engine: Any, batches: Any, rank: int) -> tuple[int, int, dict[str, Any]]:
+def load_checkpoint(
+    checkpoint: Any, engine: Any, batches: Any, rank: int
+) -> tuple[int, int, dict[str, Any], dict[str, Any] | None]:
     """Restore engine, batch stream and RNG states from a Ray Train checkpoint; → (step, skipped steps,
-    the mix trained on so far).
+    the mix trained on so far, the state of a τ stepped outside DeepSpeed or None).
 
     The rank state is read and checked first: a bad one fails before DeepSpeed loads the engine."""
     with checkpoint.as_directory() as ckpt_dir:
@@ -185,4 +189,4 @@ def load_checkpoint(checkpoint: Any, engine: Any, batches: Any, rank: int) -> tu
         load_deepspeed_state(engine, ckpt / "deepspeed", state["tag"])
         batches.load_state_dict({"sampler": rank_state["sampler"], "pending": rank_state["pending"]})
         set_rng_state(rank_state["rng"])
-        return int(state["step"]), int(state["skipped"]), dict(state.get("mix") or {})
+        return int(state["step"]), int(state["skipped"]), dict(state.get("mix") or {}), state.get("temperature")

@@ -19,7 +19,6 @@ sampler over its own part of the shards, and every ``run.checkpoint_every`` step
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -37,7 +36,13 @@ from hbt_ray.loss import ContrastiveModule
 from hbt_ray.model import export_from_state_dict, load_dual_encoder
 from hbt_ray.sampler import HybridBatchSampler
 from hbt_ray.train import checkpoint as ckpt
-from hbt_ray.train.batches import PrefetchedBatches, batch_preparer, deal_by_tokens
+from hbt_ray.train.batches import (
+    PrefetchedBatches,
+    all_reduce_mean,
+    batch_fingerprint,
+    batch_preparer,
+    deal_by_tokens,
+)
 from hbt_ray.train.config import TrainConfig
 from hbt_ray.train.deepspeed import (
     accumulation_marks,
@@ -51,6 +56,7 @@ from hbt_ray.train.deepspeed import (
 from hbt_ray.train.gradcache import cached_step, num_chunks
 from hbt_ray.train.mix import FALLBACK_GRACE_STEPS, MIX_FILE, FallbackShareError, mix_counts, mix_summary
 from hbt_ray.train.runfiles import PLACEMENT_GROUP_FILE, StepLog, stop_requested
+from hbt_ray.train.temperature import TemperatureStepper, training_dtype_keeps_fp32_temperature
 
 PHASES = ("data", "forward", "sync", "backward", "optimizer")
 class NonFiniteLossError(RuntimeError):
@@ -63,28 +69,6 @@ def use_gpu(setting: str) -> bool:
 
         return torch.cuda.is_available()
     return setting == "true"
-
-
-def all_reduce_mean(values: list[float]) -> list[float]:
-    """The mean of each value over the ranks (plain values on one process)."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return [float(x) for x in t.cpu()]
-
-
-def batch_fingerprint(queries: list[str], passages: list[str]) -> str:
-    h = hashlib.sha1()
-    for text in (*queries, *passages):
-        h.update(text.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:12]
 
 
 class TrainRecipe:
@@ -118,7 +102,9 @@ class TrainRecipe:
         enable_tf32(self.device)
         ckpt.seed_everything(cfg.run.seed)  # same init on every rank
         self.encoder = load_dual_encoder(cfg.model, train_texts=self.job.get("tokenizer_texts"))
-        module = ContrastiveModule(self.encoder, cfg.loss)
+        fp32_tau = training_dtype_keeps_fp32_temperature(cfg.deepspeed.precision)
+        module = ContrastiveModule(self.encoder, cfg.loss, fp32_temperature=fp32_tau)
+        self.tau = TemperatureStepper(module.temperature, cfg.optim, self.device) if fp32_tau else None
         stage = zero_stage(cfg.deepspeed, world)
         module.same_calls_every_rank = stage == 3 and world > 1
         if rank == 0 and stage != cfg.deepspeed.zero_stage:
@@ -157,7 +143,10 @@ class TrainRecipe:
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
-            self.step_no, self.skipped, mix = ckpt.load_checkpoint(checkpoint, self.engine, self.batches, self.rank)
+            self.step_no, self.skipped, mix, tau = ckpt.load_checkpoint(checkpoint, self.engine, self.batches,
+                                                                        self.rank)  # fmt: skip
+            if self.tau is not None and tau is not None:
+                self.tau.load_state_dict(tau)
             self.mix.update(mix)
             if self.rank == 0:
                 print(f"[hbt_ray.train] resumed at step {self.step_no} from {checkpoint.path}", flush=True)
@@ -194,6 +183,8 @@ class TrainRecipe:
         step_counts = [0.0] * (len(mix_langs) + len(mix_sources) + 2)
         phase = dict.fromkeys(PHASES, 0.0)
         marks = accumulation_marks(self.engine)
+        # this step's lr and fp16 loss scale, as DeepSpeed's update will use them (for a τ kept in fp32)
+        lr, loss_scale = self.engine.get_lr()[0], float(getattr(self.engine.optimizer, "cur_scale", 1.0))
         for micro_index in range(cfg.optim.grad_accum):
             t_phase = time.perf_counter()
             batch, prepared = self.batches.next()
@@ -249,6 +240,10 @@ class TrainRecipe:
         if nonfinite_at:
             self._skip_nonfinite(f"step {self.step_no} (micro-batch {nonfinite_at}/{cfg.optim.grad_accum})", marks)
             losses = []  # skipped, whatever micro-batches went before the non-finite one
+            if self.tau is not None:
+                self.tau.zero_grad()
+        elif self.tau is not None and self.engine.was_step_applied():  # (fp16 skips overflowing steps)
+            self.tau.step(lr, loss_scale)
         dt = time.perf_counter() - t0
         self.losses, self.prints = losses, prints
         if not losses:
@@ -361,7 +356,8 @@ class TrainRecipe:
             if self.rank == 0:
                 self.steps_log.flush()  # the log in storage covers at least every checkpointed step
             ckpt.save_checkpoint(self.engine, self.batches, step=self.step_no, skipped=self.skipped,
-                                 rank=self.rank, world=self.world, metrics=self.metrics, mix=self.mix)  # fmt: skip
+                                 rank=self.rank, world=self.world, metrics=self.metrics, mix=self.mix,
+                                 temperature=self.tau.state_dict() if self.tau is not None else None)  # fmt: skip
             # The controller registers a reported checkpoint when it drains the worker's result queue;
             # a crash before that loses it. The next step's report blocks until the queue is drained,
             # so from then on the checkpoint is safe.
