@@ -108,6 +108,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                     raise
         raise ConfigError(f"{key}: {value!r} is not {_union_name(args)}")
     if origin is typing.Literal:
+        if isinstance(value, bool) and str(value).lower() in args:
+            # YAML reads true / false (a `run.use_gpu=false` override, an unquoted value in a file) as
+            # booleans: a choice spelled "true" / "false" means the same word
+            return str(value).lower()
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value

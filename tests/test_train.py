@@ -64,6 +64,14 @@ def initial_model_loss(cfg: TrainConfig, shard_dir: Path, pairs) -> float:
 
 
 # ---------------------------------------------------------------------------------------- config
+def test_a_true_false_choice_takes_yaml_booleans():
+    """`run.use_gpu=false` on the command line (YAML reads a boolean) means the choice "false"."""
+    assert load_config(TrainConfig, TINY_YAML, ["run.use_gpu=false"]).run.use_gpu == "false"
+    assert load_config(TrainConfig, None, ["run.use_gpu=true"]).run.use_gpu == "true"
+    with pytest.raises(ConfigError, match=r"^run\.use_gpu: 'maybe' is not one of \['auto', 'true', 'false'\]$"):
+        load_config(TrainConfig, None, ["run.use_gpu=maybe"])
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"unknown config key optim\.lrr"):
         load_config(TrainConfig, TINY_YAML, ["optim.lrr=1e-3"])
