@@ -21,7 +21,8 @@ word-embedding table out of the gradients and optimizer state, so that stage 0 (
 of them) fits this 23.5 GiB box twice; ``--no-freeze-word-embeddings`` trains it too, where memory allows.
 
 Ends with ``RESULT mem_zero1=<peak RSS stage 1 / stage 0> mem_zero2=... mem_zero3=... mem_zero3_offload=...
-time_zero1=<s per step stage 1 / stage 0> time_zero2=... time_zero3=... time_zero3_offload=...``.
+time_zero1=<s per step stage 1 / stage 0> time_zero2=... time_zero3=... time_zero3_offload=...``; a side whose
+workers did not finish (on this box: killed for memory) is reported, and its ratios are ``failed``.
 """
 
 from __future__ import annotations
@@ -168,12 +169,21 @@ def main() -> None:
     say(f"- {args.workers} gloo workers x {args.threads} torch threads, fp32, AdamW; {args.pairs} pairs per worker of "
         f"{args.seq}-token texts; word embeddings {'frozen' if args.freeze_word_embeddings else 'trained'}; "
         f"{args.warmup} untimed + {args.steps} timed steps per side, each side in fresh processes")  # fmt: skip
-    results = {}
+    from torch.multiprocessing import ProcessExitedException
+
+    results, failed = {}, {}
     for side in SIDES:
-        with redirect_stdout(sys.stderr):
-            results[side[0]] = run_side(side, args)
+        try:
+            with redirect_stdout(sys.stderr):
+                results[side[0]] = run_side(side, args)
+        except ProcessExitedException as err:  # e.g. a worker the kernel's OOM killer ended: it does not fit
+            failed[side[0]] = str(err)
+            say(f"  ran {side[0]:>13}: FAILED ({err}; SIGKILL: most likely out of memory)")
+            continue
         r = results[side[0]]
         say(f"  ran {r['name']:>13}: step times {', '.join(f'{t:.2f}' for t in r['times'])} s")
+    if "zero0" not in results:
+        raise SystemExit("ZeRO stage 0 did not run: no ratios")
     first = next(iter(results.values()))
     say(f"parameters {first['params'] / 1e6:,.1f}M, trained {first['trainable'] / 1e6:,.1f}M")
     say(f"{'side':>14} {'ZeRO':>5} {'offload':>8} {'peak RSS/worker':>16} {'held after':>11} {'s/step':>8} "
@@ -183,8 +193,16 @@ def main() -> None:
         mem, t = rel.get(name, (1.0, 1.0))
         say(f"{name:>14} {r['stage']:>5} {'yes' if r['offload'] else 'no':>8} {r['peak_mb']:>13,.0f} MB "
             f"{r['held_mb']:>8,.0f} MB {r['step_s']:>8.2f} {mem:>9.2f} {t:>10.2f}")  # fmt: skip
-    say("RESULT " + " ".join(f"mem_{name}={mem:.2f}" for name, (mem, _) in rel.items()) + " "
-        + " ".join(f"time_{name}={t:.2f}" for name, (_, t) in rel.items()))  # fmt: skip
+    for name in failed:
+        say(f"{name:>14}: did not run to the end here ({failed[name]})")
+    rel.update(dict.fromkeys(failed, ("failed", "failed")))
+    names = [name for name, *_ in SIDES if name in rel]
+
+    def fmt(x: float | str) -> str:
+        return x if isinstance(x, str) else f"{x:.2f}"
+
+    say("RESULT " + " ".join(f"mem_{n}={fmt(rel[n][0])}" for n in names) + " "
+        + " ".join(f"time_{n}={fmt(rel[n][1])}" for n in names))  # fmt: skip
     if args.out:
         Path(args.out).write_text(report.getvalue(), encoding="utf-8")
 
