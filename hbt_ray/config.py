@@ -102,15 +102,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as err:
-                # With one member, an error more specific than "is not <member>" (an item of a list, a
-                # key of a section, a NaN float) says more than the union's list of what it accepts.
+                # One member: its more specific error (a list item, a section key, a NaN) says more.
                 if len(members) == 1 and str(err) != f"{key}: {value!r} is not {_union_name((arg,))}":
                     raise
         raise ConfigError(f"{key}: {value!r} is not {_union_name(args)}")
     if origin is typing.Literal:
-        if isinstance(value, bool) and str(value).lower() in args:
-            # YAML reads true / false (a `run.use_gpu=false` override, an unquoted value in a file) as
-            # booleans: a choice spelled "true" / "false" means the same word
+        if isinstance(value, bool) and str(value).lower() in args:  # YAML read a choice "true"/"false" as a bool
             return str(value).lower()
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
