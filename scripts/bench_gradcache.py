@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import os
 import pickle
 import resource
@@ -37,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _report import Report  # noqa: E402  (scripts/, beside this file)
 
 
 def _worker(rank: int, world: int, init: str, out: str, side: dict, pairs: list, args_dict: dict) -> None:
@@ -149,11 +150,8 @@ def main() -> None:
     from hbt_ray.model.names import describe_model
     from hbt_ray.provenance import provenance, provenance_lines
 
-    report = io.StringIO()
-
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        report.write(line + "\n")
+    report = Report()
+    say = report.say
 
     say("# scripts/bench_gradcache.py: GradCache vs the plain step, e5-small")
     say(provenance_lines(provenance(), describe_model(args.model)))
@@ -197,8 +195,7 @@ def main() -> None:
     say(f"floor at batch {small}: (plain step {plain['step_s']:.2f} s + the no-graph embedding {cached['first_s']:.2f} s) "
         f"/ plain step = {floor:.2f}; plain's forward is {plain['first_s'] / plain['step_s']:.0%} of its step")  # fmt: skip
     say(f"RESULT mem_ratio_{largest}={mem:.2f} speed_ratio_{small}={speed:.2f} floor_{small}={floor:.2f}")
-    if args.out:
-        Path(args.out).write_text(report.getvalue(), encoding="utf-8")
+    report.save(args.out)
 
 
 if __name__ == "__main__":

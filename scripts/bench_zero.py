@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import os
 import pickle
 import resource
@@ -42,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _report import Report  # noqa: E402  (scripts/, beside this file)
 
 #: (name, ZeRO stage, offload optimizer and parameters), in the order they run
 SIDES = [("zero0", 0, False), ("zero1", 1, False), ("zero2", 2, False), ("zero3", 3, False),
@@ -158,11 +159,8 @@ def main() -> None:
 
     from hbt_ray.provenance import provenance, provenance_lines
 
-    report = io.StringIO()
-
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        report.write(line + "\n")
+    report = Report()
+    say = report.say
 
     say("# scripts/bench_zero.py: DeepSpeed ZeRO stages on a large encoder (peak memory, time per step)")
     say(provenance_lines(provenance(), f"random weights, xlm-roberta-{args.size}'s shape {SHAPES[args.size]}"))
@@ -203,8 +201,7 @@ def main() -> None:
 
     say("RESULT " + " ".join(f"mem_{n}={fmt(rel[n][0])}" for n in names) + " "
         + " ".join(f"time_{n}={fmt(rel[n][1])}" for n in names))  # fmt: skip
-    if args.out:
-        Path(args.out).write_text(report.getvalue(), encoding="utf-8")
+    report.save(args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ checks' own code, not the GPU's numbers); it prints ``DRY-RUN`` where the GPU ru
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import statistics
 import sys
@@ -33,6 +32,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _report import Report  # noqa: E402  (scripts/, beside this file)
 
 #: dense bf16 tensor-core peaks (TFLOP/s) by device name, for the MFU estimate
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -202,11 +203,8 @@ def main() -> None:
         return
     else:
         device = "cuda"
-    report = io.StringIO()
-
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        report.write(line + "\n")
+    report = Report()
+    say = report.say
 
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (dry run)"
     say(f"# scripts/gpu_check.py on {name}")
@@ -247,8 +245,7 @@ def main() -> None:
         + f" peak_gib={peak_gib:.2f}"
     )  # fmt: skip
     say(("DRY-RUN " if a.cpu_dry_run else "RESULT ") + line)
-    if a.out:
-        Path(a.out).write_text(report.getvalue(), encoding="utf-8")
+    report.save(a.out)
 
 
 if __name__ == "__main__":
