@@ -75,58 +75,67 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def host_group() -> Any:
+    """The process group for what the host already knows (row counts, the token-balanced deal's token
+    lists, a step's statistics): ``None`` (the default group) when that is gloo, else a gloo group over
+    the same ranks. A value exchanged over NCCL goes through the GPU's stream, so reading it makes the
+    host wait for every kernel queued before it; over gloo it never touches the GPU. Made once per
+    default group, on first use: a collective call, so every rank must reach it at the same point (the
+    trainer calls it while setting up)."""
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.group.WORLD
+    if _HOST_GROUP.get("for") is not world:
+        _HOST_GROUP.update({"for": world, "group": dist.new_group(backend="gloo")})
+    return _HOST_GROUP["group"]
+
+
+_HOST_GROUP: dict[str, Any] = {}
+
+
+def row_counts(n: int) -> list[int]:
+    """Every worker's ``n`` (e.g. its rows in the batch), in rank order, exchanged on :func:`host_group`."""
+    mine = torch.tensor([n], dtype=torch.long)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine, group=host_group())
+    return [int(t) for t in everyone]
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0; backward sums the incoming gradients over workers, keeps the local slice."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
         world = dist.get_world_size()
-        sizes_local = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-        sizes = [torch.zeros_like(sizes_local) for _ in range(world)]
-        dist.all_gather(sizes, sizes_local)
-        sizes_list = [int(s.item()) for s in sizes]
-        max_rows = max(sizes_list)
-        padded = x.new_zeros((max_rows, *x.shape[1:]))
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))
         padded[: x.shape[0]] = x
         gathered = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(gathered, padded.contiguous())
-        ctx.sizes = sizes_list
+        ctx.sizes = sizes
         ctx.rank = dist.get_rank()
-        return torch.cat([g[:n] for g, n in zip(gathered, sizes_list)], dim=0)
+        return torch.cat([g[:n] for g, n in zip(gathered, sizes)], dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         # Every worker's loss depends on every slice: sum the gradients of all workers' losses, then
         # keep this worker's slice. (DDP later averages parameter grads by world size, matching the
         # mean over the global batch.)
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
-        return grad[start : start + ctx.sizes[ctx.rank]]
+        return grad[start : start + ctx.sizes[ctx.rank]], None
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate ``x`` from all workers along dim 0 (rank order), differentiable w.r.t. the local slice.
 
-    Workers may hold different numbers of rows. Without an initialised process group (or world
-    size 1) this returns ``x`` unchanged.
+    Workers may hold different numbers of rows: ``sizes``, every worker's, when the caller has them
+    (else exchanged here, on the host: :func:`row_counts`). Without an initialised process group (or
+    world size 1) this returns ``x`` unchanged.
     """
     if not _distributed():
         return x
-    return _AllGatherWithGrad.apply(x)
-
-
-def _local_offset(n_local: int) -> int:
-    """Row index of this worker's first row in the gathered batch (handles uneven batches)."""
-    if not _distributed():
-        return 0
-    world = dist.get_world_size()
-    mine = torch.tensor([n_local], dtype=torch.long)
-    if dist.get_backend() == "nccl":
-        mine = mine.cuda()
-    sizes = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(sizes, mine)
-    return int(sum(int(s.item()) for s in sizes[: dist.get_rank()]))
+    return _AllGatherWithGrad.apply(x, row_counts(x.shape[0]) if sizes is None else sizes)
 
 
 def info_nce_loss(
@@ -160,8 +169,9 @@ def info_nce_loss(
         raise ValueError(f"info_nce_loss: temperature must be > 0, got {temperature}")
     n_local = q.shape[0]
     use_gather = gather and _distributed()
-    all_p = all_gather_with_grad(p) if use_gather else p
-    offset = _local_offset(n_local) if use_gather else 0
+    sizes = row_counts(n_local) if use_gather else [n_local]
+    all_p = all_gather_with_grad(p, sizes) if use_gather else p
+    offset = sum(sizes[: dist.get_rank()]) if use_gather else 0  # this worker's first row, gathered
     candidates = all_p
     if negatives is not None:
         all_neg = all_gather_with_grad(negatives) if use_gather else negatives
@@ -170,7 +180,7 @@ def info_nce_loss(
     logits = q @ candidates.T / temperature
     loss = F.cross_entropy(logits.float(), labels)
     if symmetric:
-        all_q = all_gather_with_grad(q) if use_gather else q
+        all_q = all_gather_with_grad(q, sizes) if use_gather else q
         logits_pq = p @ all_q.T / temperature
         loss = (loss + F.cross_entropy(logits_pq.float(), labels)) / 2
     return loss
@@ -206,6 +216,24 @@ class Temperature(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"learnable={self.learnable}, min={self.min_value}, max={self.max_value}"
+
+
+#: Each row's real tokens of a batch's queries, passages and hard negatives (None: none or unknown).
+RowLengths = tuple[list[int] | None, list[int] | None, list[int] | None]
+
+
+def row_lengths(q_mask: Any, p_mask: Any, n_mask: Any = None) -> RowLengths:
+    """:data:`RowLengths` of the host-side (CPU) masks of a batch, before they are copied to the device:
+    the packed forward then knows its sizes without asking the device (:mod:`hbt_ray.model.packed`)::
+
+        >>> row_lengths(torch.tensor([[1, 1, 0]]), torch.tensor([[1, 0, 0]]))
+        ([2], [1], None)
+    """
+    return tuple(None if m is None else m.sum(1).tolist() for m in (q_mask, p_mask, n_mask))  # type: ignore[return-value]
+
+
+def _total(lengths: list[int] | None) -> int | None:
+    return None if lengths is None else sum(lengths)
 
 
 class ContrastiveModule(torch.nn.Module):
@@ -245,16 +273,20 @@ class ContrastiveModule(torch.nn.Module):
         self.same_calls_every_rank = False
 
     def embed(
-        self, q_ids: Any, q_mask: Any, p_ids: Any, p_mask: Any, n_ids: Any = None, n_mask: Any = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Query, passage and hard-negative embeddings (in that order: GradCache replays the dropout)."""
-        q = self.encoder(q_ids, q_mask)
-        p = self.encoder(p_ids, p_mask)
+        self, q_ids: Any, q_mask: Any, p_ids: Any, p_mask: Any, n_ids: Any = None, n_mask: Any = None,
+        lengths: RowLengths | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """Query, passage and hard-negative embeddings (in that order: GradCache replays the dropout).
+        ``lengths``: each row's real tokens, counted on the host (:func:`row_lengths`)."""
+        q_len, p_len, n_len = lengths or (None, None, None)
+        q = self.encoder(q_ids, q_mask, _total(q_len))
+        p = self.encoder(p_ids, p_mask, _total(p_len))
         neg = None
         if n_ids is not None and n_ids.shape[0]:
-            neg = self.encoder(n_ids, n_mask)
+            neg = self.encoder(n_ids, n_mask, _total(n_len))
         elif self.same_calls_every_rank and self.cfg.hard_negatives:
-            neg = self.encoder(p_ids[:1], p_mask[:1])[:0]  # no rows, but the backward runs through it
+            # no rows, but the backward runs through it
+            neg = self.encoder(p_ids[:1], p_mask[:1], _total(p_len and p_len[:1]))[:0]
         return q, p, neg
 
     def loss(
@@ -272,12 +304,12 @@ class ContrastiveModule(torch.nn.Module):
 
     def forward(
         self, q_ids: Any, q_mask: Any, p_ids: Any, p_mask: Any, n_ids: Any = None, n_mask: Any = None,
-        cached: tuple[Any, ...] | None = None,
+        cached: tuple[Any, ...] | None = None, lengths: RowLengths | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(loss, τ); with ``cached`` = the loss's gradients w.r.t. this chunk's query, passage and negative
         embeddings and τ (None when τ is fixed), the GradCache surrogate whose gradient is the chunk's
-        share of the full batch's (:mod:`hbt_ray.train.gradcache`)."""
-        q, p, neg = self.embed(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask)
+        share of the full batch's (:mod:`hbt_ray.train.gradcache`). ``lengths`` as in :meth:`embed`."""
+        q, p, neg = self.embed(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, lengths)
         tau = self.temperature()
         if cached is None:
             return self.loss(q, p, neg, tau), tau.detach()

@@ -7,7 +7,8 @@ Each part runs hbt_ray's own code on the GPU and reports what the CPU tests cann
    fp32); the export loads in sentence-transformers with our encoder's embeddings; the steps' pairs/s
    and the approximate training MFU of the GPU's dense bf16 peak.
 2. *packed*: the packed (unpadded) forward against the padded one on CUDA, fp32 and bf16 autocast: max
-   |diff| of the embeddings and the time of each.
+   |diff| of the embeddings and the time of each; the host syncs of a packed training forward + backward
+   (expected: none; the CPU tests check the same on the meta device, ``tests/test_host_sync.py``).
 3. *gradcache*: one process, the GradCache step against the plain step at batch 64 (chunks of 16): time
    ratio, and the floor (plain step + the extra no-graph forward) / plain step.
 4. *eval*: ``hbt_ray.evaluate`` on one GPU actor against one CPU actor: texts/s.
@@ -107,19 +108,45 @@ def check_packed(a: argparse.Namespace, device: str) -> dict[str, Any]:
     enc = _encoder(a, device).eval()
     tok = enc.tokenize(_texts(64), "passage")
     ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+    tokens = int(tok["attention_mask"].sum())  # counted on the host, as the trainer does
     out: dict[str, Any] = {}
     for dtype in ("fp32", "bf16"):
 
         def run(packed: bool, bf16: bool = dtype == "bf16") -> torch.Tensor:
             enc.packed = packed
             with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                return enc(ids, mask).float()
+                return enc(ids, mask, tokens).float()
 
         packed, padded = run(True), run(False)
         out[f"{dtype}_max_diff"] = float((packed - padded).abs().max())
         out[f"{dtype}_speedup"] = _timed(lambda: run(False), device, a.repeat) / _timed(lambda: run(True), device, a.repeat)
     enc.packed = True
+    out["host_syncs_train_fwd_bwd"] = _host_syncs(enc, ids, mask, tokens, device)
     return out
+
+
+def _host_syncs(enc: Any, ids: Any, mask: Any, tokens: int, device: str) -> float:
+    """The host syncs of one bf16 training forward + backward of the packed encoder (the trainer's hot
+    path; torch's sync debug mode warns at each); not measured on the CPU."""
+    import warnings
+
+    import torch
+
+    if device != "cuda":
+        return float("nan")
+    enc.train()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = enc(ids, mask, tokens).float().pow(2).sum()
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    enc.eval()
+    return float(sum("synchroniz" in str(w.message) for w in caught))
 
 
 def check_gradcache(a: argparse.Namespace, device: str) -> dict[str, Any]:
@@ -240,6 +267,7 @@ def main() -> None:
         f"train_ok={int(ok)} pairs_per_s_zero2={t2['pairs_per_s']:.0f} "
         f"pairs_per_s_zero3={results['train_zero3']['pairs_per_s']:.0f} mfu_approx={mfu:.3f} "
         f"packed_max_diff_bf16={results['packed']['bf16_max_diff']:.1e} packed_speedup_bf16={results['packed']['bf16_speedup']:.2f} "
+        f"host_syncs_train_fwd_bwd={results['packed']['host_syncs_train_fwd_bwd']:.0f} "
         f"speed_ratio_64={results['gradcache']['speed_ratio_64']:.2f} floor_64={results['gradcache']['floor_64']:.2f} "
         + " ".join(f"{k}={v:.0f}" for k, v in results["eval"].items())
         + f" peak_gib={peak_gib:.2f}"

@@ -98,12 +98,14 @@ class DualEncoder(torch.nn.Module):
         )
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+        """Embeddings ``[batch, dim]``; ``tokens``: the mask's real-token count, when the host knows it
+        (the packed forward then runs without waiting for the device)."""
         if self.packed:
             hidden, rows = packed_hidden_states(
-                self.backbone, input_ids, attention_mask, checkpointing=self.cfg.gradient_checkpointing
+                self.backbone, input_ids, attention_mask, self.cfg.gradient_checkpointing, tokens
             )
-            pooled = packed_pool(hidden, rows, input_ids.shape[0], self.cfg.pooling)
+            pooled = packed_pool(hidden, rows, attention_mask, self.cfg.pooling)
         else:
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             if self.cfg.pooling == "cls":

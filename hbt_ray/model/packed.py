@@ -9,7 +9,9 @@ modules, same weights, same dropout), so the result is the same model up to floa
 pads' share of the compute saved.
 
 It runs the backbone's own submodules (embeddings, Linear, LayerNorm, Dropout), so DeepSpeed ZeRO-3's
-per-module parameter gathering and gradient checkpointing work unchanged. BERT, RoBERTa and XLM-R
+per-module parameter gathering and gradient checkpointing work unchanged. Given the batch's real-token
+count from the host (``tokens``: the trainer counts it on the CPU mask before the copy to the GPU),
+nothing in it depends on the data's values for a shape, so the host never waits for the device. BERT, RoBERTa and XLM-R
 (LaBSE, multilingual-e5, xlm-roberta-*) are supported; other architectures run padded.
 
     >>> import torch
@@ -18,7 +20,7 @@ per-module parameter gathering and gradient checkpointing work unchanged. BERT, 
     ...                             num_attention_heads=2, intermediate_size=32)).eval()
     >>> ids = torch.tensor([[2, 7, 9, 3], [2, 5, 3, 0]])
     >>> mask = (ids != 0).long()
-    >>> hidden, seq = packed_hidden_states(bert, ids, mask)
+    >>> hidden, seq = packed_hidden_states(bert, ids, mask, tokens=7)
     >>> hidden.shape, seq.tolist()
     (torch.Size([7, 16]), [0, 0, 0, 0, 1, 1, 1])
     >>> padded = bert(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -84,20 +86,36 @@ def _packed_layer(
     return layer.output(layer.intermediate(attended), attended)
 
 
+def real_token_index(attention_mask: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+    """Flat ``[batch × length]`` positions of the real tokens, in row-major order::
+
+        >>> real_token_index(torch.tensor([[1, 1, 0], [1, 0, 0]]), tokens=3).tolist()
+        [0, 1, 3]
+    """
+    flat = attention_mask.reshape(-1)
+    if tokens is None:  # the output's size depends on the mask's values: the host waits for the device
+        return flat.nonzero().squeeze(1)
+    # With the count known, a stable sort puts the real tokens first, in order, at a size fixed in
+    # advance: no host sync, so the GPU keeps the launches queued ahead of it.
+    return torch.argsort((flat == 0).to(torch.uint8), stable=True)[:tokens]
+
+
 def packed_hidden_states(
     backbone: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     checkpointing: bool = False,
+    tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Last hidden states of the real tokens, ``[tokens, H]`` in row-major order, and each token's row.
 
     ``input_ids``/``attention_mask`` are the usual ``[batch, length]`` padded tensors; ``checkpointing``
-    recomputes each layer in the backward pass (training only).
+    recomputes each layer in the backward pass (training only); ``tokens``, the number of real tokens
+    when the caller knows it on the host (see :func:`real_token_index`).
     """
     batch, length = input_ids.shape
     mask = attention_mask.bool()
-    index = mask.reshape(-1).nonzero().squeeze(1)
+    index = real_token_index(attention_mask, tokens)
     embedded = backbone.embeddings(input_ids=input_ids)  # positions as the model defines them
     hidden = embedded.reshape(batch * length, -1).index_select(0, index)
     key_mask = mask[:, None, None, :]
@@ -112,9 +130,10 @@ def packed_hidden_states(
     return hidden, torch.div(index, length, rounding_mode="floor")
 
 
-def packed_pool(hidden: torch.Tensor, rows: torch.Tensor, batch: int, pooling: str) -> torch.Tensor:
+def packed_pool(hidden: torch.Tensor, rows: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """``[batch, H]``: each row's first token (``cls``) or mean of its tokens (``mean``)."""
-    counts = torch.bincount(rows, minlength=batch)
+    batch = attention_mask.shape[0]
+    counts = attention_mask.sum(1)  # each row's real tokens, on the device (bincount would sync)
     if pooling == "cls":
         starts = torch.cumsum(counts, 0) - counts
         return hidden.index_select(0, starts.clamp(max=max(hidden.shape[0] - 1, 0)))

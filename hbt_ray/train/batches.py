@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from hbt_ray.loss import host_group
 from hbt_ray.sampler import Batch, HybridBatchSampler
 
 
@@ -84,7 +85,7 @@ def deal_by_tokens(prepared: tuple[Any, ...], tokenizer: Any) -> tuple[tuple[Any
         start += n
     mine = [(q, p, negs) for q, p, negs in zip(queries, passages, negatives)]
     everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    dist.all_gather_object(everyone, mine, group=host_group())  # host data: never through the GPU
     costs = [[len(q) + len(p) + sum(map(len, negs)) for q, p, negs in pairs] for pairs in everyone]
     deal = balanced_deal(costs)
     dealt = [everyone[src][i] for src, i in deal[dist.get_rank()]]
@@ -194,18 +195,19 @@ class PrefetchedBatches:
         self.sampler.close()
 
 
-def all_reduce_mean(values: list[float]) -> list[float]:
-    """The mean of each value over the ranks (plain values on one process)."""
+def all_reduce_mean(values: Any, host: bool = False) -> list[float]:
+    """The mean of each value over the ranks (plain values on one process), read on the host. A tensor
+    is reduced where it lives, on the default group (the device's values: reading them waits for the
+    device); ``host=True`` takes a list of the host's own numbers through :func:`host_group`, which
+    never touches the GPU."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    t = values.double() if torch.is_tensor(values) else torch.tensor(values, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=host_group() if host else None)
         t /= dist.get_world_size()
-    return [float(x) for x in t.cpu()]
+    return t.tolist()
 
 
 def batch_fingerprint(queries: list[str], passages: list[str]) -> str:

@@ -74,19 +74,29 @@ def _rows(t: Any, a: int, b: int) -> Any:
     return None if t is None else t[a:b]
 
 
-def cached_step(engine: Any, module: Any, batch: tuple[Any, ...], chunk_size: int) -> tuple[torch.Tensor, Any]:
+def _chunk_lengths(lengths: Any, a: int, b: int, na: int, nb: int) -> Any:
+    if lengths is None:
+        return None
+    q_len, p_len, n_len = lengths
+    return q_len[a:b], p_len[a:b], _rows(n_len, na, nb)
+
+
+def cached_step(
+    engine: Any, module: Any, batch: tuple[Any, ...], chunk_size: int, lengths: Any = None
+) -> tuple[torch.Tensor, Any]:
     """Phases 1 and 2 (see the module doc) of one micro-batch ``batch`` = (q_ids, q_mask, p_ids, p_mask,
-    n_ids, n_mask, negatives per pair) of this worker; → (the full batch's loss, a ``replay()`` callable
-    that runs phase 3 through ``engine``, one micro-step per chunk). The caller checks the loss (every
-    worker the same decision) before it replays; a skipped step runs no micro-step at all."""
+    n_ids, n_mask, negatives per pair) of this worker, ``lengths`` its rows' real tokens counted on the
+    host (``hbt_ray.loss.row_lengths``); → (the full batch's loss, a ``replay()`` callable that runs
+    phase 3 through ``engine``, one micro-step per chunk). The caller checks the loss (every worker the
+    same decision) before it replays; a skipped step runs no micro-step at all."""
     q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, neg_counts = batch
     bounds = chunk_bounds(q_ids.shape[0], chunk_size, list(neg_counts or []))
     states, qs, ps, ns = [], [], [], []
     with torch.no_grad():
         for a, b, na, nb in bounds:
             states.append(RngState())
-            q, p, n = module.embed(q_ids[a:b], q_mask[a:b], p_ids[a:b], p_mask[a:b],
-                                   _rows(n_ids, na, nb), _rows(n_mask, na, nb))  # fmt: skip
+            q, p, n = module.embed(q_ids[a:b], q_mask[a:b], p_ids[a:b], p_mask[a:b], _rows(n_ids, na, nb),
+                                   _rows(n_mask, na, nb), _chunk_lengths(lengths, a, b, na, nb))  # fmt: skip
             qs.append(q)
             ps.append(p)
             if n is not None:
@@ -105,7 +115,9 @@ def cached_step(engine: Any, module: Any, batch: tuple[Any, ...], chunk_size: in
     g_n = grads[2] if n_all is not None else None
     g_tau = grads[-1] if learnable else None
 
-    def replay() -> None:
+    def replay(final_step: bool = True) -> None:
+        """``final_step=False``: the last chunk's ``engine.step()`` is left to the caller (who takes the
+        accumulation boundary's step only once the step's losses are known finite)."""
         chunks = len(bounds)
         for i, (a, b, na, nb) in enumerate(bounds):
             states[i].restore()
@@ -114,9 +126,11 @@ def cached_step(engine: Any, module: Any, batch: tuple[Any, ...], chunk_size: in
             g_tau_i = None if g_tau is None else g_tau / chunks
             cached = (g_q[a:b], g_p[a:b], None if g_n is None else g_n[na:nb], g_tau_i)
             surrogate, _ = engine(q_ids[a:b], q_mask[a:b], p_ids[a:b], p_mask[a:b],
-                                  _rows(n_ids, na, nb), _rows(n_mask, na, nb), cached=cached)  # fmt: skip
+                                  _rows(n_ids, na, nb), _rows(n_mask, na, nb), cached=cached,
+                                  lengths=_chunk_lengths(lengths, a, b, na, nb))  # fmt: skip
             engine.backward(surrogate * chunks)
-            engine.step()
+            if final_step or i < chunks - 1:
+                engine.step()
         after.restore()
 
     return loss.detach(), replay

@@ -32,7 +32,7 @@ from typing import Any
 from hbt_ray import storage
 from hbt_ray.config import bars_off, load_config
 from hbt_ray.data.streams import shard_streams
-from hbt_ray.loss import ContrastiveModule
+from hbt_ray.loss import ContrastiveModule, host_group, row_lengths
 from hbt_ray.model import export_from_state_dict, load_dual_encoder
 from hbt_ray.sampler import HybridBatchSampler
 from hbt_ray.train import checkpoint as ckpt
@@ -135,7 +135,8 @@ class TrainRecipe:
         self.node_ids = [ray.get_runtime_context().get_node_id()]
         if dist.is_available() and dist.is_initialized() and world > 1:
             self.node_ids = [None] * world
-            dist.all_gather_object(self.node_ids, ray.get_runtime_context().get_node_id())
+            # the host-side group, made here where every rank is at the same point (hbt_ray.loss.host_group)
+            dist.all_gather_object(self.node_ids, ray.get_runtime_context().get_node_id(), group=host_group())
 
     def resume(self) -> None:
         """Continue from Ray Train's last checkpoint if there is one; set up logs, evaluation, progress."""
@@ -175,66 +176,75 @@ class TrainRecipe:
     # -------------------------------------------------------------------------------------- step
     def step(self) -> None:
         """One optimizer step: ``optim.grad_accum`` micro-batches, forward + backward each."""
+        import torch
+
         cfg, world = self.cfg, self.world
         t0 = time.perf_counter()
-        losses, taus, langs, strategies, prints, candidates = [], [], set(), [], [], []
-        pairs, nonfinite_at = 0, 0
+        langs, strategies, prints, pairs = set(), [], [], 0
         mix_langs, mix_sources = self.batches.sampler.langs, self.job.get("sources") or []
-        step_counts = [0.0] * (len(mix_langs) + len(mix_sources) + 2)
         phase = dict.fromkeys(PHASES, 0.0)
         marks = accumulation_marks(self.engine)
         # this step's lr and fp16 loss scale, as DeepSpeed's update will use them (for a τ kept in fp32)
         lr, loss_scale = self.engine.get_lr()[0], float(getattr(self.engine.optimizer, "cur_scale", 1.0))
+        # Loss and τ stay on the device until the step's one read, after its last backward is queued (the
+        # GPU runs it while the host waits). The host's own numbers go on the host group (hbt_ray.loss).
+        device_stats: list[Any] = []
+        n_locals: list[float] = []  # passages + hard negatives, per micro-batch
+        mix_local = [0.0] * (len(mix_langs) + len(mix_sources) + 2)
+        due = self.rank == 0 and time.perf_counter() - self.last_report >= cfg.run.report_every_s
+        last = cfg.optim.grad_accum - 1
         for micro_index in range(cfg.optim.grad_accum):
             t_phase = time.perf_counter()
             batch, prepared = self.batches.next()
             if self.balance:
                 prepared, self.rank_tokens = deal_by_tokens(prepared, self.encoder.tokenizer)
+            lengths = row_lengths(prepared[1], prepared[3], prepared[5])  # on the host, before the copy
             q_ids, q_mask, p_ids, p_mask, n_ids, n_mask = (
                 None if t is None else t.to(self.device, non_blocking=True) for t in prepared[:6]
             )
-            n_local = len(prepared[6]) + sum(prepared[6])  # passages + hard negatives on this rank
+            n_locals.append(float(len(prepared[6]) + sum(prepared[6])))
             t_phase = _add_time(phase, "data", t_phase)
             if cfg.loss.grad_cache:  # embed without a graph, loss, gradients w.r.t. the embeddings
                 batch_on_device = (q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, prepared[6])
-                loss, replay = cached_step(self.engine, self.engine.module, batch_on_device, cfg.loss.chunk_size)
+                loss, replay = cached_step(self.engine, self.engine.module, batch_on_device, cfg.loss.chunk_size,
+                                           lengths)  # fmt: skip
                 tau = self.engine.module.temperature().detach()
             else:
-                loss, tau = self.engine(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask)
+                loss, tau = self.engine(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, lengths=lengths)
             t_phase = _add_time(phase, "forward", t_phase)
-            if self.step_no + 1 == cfg.run.debug_nan_at_step and micro_index == cfg.optim.grad_accum - 1:
-                loss = loss * float("nan")  # the step's last micro-batch: the others have been taken
-            # All ranks must take the same decision: act on the mean loss over ranks. The same
-            # all-reduce sums the candidates each query is scored against (passages + negatives of
-            # every rank when loss.gather, else this rank's) and carries rank 0's "report due".
-            report_due = self.rank == 0 and time.perf_counter() - self.last_report >= cfg.run.report_every_s
-            # ... and the mix of the step's pairs: query languages, sources, fallback pairs, pairs.
-            local = mix_counts(batch, mix_langs, mix_sources)
-            mean_loss, mean_candidates, mean_due, *mean_mix = all_reduce_mean(
-                [float(loss.detach()), float(n_local), float(report_due), *local]
-            )
-            step_counts = [a + b * world for a, b in zip(step_counts, mean_mix)]
-            self.report_now = self.report_now or mean_due > 0  # rank 0's decision, on every rank
-            candidates.append(round(mean_candidates * world) if cfg.loss.gather else n_local)
-            t_phase = _add_time(phase, "sync", t_phase)
-            if not math.isfinite(mean_loss):
-                nonfinite_at = micro_index + 1
-                break
+            if self.step_no + 1 == cfg.run.debug_nan_at_step and micro_index == last:
+                loss = loss * float("nan")  # the test hook poisons the step's last micro-batch
+            device_stats += [loss.detach().float().reshape(1), tau.detach().float().reshape(-1)[:1]]
+            # every backward runs; the boundary's engine.step() waits for the verdict (losses finite, below)
             if cfg.loss.grad_cache:  # each chunk re-encoded with its dropout, one engine micro-step each
-                replay()
-                t_phase = _add_time(phase, "backward", t_phase)
+                replay(final_step=micro_index < last)
             else:
                 self.engine.backward(loss)
-                t_phase = _add_time(phase, "backward", t_phase)
-                self.engine.step()  # the optimizer update at the accumulation boundary (ZeRO reductions included)
-            _add_time(phase, "optimizer", t_phase)
-            losses.append(mean_loss)
-            taus.append(float(tau))
+                if micro_index < last:
+                    self.engine.step()
+            t_phase = _add_time(phase, "backward", t_phase)
+            local = mix_counts(batch, mix_langs, mix_sources)
+            mix_local = [a + b for a, b in zip(mix_local, local)]
             pairs += len(batch.queries) * world
             langs.update(batch.query_langs)
             langs.update(batch.passage_langs)
             strategies.append(batch.strategy)
             prints.append(batch_fingerprint(list(batch.queries), list(batch.passages)))
+        # The read: losses and τ averaged over the ranks (all take the same decision); then the candidates,
+        # rank 0's "report due" and the mix (query languages, sources, fallback pairs, pairs).
+        t_phase = time.perf_counter()
+        means = all_reduce_mean(torch.cat(device_stats))
+        losses, taus = means[0::2], means[1::2]
+        host = all_reduce_mean([*n_locals, float(due), *mix_local], host=True)
+        k = len(n_locals)
+        candidates = [round(c * world) for c in host[:k]] if cfg.loss.gather else [int(c) for c in n_locals]
+        step_counts = [c * world for c in host[k + 1 :]]
+        self.report_now = self.report_now or host[k] > 0  # rank 0's decision, on every rank
+        t_phase = _add_time(phase, "sync", t_phase)
+        nonfinite_at = next((i + 1 for i, v in enumerate(losses) if not math.isfinite(v)), 0)
+        if not nonfinite_at:
+            self.engine.step()  # the accumulation boundary: the optimizer update (ZeRO reductions included)
+        _add_time(phase, "optimizer", t_phase)
         self.step_no += 1  # a skipped step still consumed its batches: the stream stays aligned
         self._add_mix(step_counts, mix_langs, mix_sources)
         if nonfinite_at:
