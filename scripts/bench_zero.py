@@ -85,8 +85,10 @@ def _worker(rank: int, world: int, init: str, out: str, side: tuple, args_dict: 
     module = ContrastiveModule(DualEncoder(model_cfg, backbone, tokenizer=None), LossConfig(temperature=0.05))
     optim = OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant")
     ds = DeepSpeedConfig(zero_stage=stage, offload_optimizer=offload, offload_param=offload, single_worker_stage=None)
-    engine, *_ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, optim), dist_init_required=False,
-                                      config=deepspeed_config(optim, ds, 100, args_dict["pairs"], world))  # fmt: skip
+    engine, *_ = deepspeed.initialize(
+        model=module, optimizer=build_optimizer(module, optim, ds), dist_init_required=False,
+        config=deepspeed_config(optim, ds, 100, args_dict["pairs"], world),
+    )  # fmt: skip
     gen = torch.Generator().manual_seed(rank)
     n, seq, vocab = args_dict["pairs"], args_dict["seq"], shape["vocab_size"]
     ids = [torch.randint(5, vocab, (n, seq), generator=gen) for _ in range(2)]

@@ -215,3 +215,99 @@ def test_batches_for_a_gpu_are_made_in_pinned_memory(monkeypatch, tmp_path):
     assert pinned == []
     prepared = batch_preparer(encoder, hard_negatives=True, pin=True)(batch)
     assert len(pinned) == 6 and sorted(pinned) == sorted(tuple(t.shape) for t in prepared[:6])
+
+
+CPU_ADAM_SCRIPT = r'''
+import json, os, socket
+
+os.environ["DS_ACCELERATOR"] = "cpu"
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                  LOCAL_WORLD_SIZE="1")
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+import deepspeed
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+from hbt_ray.train.config import DeepSpeedConfig, OptimConfig
+from hbt_ray.train.deepspeed import build_optimizer, deepspeed_config
+
+
+def tiny():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+optim = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.0, warmup_steps=0, schedule="constant")
+offload = DeepSpeedConfig(zero_stage=2, offload_optimizer=True, single_worker_stage=None)
+config = deepspeed_config(optim, offload, 10, 4, 1)
+module, reference = tiny(), tiny()
+start = {k: v.detach().clone() for k, v in module.state_dict().items()}
+optimizer = build_optimizer(module, optim, offload)
+engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config, dist_init_required=False)
+torch_adamw = build_optimizer(reference, optim)  # the same groups, torch's AdamW
+xs = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(1))
+for x in xs:
+    loss = engine(x).pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    reference(x).pow(2).mean().backward()
+    torch_adamw.step()
+    torch_adamw.zero_grad()
+trained, expected = module.state_dict(), reference.state_dict()
+try:  # the same config refuses a torch AdamW under offload
+    deepspeed.initialize(model=tiny(), optimizer=build_optimizer(tiny(), optim), config=config,
+                         dist_init_required=False)
+    refused = ""
+except Exception as exc:
+    refused = str(exc)
+report = {
+    "optimizer": type(optimizer).__name__,
+    "is_ds_cpu_adam": isinstance(optimizer, DeepSpeedCPUAdam),
+    "engine_steps_it": engine.optimizer.optimizer is optimizer,
+    "group_decays": [g["weight_decay"] for g in optimizer.param_groups],
+    "max_diff": max(float((trained[k] - expected[k]).abs().max()) for k in expected),
+    "min_moved": min(float((trained[k] - start[k]).abs().max()) for k in start),
+    "refused": refused,
+}
+print("REPORT " + json.dumps(report))
+'''
+
+
+def test_offloaded_optimizer_is_deepspeeds_cpu_adam_and_steps_like_torch_adamw(tmp_path):
+    """ZeRO-Offload steps the optimizer on the host: ``build_optimizer`` gives DeepSpeed's C++ CPU AdamW
+    there (built by DeepSpeed's CPU accelerator here, as on a GPU node), with the same groups (no decay on
+    biases and norms); a real ZeRO-2 + offload engine steps it, landing where torch's AdamW does; DeepSpeed
+    is told to refuse any other optimizer there. Without offload, and with ``offload_param`` alone (the
+    masters stay on the device), torch's AdamW as before."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hbt_ray.train.config import DeepSpeedConfig, OptimConfig
+    from hbt_ray.train.deepspeed import build_optimizer, deepspeed_config
+
+    layer = torch.nn.Linear(2, 2)
+    for ds in (DeepSpeedConfig(), DeepSpeedConfig(zero_stage=3, offload_param=True), None):
+        assert type(build_optimizer(layer, OptimConfig(), ds)) is torch.optim.AdamW
+        if ds is not None:
+            assert deepspeed_config(OptimConfig(), ds, 10, 8, 2)["zero_force_ds_cpu_optimizer"] is False
+    offload = DeepSpeedConfig(offload_optimizer=True)
+    assert deepspeed_config(OptimConfig(), offload, 10, 8, 2)["zero_force_ds_cpu_optimizer"] is True
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", CPU_ADAM_SCRIPT], capture_output=True, text=True, timeout=600,
+                          cwd=root)  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    report = json.loads(lines[-1].removeprefix("REPORT "))
+    assert report["optimizer"] == "DeepSpeedCPUAdam" and report["is_ds_cpu_adam"], report
+    assert report["engine_steps_it"] and report["group_decays"] == [0.1, 0.0], report
+    assert report["min_moved"] > 1e-3, report  # every tensor really moved (3 steps at lr 1e-2)
+    assert report["max_diff"] < 1e-5, report
+    assert "DeepSpeedCPUAdam" in report["refused"], report

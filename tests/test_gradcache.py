@@ -53,6 +53,7 @@ def _engine(stage: int, chunks: int, cache_dir: str, offload: bool = False, prec
     ds = DeepSpeedConfig(zero_stage=stage, offload_optimizer=offload, precision=precision)
     config = deepspeed_config(optim, ds, 10, CHUNK if chunks > 1 else PAIRS,
                               WORLD, chunks=chunks)  # fmt: skip
+    config["zero_force_ds_cpu_optimizer"] = False  # SGD (step = lr × gradient) under offload too: allowed here
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0), config=config, dist_init_required=False
     )

@@ -67,7 +67,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 = off
     grad_accum: int = 1  # micro-batches (sampler batches) per optimizer step
     #: torch's fused AdamW kernel (one pass over all parameters, CPU and CUDA; HF Trainer's default);
-    #: false = the per-tensor loop
+    #: false = the per-tensor loop. With deepspeed.offload_optimizer: DeepSpeed's CPU AdamW instead
     fused: bool = True
 
     def validate(self) -> None:

@@ -64,9 +64,11 @@ def deepspeed_config(
         "gradient_clipping": o.grad_clip,
         "bf16": {"enabled": d.precision == "bf16"},
         "fp16": {"enabled": d.precision == "fp16", "initial_scale_power": 12},
-        # We pass our own torch AdamW (works on every accelerator without building DeepSpeed ops).
+        # We pass our own optimizer (build_optimizer): torch AdamW where it steps on the device, which
+        # needs no DeepSpeed op built; DeepSpeedCPUAdam where ZeRO-Offload steps it on the host, and
+        # there DeepSpeed is told to refuse any other (a slow torch AdamW would pass unnoticed).
         "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
+        "zero_force_ds_cpu_optimizer": steps_on_host(d),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -123,8 +125,21 @@ def enable_tf32(device: Any) -> bool:
     return True
 
 
-def build_optimizer(module: Any, optim: OptimConfig) -> Any:
-    """AdamW over the trainable parameters; no weight decay on biases, norms and scalars (τ)."""
+def steps_on_host(ds: DeepSpeedConfig) -> bool:
+    """Whether ZeRO-Offload runs the optimizer step on the host (CPU): with ``offload_optimizer``, where
+    the fp32 master weights and the optimizer states live in CPU memory. ``offload_param`` alone does not:
+    ZeRO-3 then keeps the masters on the device and steps them there.
+
+    >>> steps_on_host(DeepSpeedConfig(offload_optimizer=True)), steps_on_host(DeepSpeedConfig(zero_stage=3))
+    (True, False)
+    """
+    return ds.offload_optimizer
+
+
+def build_optimizer(module: Any, optim: OptimConfig, ds: DeepSpeedConfig | None = None) -> Any:
+    """AdamW over the trainable parameters; no weight decay on biases, norms and scalars (τ). ``ds``:
+    the run's DeepSpeed section, which decides the implementation (:func:`steps_on_host`); without it,
+    torch's. ``optim.fused`` applies to torch's only."""
     import torch
 
     decay, no_decay = [], []
@@ -136,7 +151,17 @@ def build_optimizer(module: Any, optim: OptimConfig) -> Any:
     groups = [{"params": decay, "weight_decay": optim.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=optim.fused)
+    betas = tuple(optim.betas)
+    if ds is not None and steps_on_host(ds):
+        # ZeRO-Offload steps the optimizer on the CPU, over all the fp32 master weights: DeepSpeed's
+        # vectorised C++ AdamW (JIT-built once per machine, cached) is the optimizer its offload path is
+        # made for and checks for; torch's unfused AdamW is far slower there. It needs the masters on the
+        # host, so it is used only in that case.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=optim.lr, betas=betas, eps=optim.eps,
+                                weight_decay=optim.weight_decay, adamw_mode=True)  # fmt: skip
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, fused=optim.fused)
 
 
 def accumulation_marks(engine: Any) -> tuple[int, int | None]:

@@ -114,7 +114,7 @@ class TrainRecipe:
         chunks = num_chunks(micro, cfg.loss.chunk_size) if cfg.loss.grad_cache else 1
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module,
-            optimizer=build_optimizer(module, cfg.optim),
+            optimizer=build_optimizer(module, cfg.optim, cfg.deepspeed),
             config=deepspeed_config(cfg.optim, cfg.deepspeed, cfg.run.max_steps, math.ceil(micro / chunks), world,
                                     chunks=chunks, on_gpu=self.device.type == "cuda"),  # fmt: skip
             dist_init_required=False,
