@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -168,3 +169,18 @@ def stop_on_interrupt(run_dir: str) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def debug_kill(run: Any, step: int, rank: int, run_dir: str, flush: Any = None) -> None:
+    """The test hook ``run.debug_kill_at_step`` / ``run.debug_kill_rank``: SIGKILL this worker after that
+    step, once per run (a marker in the run dir lets the restarted attempt go on); ``flush`` first
+    (rank 0's steps log)."""
+    if run.debug_kill_at_step is None or step != run.debug_kill_at_step or rank != run.debug_kill_rank:
+        return
+    marker = storage.join(run_dir, ".debug_killed")
+    if storage.exists(marker):
+        return
+    if flush is not None:
+        flush()
+    storage.write_text(marker, f"rank {rank} killed after step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)

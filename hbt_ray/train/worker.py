@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -55,7 +54,7 @@ from hbt_ray.train.deepspeed import (
 )
 from hbt_ray.train.gradcache import cached_step, num_chunks
 from hbt_ray.train.mix import FALLBACK_GRACE_STEPS, MIX_FILE, FallbackShareError, mix_counts, mix_summary
-from hbt_ray.train.runfiles import PLACEMENT_GROUP_FILE, StepLog, stop_requested
+from hbt_ray.train.runfiles import PLACEMENT_GROUP_FILE, StepLog, debug_kill, stop_requested
 from hbt_ray.train.temperature import TemperatureStepper, training_dtype_keeps_fp32_temperature
 
 PHASES = ("data", "forward", "sync", "backward", "optimizer")
@@ -375,17 +374,7 @@ class TrainRecipe:
         elif (self.report_now and self.step_no % run.log_every == 0) or self._eval_due() or self.confirm_checkpoint:
             ray.train.report(self.metrics)
             self.last_report, self.report_now, self.confirm_checkpoint = time.perf_counter(), False, False
-        if (
-            run.debug_kill_at_step is not None
-            and self.step_no == run.debug_kill_at_step
-            and self.rank == run.debug_kill_rank
-        ):
-            kill_marker = storage.join(self.run_dir, ".debug_killed")
-            if not storage.exists(kill_marker):
-                if self.rank == 0:
-                    self.steps_log.flush()
-                storage.write_text(kill_marker, f"rank {self.rank} killed after step {self.step_no}\n")
-                os.kill(os.getpid(), signal.SIGKILL)
+        debug_kill(run, self.step_no, self.rank, self.run_dir, self.steps_log.flush if self.rank == 0 else None)
 
     # ------------------------------------------------------------------------------------ export
     def export(self) -> None:
