@@ -108,6 +108,7 @@ def test_a_two_source_ten_language_run_trains_on_its_target_mix(ray_local, tmp_p
         tmp_path, "run.name=mix", "data.train=[mlqa-r,ddtp]", f"data.langs=[{','.join(TEN)}]",
         "data.limit_groups=3000", "sampler.strategy=hybrid-sample", "sampler.alpha=0.5",
         "sampler.lang_temperature=2", "sampler.buffer_groups=512", "run.max_steps=40",
+        "sampler.source_weights={mlqa-r: 0.7, ddtp: 0.3}",
     )  # fmt: skip
     result = train(cfg)
     # the shards interleave the sources: every shard holds both
@@ -125,6 +126,9 @@ def test_a_two_source_ten_language_run_trains_on_its_target_mix(ray_local, tmp_p
     for lang in TEN:
         row = mix["share_by_lang"][lang]
         assert abs(row["share"] - row["target"]) < _tolerance(row["target"], n), (lang, row)
+    for src, w in (("mlqa-r", 0.7), ("ddtp", 0.3)):  # each source at its weight (issue 34), recorded
+        row = mix["share_by_source"][src]
+        assert row["target"] == pytest.approx(w) and abs(row["share"] - w) < _tolerance(w, n), (src, row)
     assert json.loads((Path(result.run_dir) / "mix.json").read_text()) == mix
     for record in result.history:  # every step's mix, summed over both ranks
         assert sum(record["pairs_by_lang"].values()) == 32 == sum(record["pairs_by_source"].values())

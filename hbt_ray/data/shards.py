@@ -49,6 +49,7 @@ class Manifest:
     pairs_per_lang: dict[str, int] = field(default_factory=dict)
     langs_per_group: dict[str, int] = field(default_factory=dict)
     groups_per_source: dict[str, int] = field(default_factory=dict)
+    pairs_per_source_lang: dict[str, dict[str, int]] = field(default_factory=dict)  # source → lang → pairs
     shards: list[dict[str, Any]] = field(default_factory=list)  # {"file": name, "rows": n}
     skipped: dict[str, int] = field(default_factory=dict)  # reason → records skipped (--skip-bad)
     skipped_examples: list[str] = field(default_factory=list)
@@ -209,6 +210,7 @@ def _write_into(
     pairs_per_lang: Counter[str] = Counter()
     langs_per_group: Counter[int] = Counter()
     per_source: Counter[str] = Counter()
+    per_source_lang: dict[str, Counter[str]] = {}
     seen: set[str] = set()
     buffer: list[PairGroup] = []
 
@@ -232,6 +234,7 @@ def _write_into(
                 pairs_per_lang[lang] += 1
             langs_per_group[len(group.pairs)] += 1
             per_source[group.source] += 1
+            per_source_lang.setdefault(group.source, Counter()).update(group.pairs.keys())
             buffer.append(group)
             bar.update(1)
             if len(buffer) >= rows_per_shard:
@@ -245,6 +248,7 @@ def _write_into(
     manifest.pairs_per_lang = dict(sorted(pairs_per_lang.items()))
     manifest.langs_per_group = {str(k): v for k, v in sorted(langs_per_group.items())}
     manifest.groups_per_source = dict(sorted(per_source.items()))
+    manifest.pairs_per_source_lang = {src: dict(sorted(c.items())) for src, c in sorted(per_source_lang.items())}
     return manifest
 
 

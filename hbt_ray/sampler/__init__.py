@@ -22,6 +22,15 @@ is taken from the buffer. With ``lang_pairs`` (``["en-de", "de-en:2"]``: query l
 passage language, optional weight after ``:``; ``X>Y`` is accepted too) only the listed pairs are drawn,
 with weight p(X)·p(Y)·w.
 
+Sources. With ``source_weights`` (``{"mlqa-r": 0.8, "ddtp": 0.2}``, every source of the data named,
+normalised) source S gets the share w_S of the pairs, whatever its size: ``source_lang_counts`` (the
+data's pairs per source and language) gives p(L | S) ∝ n_SL^(1/T) within each source, languages are
+drawn ∝ p(L) = Σ_S w_S p(L | S), and each pair's group ∝ p(S | L) among the language's groups of source
+S. A source with no group of L left in the buffer gives its pairs to L's other sources
+(``source_shortfall_pairs``); recycled groups come from the language's reservoir, whatever their source.
+Without it, a source is drawn as often as its pairs weigh in p(L) (and the batch stream is the one it
+always was).
+
 Distribution. All ranks take the same per-step decision (strategy, L, and for ``hybrid-sample`` which
 global positions are mono) from an RNG seeded by ``(seed, epoch, step)``; each rank fills its slice
 from its own buffer with an RNG seeded by ``(seed, epoch, step, rank)``. The ranks' streams are disjoint

@@ -33,6 +33,7 @@ class GroupBuffer:
         all_data_langs: set[str],
         pair_w: np.ndarray | None,
         stats: SamplerStats,
+        sources: list[str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.rank = rank
@@ -49,6 +50,10 @@ class GroupBuffer:
         self.lang_pos = np.full((size, n_langs), -1, dtype=np.int16)  # slot × lang → index in row lists
         self.has = np.zeros((n_langs, size), dtype=bool)  # lang × slot (contiguous per language)
         self.alive = np.zeros(size, dtype=bool)
+        # with sampler.source_weights: source × slot (a row of a source not named: in none)
+        self.sources = list(sources or [])
+        self.source_index = {src: i for i, src in enumerate(sources)} if sources else None
+        self.from_source = np.zeros((len(sources or []), size), dtype=bool)
         self.cross_ok = np.zeros(size, dtype=bool)
         self.arrival = np.zeros(size, dtype=np.int64)
         self.in_buffer: set[str] = set()
@@ -285,6 +290,10 @@ class GroupBuffer:
         self.has[:, slots] = (pos >= 0).T
         self.alive[slots] = True
         self.cross_ok[slots] = self._plan_cross[pid]
+        if self.source_index is not None:
+            rows, index = self.rows, self.source_index
+            src = np.array([index.get(rows[s]["source"] if "source" in rows[s] else "", -1) for s in filled])
+            self.from_source[src[src >= 0], slots[src >= 0]] = True
 
     def release(self, slots: np.ndarray, keep: bool = True) -> None:
         """Free slots (their rows stay referenced until overwritten: at most buffer_groups rows); with
@@ -310,15 +319,18 @@ class GroupBuffer:
         self.alive[slots] = False
         self.cross_ok[slots] = False
         self.has[:, slots] = False
+        self.from_source[:, slots] = False
         self.lang_pos[slots] = -1
 
     def recycle(
-        self, rng: np.random.Generator, lang: int, n: int, taken: np.ndarray, other: int | None
+        self, rng: np.random.Generator, lang: int, n: int, taken: np.ndarray, other: int | None, source: int = -1
     ) -> np.ndarray:
-        """Up to n groups of ``lang`` used before (its reservoir), not in the buffer, put into spare slots
-        for this step (released, and so back in the reservoirs, with the batch)."""
+        """Up to n groups of ``lang`` used before (its reservoir; with ``source`` ≥ 0 of that source only),
+        not in the buffer, put into spare slots for this step (released, and so back in the reservoirs,
+        with the batch)."""
         in_buffer = self.in_buffer
-        rows = self.reservoir[lang].candidates(in_buffer, other, self._usable)
+        name = self.sources[source] if source >= 0 else None
+        rows = self.reservoir[lang].candidates(in_buffer, other, self._usable, name)
         if not rows:
             return np.zeros(0, dtype=np.int64)
         if len(rows) > n:

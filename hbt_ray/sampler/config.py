@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from hbt_ray.config import ConfigError
 from hbt_ray.data.records import LANG_RE, PairGroup
 
@@ -38,6 +40,9 @@ class SamplerConfig:
     #: batch needs; a language rarer than that cannot fill its share of steps without fallbacks)
     min_lang_groups: int | None = None
     max_negatives: int = 0  # hard negatives per pair (from the group, passage language)
+    #: {source: weight}: the share of pairs each source of the data gets (normalised; every source named,
+    #: each > 0). None: the sources as the data holds them (see "Sources" in the package docstring)
+    source_weights: dict[str, float] | None = None
     step_log: int = 100_000  # per-step records kept (most recent)
 
     def validate(self) -> None:
@@ -62,6 +67,12 @@ class SamplerConfig:
                 raise ConfigError(f"languages: {lang!r} is not a language code")
         for item in self.lang_pairs or []:
             parse_lang_pair(item)
+        if self.source_weights is not None:
+            if not self.source_weights:
+                raise ConfigError("source_weights: empty; leave it unset (null) for the data's own mix")
+            for name, w in self.source_weights.items():
+                if not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0 or w == float("inf"):
+                    raise ConfigError(f"source_weights.{name}: {w!r} is not a number > 0")
 
 
 def parse_lang_pair(item: str) -> tuple[str, str, float]:
@@ -130,6 +141,39 @@ def lang_weights(lang_counts: dict[str, int], temperature: float) -> dict[str, f
     if total <= 0:
         raise ValueError(f"lang_counts has no language with pairs: {lang_counts}")
     return {lang: w / total for lang, w in raw.items()}
+
+
+def source_mix(
+    weights: dict[str, float], source_lang_counts: dict[str, dict[str, int]], langs: list[str], temperature: float
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(sources, p(L), p(S | L)) when source S gets the share w_S of the pairs: p(L | S) ∝ n_SL^(1/T)
+    within each source over ``langs``, p(L) = Σ_S w_S p(L | S), p(S | L) = w_S p(L | S) / p(L) (rows:
+    ``langs``, columns: ``sources``). Names are checked against the data's sources.
+
+    >>> sources, p, p_src = source_mix({"a": 3, "b": 1}, {"a": {"en": 10}, "b": {"en": 5, "de": 5}},
+    ...                                ["de", "en"], 1.0)
+    >>> sources, p.round(3).tolist(), p_src.round(3).tolist()
+    (['a', 'b'], [0.125, 0.875], [[0.0, 1.0], [0.857, 0.143]])
+    """
+    named, known = set(weights), set(source_lang_counts)
+    if named != known:
+        what = (f"names {sorted(named - known)}, not a source of the data" if named - known
+                else f"leaves out {sorted(known - named)}")  # fmt: skip
+        raise ConfigError(f"sampler.source_weights: {what} (the data's sources: {sorted(known)})")
+    sources = sorted(weights)
+    w = np.array([weights[s] for s in sources], dtype=float)
+    w = w / w.sum()
+    p_given = np.zeros((len(langs), len(sources)))  # p(L | S), column by column
+    for j, src in enumerate(sources):
+        counts = source_lang_counts[src]
+        raw = np.array([float(counts.get(lang, 0)) ** (1.0 / temperature) for lang in langs])
+        if not raw.sum() > 0:
+            raise ConfigError(f"sampler.source_weights.{src}: the source has no pairs in the languages drawn")
+        p_given[:, j] = raw / raw.sum()
+    joint = p_given * w[None, :]
+    p = joint.sum(axis=1)
+    p_src = np.divide(joint, p[:, None], out=np.zeros_like(joint), where=p[:, None] > 0)
+    return sources, p, p_src
 
 
 def count_pairs(rows: Iterable[Any]) -> tuple[dict[str, int], int]:

@@ -28,6 +28,7 @@ class Drawer:
         steps_per_epoch: int,
         p: np.ndarray,
         pair_w: np.ndarray | None,
+        p_src: np.ndarray | None = None,
     ) -> None:
         self.cfg = cfg
         self.buffer = buffer
@@ -40,6 +41,7 @@ class Drawer:
         self._p_cum = np.cumsum(p)
         self._p_order = np.argsort(-p, kind="stable")  # next-lang fallback order
         self._pair_w = pair_w
+        self._src_cum = None if p_src is None else np.cumsum(p_src, axis=1)  # per language: p(S | L)
 
     def step_decision(self, step: int) -> tuple[str, int, np.ndarray | None]:
         """The rank-independent decision of ``step``: (kind, language index or -1, mono mask or None)."""
@@ -139,9 +141,33 @@ class Drawer:
         eligible = self.buffer.has[lang]
         if other is not None:
             eligible = eligible & (self.buffer.cross_ok if other < 0 else self.buffer.has[other])
-        slots = self._pick(rng, eligible, n, taken)
+        if self._src_cum is None:
+            slots = self._pick(rng, eligible, n, taken)
+        else:
+            slots = self._pick_by_source(rng, lang, eligible, n, taken, other)
         if len(slots) < n:
             slots = np.concatenate([slots, self.buffer.recycle(rng, lang, n - len(slots), taken, other)])
+        return slots
+
+    def _pick_by_source(
+        self, rng: np.random.Generator, lang: int, eligible: np.ndarray, n: int, taken: np.ndarray, other: int | None
+    ) -> np.ndarray:
+        """Up to n eligible slots, each pair's source drawn ∝ p(S | L) (``sampler.source_weights``): fresh
+        groups of that source first, then its recycled ones (a small source weighted up is used more
+        often than the stream brings it); a source with neither leaves its pairs to the language's other
+        sources (counted as ``source_shortfall``): the language's share comes before the source's."""
+        cum = self._src_cum[lang]
+        drawn = np.minimum(np.searchsorted(cum, rng.random(n) * cum[-1], side="right"), len(cum) - 1)
+        picked = []
+        for src, need in self._needs(drawn, len(cum)):
+            got = self._pick(rng, eligible & self.buffer.from_source[src], need, taken)
+            if len(got) < need:
+                got = np.concatenate([got, self.buffer.recycle(rng, lang, need - len(got), taken, other, src)])
+            picked.append(got)
+        slots = np.concatenate(picked).astype(np.int64) if picked else np.zeros(0, dtype=np.int64)
+        if len(slots) < n:
+            self.stats.source_shortfall += n - len(slots)
+            slots = np.concatenate([slots, self._pick(rng, eligible, n - len(slots), taken)])
         return slots
 
     def _needs(self, drawn: np.ndarray, n: int) -> list[tuple[int, int]]:

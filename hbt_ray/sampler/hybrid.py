@@ -13,7 +13,15 @@ from hbt_ray.data.records import DataError
 
 from . import state as state_mod
 from .buffer import GroupBuffer
-from .config import Batch, SamplerConfig, StreamFactory, lang_weights, parse_lang_pair, select_languages
+from .config import (
+    Batch,
+    SamplerConfig,
+    StreamFactory,
+    lang_weights,
+    parse_lang_pair,
+    select_languages,
+    source_mix,
+)
 from .draw import Drawer
 from .stats import SamplerStats
 
@@ -29,6 +37,7 @@ class HybridBatchSampler:
         world_size: int,
         lang_counts: dict[str, int],
         num_groups: int | None = None,
+        source_lang_counts: dict[str, dict[str, int]] | None = None,
     ):
         try:  # a SamplerConfig built in code has not been through the config loader
             cfg.validate()
@@ -62,6 +71,15 @@ class HybridBatchSampler:
         self._langs_arr = np.array(self.langs, dtype=object)
         weights = lang_weights({lang: counts[lang] for lang in self.langs}, cfg.lang_temperature)
         self.p = np.array([weights[lang] for lang in self.langs])
+        self.sources: list[str] = []
+        p_src: np.ndarray | None = None  # p(S | L), with source_weights
+        if cfg.source_weights is not None:
+            if source_lang_counts is None:
+                raise ConfigError("sampler.source_weights: the data's pairs per source and language are not known "
+                                  "(shards written by an older hbt_ray: write them again)")  # fmt: skip
+            self.sources, self.p, p_src = source_mix(
+                cfg.source_weights, source_lang_counts, self.langs, cfg.lang_temperature
+            )
         pair_w: np.ndarray | None = None
         if cfg.lang_pairs:
             n_langs = len(self.langs)
@@ -74,10 +92,10 @@ class HybridBatchSampler:
             pair_w = pair_w * self.p[:, None] * self.p[None, :]
         self._stats = SamplerStats(self.langs, cfg.step_log)
         self._buffer = GroupBuffer(
-            cfg, stream_factory, rank, self.per_rank, self.langs, set(lang_counts), pair_w, self._stats
+            cfg, stream_factory, rank, self.per_rank, self.langs, set(lang_counts), pair_w, self._stats, self.sources
         )
         self._drawer = Drawer(
-            cfg, self._buffer, self._stats, rank, self.per_rank, self.steps_per_epoch, self.p, pair_w
+            cfg, self._buffer, self._stats, rank, self.per_rank, self.steps_per_epoch, self.p, pair_w, p_src
         )
         self.step = 0
 

@@ -32,17 +32,23 @@ class Reservoir:
         self.extend(rows, [row["group_id"] for row in rows], [len(usable(row)) >= 2 for row in rows])
 
     def candidates(
-        self, in_buffer: set, other: int | None, usable: Callable[[Any], tuple[int, ...]]
+        self, in_buffer: set, other: int | None, usable: Callable[[Any], tuple[int, ...]], source: str | None = None
     ) -> list[Any]:
         """The rows, oldest first, whose group is not in ``in_buffer``, each group once (its oldest
-        entry), with ``other`` ≥ 0 holding that language too, with -1 any second language."""
+        entry), with ``other`` ≥ 0 holding that language too, with -1 any second language, and with
+        ``source`` of that source only."""
         rows = list(self.rows)
         if not rows:
             return rows
         gids = list(self._gids)
         index: Iterable[int] = range(len(rows))
+        mask: Any = None
         if other is not None:
             mask = self._multi if other < 0 else [other in usable(row) for row in rows]
+        if source is not None:
+            of_source = [(row["source"] if "source" in row else "") == source for row in rows]
+            mask = of_source if mask is None else [a and b for a, b in zip(mask, of_source)]
+        if mask is not None:
             gids = list(compress(gids, mask))
             index = list(compress(index, mask))
         # Built newest first, so each group keeps the index of its oldest entry.

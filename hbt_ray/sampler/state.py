@@ -24,6 +24,7 @@ _STREAM_KEYS = (
     "buffer_groups",
     "shuffle",
     "on_short",
+    "source_weights",
 )
 
 

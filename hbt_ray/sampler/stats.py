@@ -27,6 +27,7 @@ class SamplerStats:
         self.cross_fallback = 0
         self.xx_fallback = 0
         self.recycled_pairs = 0
+        self.source_shortfall = 0  # pairs whose drawn source had no group left: another source's
         self.source_pairs: dict[str, int] = {}
         self.stream_waits = 0
         self.groups_read = 0
@@ -78,6 +79,7 @@ class SamplerStats:
             "cross_fallback_pairs": self.cross_fallback,
             "xx_fallback_pairs": self.xx_fallback,
             "recycled_pairs": self.recycled_pairs,
+            "source_shortfall_pairs": self.source_shortfall,
             "excluded_langs": dict(excluded),
             "short_steps": self.short_steps,
             "groups_read": self.groups_read,
@@ -117,6 +119,7 @@ class SamplerStats:
             "cross_fallback": self.cross_fallback,
             "xx_fallback": self.xx_fallback,
             "recycled_pairs": self.recycled_pairs,
+            "source_shortfall": self.source_shortfall,
             "source_pairs": dict(self.source_pairs),
             "stream_waits": self.stream_waits,
             "groups_read": self.groups_read,
@@ -135,6 +138,7 @@ class SamplerStats:
         self.cross_fallback = st["cross_fallback"]
         self.xx_fallback = st.get("xx_fallback", 0)
         self.recycled_pairs = st.get("recycled_pairs", 0)
+        self.source_shortfall = st.get("source_shortfall", 0)
         self.source_pairs = dict(st.get("source_pairs", {}))
         self.stream_waits = st["stream_waits"]
         self.groups_read = st["groups_read"]

@@ -48,7 +48,7 @@ from hbt_ray.train.runfiles import (
 from hbt_ray.train.worker import train_loop_per_worker
 
 #: Bump when the shards' content for the same inputs changes (schema, reader behaviour).
-SHARD_FORMAT = 2  # 2: groups interleaved across sources (data.shards.interleave)
+SHARD_FORMAT = 3  # 2: groups interleaved across sources (data.shards.interleave); 3: pairs per source and language
 
 
 def shard_fingerprint(data: DataConfig) -> dict[str, Any]:
@@ -133,7 +133,8 @@ def check_inputs(cfg: TrainConfig, manifest: Manifest, shard_dir: Path) -> float
             f"(they have {', '.join(sorted(manifest.pairs_per_lang))})"
         )
     counts, world = dict(manifest.pairs_per_lang), cfg.run.num_workers
-    sampler = HybridBatchSampler(cfg.sampler, lambda _pass: iter(()), 0, world, counts, num_groups=manifest.groups)
+    sampler = HybridBatchSampler(cfg.sampler, lambda _pass: iter(()), 0, world, counts, num_groups=manifest.groups,
+                                 source_lang_counts=manifest.pairs_per_source_lang or None)  # fmt: skip
     if sampler.excluded_langs:
         rare = ", ".join(f"{k} ({v})" for k, v in sampler.excluded_langs.items())
         print(f"[hbt_ray.train] not drawn, fewer groups than sampler.min_lang_groups: {rare}", file=sys.stderr)
@@ -277,6 +278,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None, overwrite: bool 
             "lang_counts": dict(manifest.pairs_per_lang),
             "num_groups": manifest.groups,
             "sources": sorted(manifest.groups_per_source),
+            "source_lang_counts": manifest.pairs_per_source_lang,
             "shard_paths": paths,
             "run_dir": run_dir,
             "tokenizer_texts": texts,

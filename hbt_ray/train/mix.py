@@ -50,5 +50,13 @@ def mix_summary(mix: dict[str, Any], target: dict[str, float], sampler: Any = No
     }
     if sampler is not None:
         out["excluded_langs"] = dict(sampler.excluded_langs)
+        if sampler.sources:  # sampler.source_weights: each source's share beside its weight's
+            weights = sampler.cfg.source_weights
+            total = sum(weights.values())
+            out["share_by_source"] = {
+                src: {"pairs": mix["pairs_by_source"].get(src, 0), "share": mix["pairs_by_source"].get(src, 0) / pairs,
+                      "target": weights[src] / total}  # fmt: skip
+                for src in sampler.sources
+            }
         out["strategy"], out["alpha"] = sampler.cfg.strategy, sampler.cfg.alpha
     return out

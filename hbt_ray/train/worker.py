@@ -125,7 +125,7 @@ class TrainRecipe:
         paths = self.job["shard_paths"]  # local paths or URIs: Ray Data reads either where it is
         sampler = HybridBatchSampler(
             cfg.sampler, shard_streams(paths, rank, world, seed=cfg.sampler.seed), rank, world,
-            self.job["lang_counts"], num_groups=self.job["num_groups"],
+            self.job["lang_counts"], self.job["num_groups"], self.job.get("source_lang_counts"),
         )  # fmt: skip
         prepare = batch_preparer(self.encoder, cfg.loss.hard_negatives, pin=self.device.type == "cuda")
         self.batches = PrefetchedBatches(sampler, prepare, depth=cfg.run.prefetch_batches)
