@@ -49,11 +49,19 @@ class LossConfig:
     #: (hbt_ray.train.gradcache): the batch size no longer has to fit in memory
     grad_cache: bool = False
     chunk_size: int = 32  # pairs per chunk (per worker) with grad_cache
+    #: weight of a regulariser that keeps what the starting encoder knew: KL(start ‖ trained) of each
+    #: query's softmax over its in-batch candidates (:func:`distill_loss`); 0 = off
+    distill: float = 0.0
+    distill_temperature: float = 0.02  # the softmax temperature of both score distributions in that term
 
     def validate(self) -> None:
         check_temperature_range(self.temperature, self.min_temperature, self.max_temperature)
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size: must be >= 1, got {self.chunk_size}")
+        if self.distill < 0:
+            raise ConfigError(f"distill: must be >= 0, got {self.distill}")
+        if not self.distill_temperature > 0:
+            raise ConfigError(f"distill_temperature: must be > 0, got {self.distill_temperature}")
 
 
 def check_temperature_range(initial: float, min_value: float, max_value: float) -> None:
@@ -186,6 +194,42 @@ def info_nce_loss(
     return loss
 
 
+#: The starting encoder's (query, passage, hard negative or None) embeddings of a batch, without gradient.
+TeacherEmbeddings = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+def distill_loss(
+    q: torch.Tensor, p: torch.Tensor, teacher: TeacherEmbeddings, temperature: float,
+    negatives: torch.Tensor | None = None, gather: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """KL(teacher ‖ student) of each query's softmax over its candidates — the batch's passages and hard
+    negatives, gathered across workers as InfoNCE's — at ``temperature``, averaged over this worker's
+    queries. With the starting encoder as the teacher it keeps the trained one's in-batch score
+    distribution near the start's (learning without forgetting), whatever ZeRO shards, and GradCache
+    caches it like InfoNCE: both are functions of the embeddings.
+
+        >>> q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+        >>> p = torch.nn.functional.normalize(q + 0.3 * torch.randn(4, 8), dim=-1)
+        >>> float(distill_loss(q, p, (q, p, None), 0.05)) == 0.0  # the teacher's scores: nothing to pull
+        True
+        >>> float(distill_loss(q, p, (q, p.flip(0), None), 0.05)) > 0
+        True
+    """
+    tq, tp, tn = teacher
+    use_gather = gather and _distributed()
+    sizes = row_counts(q.shape[0]) if use_gather else None
+    cand = all_gather_with_grad(p, sizes) if use_gather else p
+    t_cand = all_gather_with_grad(tp.float(), sizes) if use_gather else tp.float()
+    if negatives is not None:  # a worker with none still runs the gathers (zero rows), as InfoNCE's
+        tn = tn.float() if tn is not None else negatives.detach().new_zeros((0, negatives.shape[1]))
+        n_sizes = row_counts(negatives.shape[0]) if use_gather else None
+        cand = torch.cat([cand, all_gather_with_grad(negatives, n_sizes) if use_gather else negatives])
+        t_cand = torch.cat([t_cand, all_gather_with_grad(tn, n_sizes) if use_gather else tn])
+    log_student = F.log_softmax((q @ cand.T).float() / temperature, dim=-1)
+    log_teacher = F.log_softmax((tq.float() @ t_cand.T).float() / temperature, dim=-1)
+    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+
+
 class Temperature(torch.nn.Module):
     """τ for InfoNCE: fixed, or learnable as ``exp(log_tau)`` clamped to ``[min_value, max_value]``.
 
@@ -290,29 +334,37 @@ class ContrastiveModule(torch.nn.Module):
         return q, p, neg
 
     def loss(
-        self, q: torch.Tensor, p: torch.Tensor, neg: torch.Tensor | None, tau: torch.Tensor
-    ) -> torch.Tensor:
-        """InfoNCE of embeddings (this worker's; gathered across workers when ``gather``)."""
+        self, q: torch.Tensor, p: torch.Tensor, neg: torch.Tensor | None, tau: torch.Tensor,
+        teacher: TeacherEmbeddings | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """InfoNCE of embeddings (this worker's; gathered across workers when ``gather``), plus
+        ``distill`` × :func:`distill_loss` toward ``teacher``'s embeddings of the same batch."""
         cfg = self.cfg
         if neg is None and cfg.hard_negatives and cfg.gather and _distributed():
             # this worker has none, others may: every worker must run the same collectives
             neg = q.new_zeros((0, q.shape[1]), requires_grad=True)
-        return info_nce_loss(
-            q.float(), p.float(), tau, negatives=None if neg is None else neg.float(),
-            symmetric=cfg.symmetric, gather=cfg.gather,
-        )  # fmt: skip
+        negatives = None if neg is None else neg.float()
+        loss = info_nce_loss(q.float(), p.float(), tau, negatives=negatives, symmetric=cfg.symmetric, gather=cfg.gather)
+        if cfg.distill > 0:
+            if teacher is None:
+                raise ValueError("loss.distill > 0 needs the starting encoder's embeddings of the batch")
+            loss = loss + cfg.distill * distill_loss(q.float(), p.float(), teacher, cfg.distill_temperature,
+                                                     negatives, gather=cfg.gather)  # fmt: skip
+        return loss
 
     def forward(
         self, q_ids: Any, q_mask: Any, p_ids: Any, p_mask: Any, n_ids: Any = None, n_mask: Any = None,
         cached: tuple[Any, ...] | None = None, lengths: RowLengths | None = None,
+        teacher: TeacherEmbeddings | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(loss, τ); with ``cached`` = the loss's gradients w.r.t. this chunk's query, passage and negative
         embeddings and τ (None when τ is fixed), the GradCache surrogate whose gradient is the chunk's
-        share of the full batch's (:mod:`hbt_ray.train.gradcache`). ``lengths`` as in :meth:`embed`."""
+        share of the full batch's (:mod:`hbt_ray.train.gradcache`). ``lengths`` as in :meth:`embed`,
+        ``teacher`` as in :meth:`loss`."""
         q, p, neg = self.embed(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, lengths)
         tau = self.temperature()
         if cached is None:
-            return self.loss(q, p, neg, tau), tau.detach()
+            return self.loss(q, p, neg, tau, teacher), tau.detach()
         g_q, g_p, g_n, g_tau = cached
         surrogate = (q.float() * g_q).sum() + (p.float() * g_p).sum()
         if neg is not None:

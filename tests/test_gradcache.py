@@ -21,6 +21,7 @@ from hbt_ray.model import ModelConfig, load_dual_encoder
 from hbt_ray.train.config import DeepSpeedConfig, OptimConfig
 from hbt_ray.train.deepspeed import deepspeed_config
 from hbt_ray.train.gradcache import RngState, cached_step, chunk_bounds, num_chunks
+from hbt_ray.train.teacher import Teacher
 
 WORLD, PAIRS, CHUNK = 2, 8, 3
 #: Hard negatives per pair on each rank (rank 1 has fewer; one chunk of rank 1 has none).
@@ -38,17 +39,24 @@ def _batch(encoder, rank: int) -> tuple:
     return (*tok(queries, "query"), *tok(passages, "passage"), *tok(negs, "passage"), NEG_COUNTS[rank])
 
 
-def _module(chunks: int, cache_dir: str) -> ContrastiveModule:
+def _module(chunks: int, cache_dir: str, distill: float = 0.0) -> ContrastiveModule:
     torch.manual_seed(0)  # the same tiny encoder on both ranks and both sides
     encoder = load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir))
     return ContrastiveModule(encoder, LossConfig(temperature=0.05, learnable_temperature=True, gather=True,
-                                                 grad_cache=chunks > 1, chunk_size=CHUNK))  # fmt: skip
+                                                 grad_cache=chunks > 1, chunk_size=CHUNK, distill=distill))  # fmt: skip
 
 
-def _engine(stage: int, chunks: int, cache_dir: str, offload: bool = False, precision: str = "fp32"):
+def _teacher(cache_dir: str) -> Teacher:
+    """Another tiny encoder (seed 1) as loss.distill's teacher: its scores differ from the student's."""
+    torch.manual_seed(1)
+    return Teacher(load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache_dir)), torch.device("cpu"), "fp32", 4)
+
+
+def _engine(stage: int, chunks: int, cache_dir: str, offload: bool = False, precision: str = "fp32",
+            distill: float = 0.0):  # fmt: skip
     import deepspeed
 
-    module = _module(chunks, cache_dir)
+    module = _module(chunks, cache_dir, distill)
     optim = OptimConfig(lr=1.0, weight_decay=0.0, grad_clip=0.0, warmup_steps=0, schedule="constant")
     ds = DeepSpeedConfig(zero_stage=stage, offload_optimizer=offload, precision=precision)
     config = deepspeed_config(optim, ds, 10, CHUNK if chunks > 1 else PAIRS,
@@ -61,7 +69,7 @@ def _engine(stage: int, chunks: int, cache_dir: str, offload: bool = False, prec
 
 
 def _worker(rank: int, init_file: str, cache_dir: str, out_dir: str, stage: int, dropout: bool, offload: bool,
-            precision: str) -> None:  # fmt: skip
+            precision: str, distill: float) -> None:  # fmt: skip
     import os
 
     import deepspeed
@@ -75,13 +83,14 @@ def _worker(rank: int, init_file: str, cache_dir: str, out_dir: str, stage: int,
         results = {}
         for side in ("plain", "cached"):
             chunks = num_chunks(PAIRS, CHUNK) if side == "cached" else 1
-            engine, module = _engine(stage, chunks, cache_dir, offload, precision)
+            engine, module = _engine(stage, chunks, cache_dir, offload, precision, distill)
             module.train(dropout)
             module.same_calls_every_rank = stage == 3
             batch = _batch(module.encoder, rank)
+            teacher = _teacher(cache_dir).embed(*batch[:6]) if distill else None
             torch.manual_seed(100 + rank)  # the dropout stream: the same on both sides
             if side == "cached":
-                loss, replay = cached_step(engine, module, batch, CHUNK)
+                loss, replay = cached_step(engine, module, batch, CHUNK, teacher=teacher)
                 replay()
             elif dropout:  # one graph over the chunks, run in GradCache's order from the same RNG state
                 q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, counts = batch
@@ -92,11 +101,11 @@ def _worker(rank: int, init_file: str, cache_dir: str, out_dir: str, stage: int,
                                              n_mask[na:nb]))  # fmt: skip
                 negs = [n for _, _, n in embs if n is not None]
                 loss = module.loss(torch.cat([q for q, _, _ in embs]), torch.cat([p for _, p, _ in embs]),
-                                   torch.cat(negs) if negs else None, module.temperature())  # fmt: skip
+                                   torch.cat(negs) if negs else None, module.temperature(), teacher)  # fmt: skip
                 engine.backward(loss)
                 engine.step()
             else:  # dropout off: the engine's one forward of the whole batch
-                loss, _ = engine(*batch[:6])
+                loss, _ = engine(*batch[:6], teacher=teacher)
                 engine.backward(loss)
                 engine.step()
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):  # ZeRO-3 shards
@@ -112,17 +121,20 @@ def _worker(rank: int, init_file: str, cache_dir: str, out_dir: str, stage: int,
 
 
 @pytest.mark.parametrize(
-    "stage, dropout, offload, precision", [(0, True, False, "fp32"), (0, False, False, "fp32"), (1, True, False, "fp32"),
-                                           (2, True, False, "fp32"), (3, True, False, "fp32"), (3, True, True, "fp32"),
-                                           (0, True, False, "bf16"), (2, True, False, "bf16")],
+    "stage, dropout, offload, precision, distill",
+    [(0, True, False, "fp32", 0.0), (0, False, False, "fp32", 0.0), (1, True, False, "fp32", 0.0),
+     (2, True, False, "fp32", 0.0), (3, True, False, "fp32", 0.0), (3, True, True, "fp32", 0.0),
+     (0, True, False, "bf16", 0.0), (2, True, False, "bf16", 0.0), (0, True, False, "fp32", 5.0),
+     (3, True, False, "fp32", 5.0)],
 )  # fmt: skip
-def test_grad_cache_step_equals_the_plain_full_batch_step(tmp_path, stage, dropout, offload, precision):
+def test_grad_cache_step_equals_the_plain_full_batch_step(tmp_path, stage, dropout, offload, precision, distill):
     """(bf16: DeepSpeed's bf16 mode, weights and activations in bf16, fp32 master weights at ZeRO 1+: the
-    steps agree to bf16's precision, not fp32's.)"""
+    steps agree to bf16's precision, not fp32's. distill: loss.distill toward another encoder's embeddings
+    of the batch (hbt_ray.train.teacher), cached with InfoNCE.)"""
     cache = str(tmp_path / "cache")
     load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache))  # builds and caches the tokenizer once
     torch.multiprocessing.spawn(_worker, args=(str(tmp_path / "pg"), cache, str(tmp_path), stage, dropout, offload,
-                                               precision),
+                                               precision, distill),
                                 nprocs=WORLD, join=True)  # fmt: skip
     res = pickle.loads((tmp_path / "result.pkl").read_bytes())
     bf16 = precision == "bf16"

@@ -82,11 +82,12 @@ def _chunk_lengths(lengths: Any, a: int, b: int, na: int, nb: int) -> Any:
 
 
 def cached_step(
-    engine: Any, module: Any, batch: tuple[Any, ...], chunk_size: int, lengths: Any = None
+    engine: Any, module: Any, batch: tuple[Any, ...], chunk_size: int, lengths: Any = None, teacher: Any = None
 ) -> tuple[torch.Tensor, Any]:
     """Phases 1 and 2 (see the module doc) of one micro-batch ``batch`` = (q_ids, q_mask, p_ids, p_mask,
     n_ids, n_mask, negatives per pair) of this worker, ``lengths`` its rows' real tokens counted on the
-    host (``hbt_ray.loss.row_lengths``); → (the full batch's loss, a ``replay()`` callable that runs
+    host (``hbt_ray.loss.row_lengths``), ``teacher`` the starting encoder's embeddings of it when
+    ``loss.distill`` (a function of the embeddings too: cached with InfoNCE); → (the full batch's loss, a ``replay()`` callable that runs
     phase 3 through ``engine``, one micro-step per chunk). The caller checks the loss (every worker the
     same decision) before it replays; a skipped step runs no micro-step at all."""
     q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, neg_counts = batch
@@ -108,7 +109,7 @@ def cached_step(
     tau = module.temperature()
     learnable = tau.requires_grad
     tau_leaf = tau.detach().requires_grad_(learnable)
-    loss = module.loss(q_all, p_all, n_all, tau_leaf)
+    loss = module.loss(q_all, p_all, n_all, tau_leaf, teacher)
     wrt = [q_all, p_all, *([n_all] if n_all is not None else []), *([tau_leaf] if learnable else [])]
     grads = torch.autograd.grad(loss, wrt)
     g_q, g_p = grads[0], grads[1]

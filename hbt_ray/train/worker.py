@@ -55,6 +55,7 @@ from hbt_ray.train.deepspeed import (
 from hbt_ray.train.gradcache import cached_step, num_chunks
 from hbt_ray.train.mix import FALLBACK_GRACE_STEPS, MIX_FILE, FallbackShareError, mix_counts, mix_summary
 from hbt_ray.train.runfiles import PLACEMENT_GROUP_FILE, StepLog, debug_kill, stop_requested
+from hbt_ray.train.teacher import Teacher
 from hbt_ray.train.temperature import TemperatureStepper, training_dtype_keeps_fp32_temperature
 
 PHASES = ("data", "forward", "sync", "backward", "optimizer")
@@ -101,6 +102,9 @@ class TrainRecipe:
         enable_tf32(self.device)
         ckpt.seed_everything(cfg.run.seed)  # same init on every rank
         self.encoder = load_dual_encoder(cfg.model, train_texts=self.job.get("tokenizer_texts"))
+        # loss.distill's target, the starting encoder: copied before DeepSpeed partitions or casts it
+        self.teacher = Teacher(self.encoder, self.device, cfg.deepspeed.precision, cfg.loss.chunk_size) \
+            if cfg.loss.distill > 0 else None  # fmt: skip
         fp32_tau = training_dtype_keeps_fp32_temperature(cfg.deepspeed.precision)
         module = ContrastiveModule(self.encoder, cfg.loss, fp32_temperature=fp32_tau)
         self.tau = TemperatureStepper(module.temperature, cfg.optim, self.device) if fp32_tau else None
@@ -203,13 +207,14 @@ class TrainRecipe:
             )
             n_locals.append(float(len(prepared[6]) + sum(prepared[6])))
             t_phase = _add_time(phase, "data", t_phase)
+            teacher = self.teacher and self.teacher.embed(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, lengths)
             if cfg.loss.grad_cache:  # embed without a graph, loss, gradients w.r.t. the embeddings
                 batch_on_device = (q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, prepared[6])
                 loss, replay = cached_step(self.engine, self.engine.module, batch_on_device, cfg.loss.chunk_size,
-                                           lengths)  # fmt: skip
+                                           lengths, teacher)  # fmt: skip
                 tau = self.engine.module.temperature().detach()
             else:
-                loss, tau = self.engine(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, lengths=lengths)
+                loss, tau = self.engine(q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, lengths=lengths, teacher=teacher)
             t_phase = _add_time(phase, "forward", t_phase)
             if self.step_no + 1 == cfg.run.debug_nan_at_step and micro_index == last:
                 loss = loss * float("nan")  # the test hook poisons the step's last micro-batch
