@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hbt_ray.data.lareqa import read_lareqa_eval, read_lareqa_pairs
+from hbt_ray.data.lareqa import parse_lareqa_file, read_lareqa_eval, read_lareqa_pairs
 from hbt_ray.data.sources import iter_pair_groups, load_eval_set
 
 XQUAD_CANDIDATES = {"ar": 1222, "de": 1276, "en": 1180, "es": 1215, "hi": 1244, "vi": 1209, "zh": 1196}
@@ -100,3 +100,46 @@ def test_lareqa_pairs(shared_data):
     assert len(para.pairs["en"].passage) > len(g.pairs["en"].passage)
     mlqa = list(iter_pair_groups("mlqa-r"))
     assert len(mlqa) == 1148 and all("en" in g.pairs and len(g.pairs) >= 2 for g in mlqa)
+
+
+def test_hard_negatives_from_the_answers_paragraph_reach_the_sampler(shared_data, tmp_path):
+    """data.lareqa_negatives: the paragraph's other sentences, nearest the answer first, stored in the
+    shards and drawn by sampler.max_negatives; never the answer, never another language's text."""
+    from hbt_ray.config import ConfigError
+    from hbt_ray.data.shards import iter_shard_groups
+    from hbt_ray.sampler import HybridBatchSampler, SamplerConfig
+    from hbt_ray.train.config import DataConfig
+    from hbt_ray.train.driver import prepare_shards
+
+    root = shared_data / "lareqa" / "mlqa-r"
+    plain = {g.group_id: g for g in read_lareqa_pairs(root, langs=["en", "de"])}
+    for g in read_lareqa_pairs(root, langs=["en", "de"], negatives=2):
+        for lang, pair in g.pairs.items():
+            assert (pair.query, pair.passage) == (plain[g.group_id].pairs[lang].query, plain[g.group_id].pairs[lang].passage)
+            assert len(pair.negatives) <= 2 and pair.passage not in pair.negatives
+    en = next(p for p in parse_lareqa_file(root / "en.json") if len(p.sentences) >= 4 and p.questions)
+    q = en.questions[0]
+    group = next(g for g in read_lareqa_pairs(root, langs=["en"], negatives=3) if g.group_id == q.link)
+    near = sorted((i for i in range(len(en.sentences)) if i not in q.sentences), key=lambda i: (abs(i - q.sentences[0]), i))
+    assert group.pairs["en"].negatives == tuple(en.sentences[i] for i in near[:3])
+
+    data = DataConfig(train=["mlqa-r"], langs=["en", "de"], lareqa_negatives=2, rows_per_shard=500)
+    data.validate()
+    shard_dir = prepare_shards(data, tmp_path)
+    rows = [{"group_id": g.group_id, "source": g.source, "langs": g.langs,
+             "queries": [g.pairs[x].query for x in g.langs], "passages": [g.pairs[x].passage for x in g.langs],
+             "negatives": [list(g.pairs[x].negatives) for x in g.langs]} for g in iter_shard_groups(shard_dir)]  # fmt: skip
+    assert sum(bool(n) for r in rows for n in r["negatives"]) > 0.9 * sum(len(r["langs"]) for r in rows)
+    counts: dict[str, int] = {}
+    for r in rows:
+        for lang in r["langs"]:
+            counts[lang] = counts.get(lang, 0) + 1
+    sampler = HybridBatchSampler(SamplerConfig(strategy="x-y", batch_size=8, buffer_groups=64, max_negatives=2),
+                                 lambda _pass: iter(rows), 0, 1, counts, num_groups=len(rows))  # fmt: skip
+    batch = sampler.next_batch()
+    by_id = {r["group_id"]: r for r in rows}
+    for gid, plang, passage, negs in zip(batch.group_ids, batch.passage_langs, batch.passages, batch.negatives):
+        row = by_id[gid]
+        assert negs == row["negatives"][row["langs"].index(plang)][:2] and negs and passage not in negs
+    with pytest.raises(ConfigError, match=r"lareqa_negatives: 2, but no source of data.train \['ddtp'\]"):
+        DataConfig(train=["ddtp"], lareqa_negatives=2).validate()

@@ -74,6 +74,29 @@ def test_eval_spec_and_config(tatoeba_dir):
         EvalConfig(data="tatoeba", max_pairs=0).validate()
 
 
+def test_skip_pairs_gives_a_dev_split_disjoint_from_the_first_pairs(tatoeba_dir):
+    from hbt_ray.evaluate.run import load_eval_data, subset_eval_set
+
+    full = read_tatoeba(tatoeba_dir, langs=["arz", "kzj"])
+    cfg = EvalConfig(data=f"tatoeba:{tatoeba_dir}", langs=["arz", "kzj"], max_pairs=100, skip_pairs=200)
+    dev = load_eval_data(cfg)
+    for lang in ("arz", "kzj"):
+        assert dev.sentences[lang] == full.sentences[lang][200:300]
+        assert dev.english[lang] == full.english[lang][200:300]
+    # applying the config again to the set it loaded changes nothing (it does not skip twice)
+    assert subset_eval_set(dev, cfg).sentences == dev.sentences
+    assert subset_eval_set(full, cfg).sentences == dev.sentences
+    # without max_pairs: everything after the skip
+    assert load_eval_data(EvalConfig(data=f"tatoeba:{tatoeba_dir}", langs=["arz"], skip_pairs=400)).counts() == {
+        "arz": len(full.sentences["arz"]) - 400}
+    with pytest.raises(ValueError, match=r"skip_pairs 200 leaves no pairs in \['ang'\]"):
+        load_eval_data(EvalConfig(data=f"tatoeba:{tatoeba_dir}", langs=["ang", "arz"], skip_pairs=200))
+    with pytest.raises(ConfigError, match=r"skip_pairs: only for tatoeba\[:PATH\]; xquad-r has skip_paragraphs"):
+        EvalConfig(data="xquad-r", skip_pairs=5).validate()
+    with pytest.raises(ConfigError, match="skip_pairs: must be >= 0, got -1"):
+        EvalConfig(data="tatoeba", skip_pairs=-1).validate()
+
+
 def test_unknown_language_and_pivot(tatoeba_dir):
     with pytest.raises(DataError, match=r"v1: no files for language\(s\) \['xx'\] \(has \['afr'"):
         tatoeba_files(tatoeba_dir, ["xx"])

@@ -1,5 +1,5 @@
-"""A run's length in data terms: the driver says how many passes over the data its steps make, and
-``run.epochs`` sets the length in passes instead of steps."""
+"""A run's length in data terms: the driver says how many passes over the data its steps make,
+``run.epochs`` sets the length in passes instead of steps, ``run.pairs`` in training pairs."""
 
 from __future__ import annotations
 
@@ -33,3 +33,21 @@ def test_the_driver_says_how_many_passes_and_epochs_set_the_steps(tmp_path, caps
     assert run_setup(cfg) == setup_before and "run.max_steps" not in setup_before
     with pytest.raises(ConfigError, match=r"run\.epochs: must be finite and > 0, got 0"):
         load_config(TrainConfig, None, ["run.epochs=0"])
+
+
+def test_run_pairs_gives_runs_with_different_batch_sizes_the_same_pairs(tmp_path, capsys):
+    manifest = _manifest(tmp_path)
+    common = ["sampler.buffer_groups=16", "sampler.min_lang_groups=1", "run.num_workers=1", "run.pairs=100"]
+    steps = {}
+    for batch, accum in ((4, 1), (8, 1), (4, 2)):
+        cfg = load_config(TrainConfig, None, [*common, f"sampler.batch_size={batch}", f"optim.grad_accum={accum}"])
+        setup_before = run_setup(cfg)
+        check_inputs(cfg, manifest, tmp_path / "shards")
+        steps[batch, accum] = cfg.run.max_steps
+        assert run_setup(cfg) == setup_before and "run.max_steps" not in setup_before
+    # an optimizer step takes batch_size x grad_accum pairs; the last step is whole (100 / 8 -> 13 steps)
+    assert steps == {(4, 1): 25, (8, 1): 13, (4, 2): 13}
+    with pytest.raises(ConfigError, match=r"run\.pairs: must be >= 1, got 0"):
+        load_config(TrainConfig, None, ["run.pairs=0"])
+    with pytest.raises(ConfigError, match=r"run\.pairs: 100 and epochs: 2 both set the run's length; set one"):
+        load_config(TrainConfig, None, ["run.pairs=100", "run.epochs=2"])

@@ -301,6 +301,20 @@ def read_lareqa_eval(
     return EvalSet(name, queries, candidates, meta)
 
 
+def _paragraph_negatives(para: LareqaParagraph, q: LareqaQuestion, n: int) -> tuple[str, ...]:
+    """The ``n`` sentences of ``para`` nearest to ``q``'s answer that do not answer it (ties: the earlier).
+
+    >>> p = LareqaParagraph("p", "", ["s0", "s1", "s2", "s3"], [])
+    >>> _paragraph_negatives(p, LareqaQuestion("q", "q", "?", (2,)), 3)
+    ('s1', 's3', 's0')
+    """
+    if n == 0:
+        return ()
+    answer = q.sentences[0]
+    others = sorted((i for i in range(len(para.sentences)) if i not in q.sentences), key=lambda i: (abs(i - answer), i))
+    return tuple(para.sentences[i] for i in others[:n])
+
+
 def read_lareqa_pairs(
     path: str | os.PathLike | None,
     langs: Sequence[str] | None = None,
@@ -308,14 +322,19 @@ def read_lareqa_pairs(
     name: str | None = None,
     bad: BadRecords | None = None,
     download: bool = False,
+    negatives: int = 0,
 ) -> Iterator[PairGroup]:
     """LAReQA files → one PairGroup per ``qas.id`` (query = question, passage = answer sentence or paragraph).
 
     Groups come in order of first appearance (languages sorted); a question present in one language
-    only gives a one-language group.
+    only gives a one-language group. ``negatives`` (sentence passages only): up to that many other
+    sentences of the answer's paragraph as the pair's hard negatives, nearest to the answer first — the
+    candidates LAReQA's own pools make hardest (same topic, same wording), and never relevant.
     """
     if passage not in ("sentence", "paragraph"):
         raise ValueError(f"passage must be 'sentence' or 'paragraph', got {passage!r}")
+    if negatives < 0 or (negatives and passage != "sentence"):
+        raise ValueError(f"negatives: {negatives} needs passage 'sentence' and must be >= 0")
     files = lareqa_files(path, langs, name, download=download)
     source = name or (Path(path).name if path is not None else "lareqa")
     groups: dict[str, dict[str, Pair]] = {}
@@ -323,6 +342,6 @@ def read_lareqa_pairs(
         for para in parse_lareqa_file(file, lang, bad):
             for q in para.questions:
                 text = para.sentences[q.sentences[0]] if passage == "sentence" else para.context
-                groups.setdefault(q.link, {})[lang] = Pair(q.text, text)
+                groups.setdefault(q.link, {})[lang] = Pair(q.text, text, _paragraph_negatives(para, q, negatives))
     for link, pairs in groups.items():
         yield PairGroup(link, source, pairs)

@@ -327,16 +327,26 @@ class BitextSet:
             dict(self.meta),
         )
 
-    def head(self, max_pairs: int) -> BitextSet:
-        """The first ``max_pairs`` pairs of every language (file order, as LASER and MTEB read them)."""
-        if max_pairs < 1:
+    def head(self, max_pairs: int | None, skip: int = 0) -> BitextSet:
+        """The first ``max_pairs`` pairs of every language after its first ``skip`` (file order, as LASER
+        and MTEB read them); ``max_pairs`` None: all after ``skip``. A language left with none is an error.
+
+        >>> s = BitextSet("t", {"deu": ["a", "b", "c"]}, {"deu": ["A", "B", "C"]}, {}, {})
+        >>> s.head(1, skip=1).sentences, s.head(None, skip=2).english
+        ({'deu': ['b']}, {'deu': ['C']})
+        """
+        if max_pairs is not None and max_pairs < 1:
             raise ValueError(f"{self.name}: max_pairs must be >= 1, got {max_pairs}")
+        end = None if max_pairs is None else skip + max_pairs
+        empty = [lang for lang, s in self.sentences.items() if len(s) <= skip]
+        if empty:
+            raise ValueError(f"{self.name}: skip_pairs {skip} leaves no pairs in {empty}")
         meta = dict(self.meta)
-        meta["max_pairs"] = max_pairs
+        meta["max_pairs"], meta["skip_pairs"] = max_pairs, skip
         return BitextSet(
             self.name,
-            {lang: s[:max_pairs] for lang, s in self.sentences.items()},
-            {lang: e[:max_pairs] for lang, e in self.english.items()},
+            {lang: s[skip:end] for lang, s in self.sentences.items()},
+            {lang: e[skip:end] for lang, e in self.english.items()},
             dict(self.groups),
             meta,
         )

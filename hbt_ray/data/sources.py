@@ -138,12 +138,14 @@ def load_eval_set(
     max_pairs: int | None = None,
     miracl_pool: str = "corpus",
     skip_paragraphs: int = 0,
+    skip_pairs: int = 0,
 ) -> EvalSet | BitextSet:
     """The eval set named by ``spec``, optionally restricted to ``langs`` and subset to
     ``max_paragraphs`` whole parallel paragraphs after the first ``skip_paragraphs`` (see
     :meth:`EvalSet.subset`). ``xquad-r`` / ``mlqa-r``
     missing from the data folder are fetched only with ``download``. A bitext spec gives a
-    :class:`BitextSet` of the first ``max_pairs`` pairs per language (it has no paragraphs)."""
+    :class:`BitextSet` of the first ``max_pairs`` pairs per language after its first ``skip_pairs`` (it
+    has no paragraphs)."""
     check_spec(spec, "eval")
     if is_bitext_spec(spec):
         from hbt_ray.data.tatoeba import read_tatoeba
@@ -151,8 +153,8 @@ def load_eval_set(
         if max_paragraphs is not None:
             raise ValueError(f"{spec}: a bitext set has no paragraphs: subset it with max_pairs")
         path = spec.removeprefix("tatoeba:") if spec != "tatoeba" else None
-        return read_tatoeba(path, langs=langs, max_pairs=max_pairs)
-    if max_pairs is not None:
+        return read_tatoeba(path, langs=langs, max_pairs=max_pairs, skip_pairs=skip_pairs)
+    if max_pairs is not None or skip_pairs:
         raise ValueError(f"{spec}: max_pairs subsets a bitext set (tatoeba); use max_paragraphs")
     if spec in LAREQA_NAMES:
         from hbt_ray.data.lareqa import read_lareqa_eval
@@ -190,9 +192,11 @@ def iter_pair_groups(
     bad: BadRecords | None = None,
     progress: bool = False,
     download: bool = False,
+    lareqa_negatives: int = 0,
 ) -> Iterator[PairGroup]:
     """Training pair groups named by ``spec``; ``langs`` keeps only those languages (groups left empty
-    are dropped), ``limit`` stops after that many groups. ``passage`` applies to LAReQA specs."""
+    are dropped), ``limit`` stops after that many groups. ``passage`` and ``lareqa_negatives`` (hard
+    negatives from the answer's paragraph) apply to LAReQA specs."""
     check_spec(spec, "pair")
     if spec == "ddtp":
         from hbt_ray.data.pairs import read_pairs
@@ -211,7 +215,8 @@ def iter_pair_groups(
             path, name = _lareqa_path(spec), spec
         else:
             path, name = Path(spec.removeprefix("lareqa:")), None
-        groups = read_lareqa_pairs(path, langs=langs, passage=passage, name=name, bad=bad, download=download)  # type: ignore[arg-type]
+        groups = read_lareqa_pairs(path, langs=langs, passage=passage, name=name, bad=bad, download=download,  # type: ignore[arg-type]
+                                   negatives=lareqa_negatives)  # fmt: skip
     elif spec.startswith("miracl:"):
         from hbt_ray.data.miracl import read_miracl_pairs
 

@@ -135,9 +135,10 @@ def read_tatoeba(
     langs: Sequence[str] | None = None,
     max_pairs: int | None = None,
     name: str = "tatoeba",
+    skip_pairs: int = 0,
 ) -> BitextSet:
     """Tatoeba files → :class:`BitextSet` (every language, or ``langs``; the first ``max_pairs`` pairs of
-    each). Groups from ``langs.tsv`` when the folder has one; its ``pairs`` must match the files."""
+    each after its first ``skip_pairs``). Groups from ``langs.tsv`` when the folder has one; its ``pairs`` must match the files."""
     files = tatoeba_files(path, langs)
     root = tatoeba_root(path)
     tsv = root / "langs.tsv"
@@ -162,4 +163,4 @@ def read_tatoeba(
         sentences[lang], english[lang] = xs, es
     meta = {"source": str(root), "langs_tsv": str(tsv) if listed else None}
     bitext = BitextSet(name, sentences, english, groups, meta)
-    return bitext.head(max_pairs) if max_pairs is not None else bitext
+    return bitext.head(max_pairs, skip_pairs) if max_pairs is not None or skip_pairs else bitext

@@ -201,11 +201,14 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def subset_bitext(bitext: BitextSet, cfg: EvalConfig) -> BitextSet:
-    """Apply ``cfg.langs`` and ``cfg.max_pairs``; a no-op on the set ``load_eval_data(cfg)`` returns."""
+    """Apply ``cfg.langs``, ``cfg.max_pairs`` and ``cfg.skip_pairs``; a no-op on the set
+    ``load_eval_data(cfg)`` returns."""
     if cfg.langs:
         bitext = bitext.select_langs(cfg.langs)
-    if cfg.max_pairs is not None:
-        bitext = bitext.head(cfg.max_pairs)
+    # a set load_eval_data already cut has had its skip: skipping again would drop other pairs
+    skip = 0 if "skip_pairs" in bitext.meta else cfg.skip_pairs
+    if cfg.max_pairs is not None or skip:
+        bitext = bitext.head(cfg.max_pairs, skip)
     return bitext
 
 

@@ -83,6 +83,9 @@ class EvalConfig:
     #: drop the first N paragraphs before keeping max_paragraphs: a dev pool disjoint from the first one
     skip_paragraphs: int = 0
     max_pairs: int | None = None  # tatoeba: keep the first N pairs of every language; None = all
+    #: tatoeba: drop the first N pairs of every language before keeping max_pairs (a dev split disjoint
+    #: from the first pairs a report shows)
+    skip_pairs: int = 0
     #: xquad-r / mlqa-r not in the data folder: fetch the public files (checksum-verified); false = an error
     download: bool = False
     #: miracl:PATH: the candidates of a language — its whole corpus, or only the passages judged for
@@ -142,6 +145,8 @@ class EvalConfig:
             raise ConfigError(f"max_paragraphs: must be >= 1, got {self.max_paragraphs}")
         if self.max_pairs is not None and self.max_pairs < 1:
             raise ConfigError(f"max_pairs: must be >= 1, got {self.max_pairs}")
+        if self.skip_pairs < 0:
+            raise ConfigError(f"skip_pairs: must be >= 0, got {self.skip_pairs}")
         # Each subset key fits one kind of set; the other one would be dropped without a word.
         if is_bitext_spec(self.data) and self.max_paragraphs is not None:
             raise ConfigError(
@@ -149,6 +154,8 @@ class EvalConfig:
             )
         if not is_bitext_spec(self.data) and self.max_pairs is not None:
             raise ConfigError(f"max_pairs: only for tatoeba[:PATH]; {self.data} is subset by max_paragraphs")
+        if not is_bitext_spec(self.data) and self.skip_pairs:
+            raise ConfigError(f"skip_pairs: only for tatoeba[:PATH]; {self.data} has skip_paragraphs")
         if self.data.startswith("miracl:") and self.settings != ["mono"]:
             # MIRACL's topics have no parallel copies: cross is empty, multi would search every corpus
             if self.settings == list(SETTINGS):  # the default: MIRACL's one setting instead

@@ -61,7 +61,8 @@ from hbt_ray.evaluate.search import LocalSearcher, RaySearcher, make_searcher
 def load_eval_data(cfg: EvalConfig) -> EvalSet | BitextSet:
     """The eval set ``cfg`` names: ``cfg.data`` restricted to ``cfg.langs`` and subset to
     ``cfg.max_paragraphs`` whole parallel paragraphs (drawn with ``cfg.subset_seed``, else the first);
-    for ``tatoeba[:PATH]`` a BitextSet of the first ``cfg.max_pairs`` pairs per language.
+    for ``tatoeba[:PATH]`` a BitextSet of the first ``cfg.max_pairs`` pairs per language (after the first
+    ``cfg.skip_pairs``).
 
     >>> load_eval_data(EvalConfig(langs=["en", "de"], max_paragraphs=2)).langs
     ['de', 'en']
@@ -71,7 +72,7 @@ def load_eval_data(cfg: EvalConfig) -> EvalSet | BitextSet:
     eval_set = load_eval_set(
         cfg.data, langs=cfg.langs or None, max_paragraphs=cfg.max_paragraphs, seed=cfg.subset_seed,
         download=cfg.download, max_pairs=cfg.max_pairs, miracl_pool=cfg.miracl_pool,
-        skip_paragraphs=cfg.skip_paragraphs,
+        skip_paragraphs=cfg.skip_paragraphs, skip_pairs=cfg.skip_pairs,
     )  # fmt: skip
     check_settings(eval_set, cfg)
     return eval_set

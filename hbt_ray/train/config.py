@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hbt_ray.config import ConfigError
-from hbt_ray.data.sources import absolute_spec, check_spec
+from hbt_ray.data.sources import LAREQA_NAMES, absolute_spec, check_spec
 from hbt_ray.evaluate.config import EvalConfig, check_langs
 from hbt_ray.loss import LossConfig
 from hbt_ray.model import ModelConfig
@@ -36,6 +36,9 @@ class DataConfig:
     rows_per_shard: int = 2000
     #: xquad-r / mlqa-r not in the data folder: fetch the public files (checksum-verified); false = an error
     download: bool = False
+    #: LAReQA sources (mlqa-r, xquad-r, lareqa:PATH): up to N other sentences of the answer's paragraph
+    #: stored as each pair's hard negatives, nearest first; sampler.max_negatives draws them
+    lareqa_negatives: int = 0
 
     def validate(self) -> None:
         if not self.train:
@@ -51,6 +54,11 @@ class DataConfig:
             raise ConfigError(f"rows_per_shard: must be >= 1, got {self.rows_per_shard}")
         if self.limit_groups is not None and self.limit_groups < 1:
             raise ConfigError(f"limit_groups: must be >= 1, got {self.limit_groups}")
+        if self.lareqa_negatives < 0:
+            raise ConfigError(f"lareqa_negatives: must be >= 0, got {self.lareqa_negatives}")
+        if self.lareqa_negatives and not any(s in LAREQA_NAMES or s.startswith("lareqa:") for s in self.train):
+            raise ConfigError(f"lareqa_negatives: {self.lareqa_negatives}, but no source of data.train "
+                              f"{self.train} is a LAReQA set (mlqa-r, xquad-r, lareqa:PATH)")  # fmt: skip
 
 
 @dataclass
@@ -136,6 +144,9 @@ class RunConfig:
     #: the run's length in passes over the data instead (one pass: every group once, i.e.
     #: sampler.steps_per_epoch steps); when set, max_steps is computed from it on the driver
     epochs: float | None = None
+    #: the run's length in training pairs instead (all workers): max_steps = pairs / (sampler.batch_size ×
+    #: optim.grad_accum), rounded up, on the driver — runs with different batch sizes see the same data
+    pairs: int | None = None
     checkpoint_every: int = 50  # 0 = only the final checkpoint
     keep_checkpoints: int = 2
     max_failures: int = 1
@@ -182,6 +193,10 @@ class RunConfig:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ConfigError(f"epochs: must be finite and > 0, got {self.epochs}")
+        if self.pairs is not None and self.pairs < 1:
+            raise ConfigError(f"pairs: must be >= 1, got {self.pairs}")
+        if self.pairs is not None and self.epochs is not None:
+            raise ConfigError(f"pairs: {self.pairs} and epochs: {self.epochs:g} both set the run's length; set one")
         if not (math.isfinite(self.report_every_s) and self.report_every_s >= 0):
             raise ConfigError(f"report_every_s: must be finite and >= 0, got {self.report_every_s}")
         if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):

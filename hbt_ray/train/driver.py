@@ -58,7 +58,7 @@ def shard_fingerprint(data: DataConfig) -> dict[str, Any]:
              for spec in data.train}  # fmt: skip
     return {"format": SHARD_FORMAT, "train": list(data.train), "langs": sorted(data.langs),
             "limit_groups": data.limit_groups, "rows_per_shard": data.rows_per_shard,
-            "download": data.download, "files": files}  # fmt: skip
+            "download": data.download, "lareqa_negatives": data.lareqa_negatives, "files": files}  # fmt: skip
 
 
 def shard_dir_for(data: DataConfig, run_dir: str | Path, fingerprint: dict[str, Any] | None = None) -> Any:
@@ -94,7 +94,8 @@ def prepare_shards(data: DataConfig, run_dir: str | Path) -> Any:
                 spec_langs = [lang for lang in langs if lang in known]
                 if not spec_langs:
                     continue
-            yield from iter_pair_groups(spec, langs=spec_langs, limit=data.limit_groups, download=data.download)
+            yield from iter_pair_groups(spec, langs=spec_langs, limit=data.limit_groups, download=data.download,
+                                        lareqa_negatives=data.lareqa_negatives)  # fmt: skip
 
     stream = groups()
     first = next(stream, None)
@@ -122,7 +123,8 @@ def check_inputs(cfg: TrainConfig, manifest: Manifest, shard_dir: Path) -> float
     only after Ray Train started it and DeepSpeed built its engine (and again on every run.max_failures
     retry): shards without groups, ``data.langs`` or ``sampler.languages`` the shards lack, and every
     other check the workers' samplers make on the config against the data's languages and size (the
-    same constructor, on a stream that is never read). ``run.epochs`` becomes ``run.max_steps`` here;
+    same constructor, on a stream that is never read). ``run.epochs`` or ``run.pairs`` becomes
+    ``run.max_steps`` here;
     → the run's length in passes over the data, which it prints."""
     if manifest.groups == 0:
         raise DataError("holds no pair groups", shard_dir)
@@ -141,6 +143,8 @@ def check_inputs(cfg: TrainConfig, manifest: Manifest, shard_dir: Path) -> float
     per_pass = sampler.steps_per_epoch
     if cfg.run.epochs is not None:
         cfg.run.max_steps = max(1, math.ceil(cfg.run.epochs * per_pass))
+    if cfg.run.pairs is not None:
+        cfg.run.max_steps = math.ceil(cfg.run.pairs / (cfg.sampler.batch_size * cfg.optim.grad_accum))
     passes = cfg.run.max_steps / per_pass
     print(f"[hbt_ray.train] {cfg.run.max_steps:,} steps of {cfg.sampler.batch_size} pairs = {passes:.2f} passes over "
           f"{manifest.groups:,} groups (one pass: {per_pass:,} steps, each group once"

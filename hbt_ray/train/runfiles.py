@@ -94,7 +94,7 @@ def run_setup(cfg: Any) -> dict[str, Any]:
     :data:`WHERE_KEYS` and :data:`WHERE_EVAL_KEYS`, as JSON gives it back."""
     setup = {k: v for k, v in flat(to_dict(cfg)).items()
              if k not in WHERE_KEYS and not (k.startswith("eval.") and k.split(".")[1] in WHERE_EVAL_KEYS)}  # fmt: skip
-    if setup.get("run.epochs") is not None:  # then max_steps follows from it and the data, both recorded
+    if setup.get("run.epochs") is not None or setup.get("run.pairs") is not None:  # max_steps follows from them
         setup.pop("run.max_steps", None)
     return json.loads(json.dumps(setup))
 

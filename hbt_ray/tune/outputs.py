@@ -45,7 +45,8 @@ def describe_pool(eval_cfg: EvalConfig) -> str:
     paragraphs per language)`` — differences between trials mean something only on a pool large enough."""
     counts = load_eval_data(eval_cfg).counts()
     if eval_cfg.max_pairs is not None or all(isinstance(c, int) for c in counts.values()):
-        return f"{eval_cfg.data}: {len(counts)} languages, {sum(counts.values()):,} pairs"
+        after = f" (after the first {eval_cfg.skip_pairs} of each)" if eval_cfg.skip_pairs else ""
+        return f"{eval_cfg.data}: {len(counts)} languages, {sum(counts.values()):,} pairs{after}"
     queries, candidates = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     subset = f"{eval_cfg.max_paragraphs} whole paragraphs per language" if eval_cfg.max_paragraphs else "all"
     if eval_cfg.skip_paragraphs:
