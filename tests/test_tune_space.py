@@ -7,7 +7,7 @@ from hbt_ray.tune.space import SpaceError, load_space, parse_space, resolve_spac
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["ratio_temperature", "paper_grid", "quick"])
+@pytest.mark.parametrize("name", ["ratio_temperature", "paper_grid", "quick", "recipe_round3"])
 def test_shipped_spaces_load(name):
     space = load_space(ROOT / "tune_spaces" / f"{name}.yaml")
     assert "sampler.alpha" in space.params
@@ -99,3 +99,19 @@ def test_an_installed_package_finds_its_spaces_and_configs_from_any_directory(tm
         proc = subprocess.run([sys.executable, "-m", driver, "--help"], cwd=elsewhere, env=env, capture_output=True,
                               text=True, timeout=300)  # fmt: skip
         assert proc.returncode == 0 and "usage:" in proc.stdout, (driver, proc.stderr[-2000:])
+
+
+def test_round_three_sweep_checks_and_sets_both_source_weights():
+    """The round-3 config passes the driver's checks, and a trial's searched MLQA-R weight merges with the
+    space's fixed DDTP weight into one sampler.source_weights (not one replacing the other)."""
+    from hbt_ray.config import load_config
+    from hbt_ray.tune.checks import check_sweep, trial_train_config
+    from hbt_ray.tune.config import TuneConfig
+
+    cfg = load_config(TuneConfig, ROOT / "hbt_ray" / "configs" / "tune_recipe_round3.yaml", [])
+    space, base = check_sweep(cfg)
+    assert cfg.objectives == ["mean_map", "tatoeba/tatoeba_outside_xlmr_acc"]
+    assert cfg.extra_evals["tatoeba"].skip_pairs == 200 and cfg.train.eval.skip_paragraphs == 30
+    trial = trial_train_config(cfg, {**space.fixed, "sampler.source_weights.mlqa-r": 4, "sampler.batch_size": 512})
+    assert trial.sampler.source_weights == {"ddtp": 1.0, "mlqa-r": 4}
+    assert trial.loss.grad_cache and trial.data.lareqa_negatives == 3 and trial.run.pairs is None
