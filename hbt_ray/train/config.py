@@ -236,3 +236,18 @@ class TrainResult:
     mix: dict[str, Any] = field(default_factory=dict)  # what it trained on: pairs per language / source (mix.json)
     stopped: bool = False  # stopped by Ctrl-C before run.max_steps, with a checkpoint to resume from
     passes: float | None = None  # run.max_steps in passes over the data (sampler.steps_per_epoch steps each)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What every training worker is handed (Ray Train's ``train_loop_config["job"]``): the validated
+    config and what the driver learnt from the shards, so no worker re-reads the manifest or re-checks."""
+
+    cfg: TrainConfig
+    run_dir: str  # local path on a shared mount, or a URI
+    shard_paths: list[str]  # schema-checked on the driver; local paths or URIs, read by Ray Data
+    lang_counts: dict[str, int]  # pairs per language in the shards
+    num_groups: int
+    sources: list[str]  # source names, sorted
+    source_lang_counts: dict[str, dict[str, int]] | None  # pairs per source and language
+    tokenizer_texts: list[str] | None = None  # the tiny preset's tokenizer is built from these

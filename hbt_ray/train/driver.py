@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hbt_ray import storage
-from hbt_ray.config import ConfigError, to_dict
+from hbt_ray.config import ConfigError
 from hbt_ray.data.records import DataError
 from hbt_ray.data.shards import (
     Manifest,
@@ -35,7 +35,7 @@ from hbt_ray.data.shards import (
 from hbt_ray.data.sources import iter_pair_groups, known_langs, spec_files
 from hbt_ray.model import check_model_name
 from hbt_ray.sampler import HybridBatchSampler
-from hbt_ray.train.config import DataConfig, TrainConfig, TrainResult
+from hbt_ray.train.config import DataConfig, TrainConfig, TrainJob, TrainResult
 from hbt_ray.train.deepspeed import worker_env_vars
 from hbt_ray.train.mix import MIX_FILE
 from hbt_ray.train.runfiles import (
@@ -277,16 +277,11 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None, overwrite: bool 
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, use_gpu="true" if gpu else "false"))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "lang_counts": dict(manifest.pairs_per_lang),
-            "num_groups": manifest.groups,
-            "sources": sorted(manifest.groups_per_source),
-            "source_lang_counts": manifest.pairs_per_source_lang,
-            "shard_paths": paths,
-            "run_dir": run_dir,
-            "tokenizer_texts": texts,
-        },
+        train_loop_config={"job": TrainJob(
+            cfg=cfg, run_dir=str(run_dir), shard_paths=paths, lang_counts=dict(manifest.pairs_per_lang),
+            num_groups=manifest.groups, sources=sorted(manifest.groups_per_source),
+            source_lang_counts=manifest.pairs_per_source_lang or None, tokenizer_texts=texts,
+        )},  # fmt: skip
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers,

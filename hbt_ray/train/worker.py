@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hbt_ray import storage
-from hbt_ray.config import bars_off, load_config
+from hbt_ray.config import bars_off
 from hbt_ray.data.streams import shard_streams
 from hbt_ray.loss import ContrastiveModule, host_group, row_lengths
 from hbt_ray.model import export_from_state_dict, load_dual_encoder
@@ -42,7 +42,7 @@ from hbt_ray.train.batches import (
     batch_preparer,
     deal_by_tokens,
 )
-from hbt_ray.train.config import TrainConfig
+from hbt_ray.train.config import TrainJob
 from hbt_ray.train.deepspeed import (
     accumulation_marks,
     build_optimizer,
@@ -74,8 +74,8 @@ def use_gpu(setting: str) -> bool:
 class TrainRecipe:
     """One worker's run: state lives on the instance, each phase is a method (see the module doc)."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, run_dir: str, job: dict[str, Any]) -> None:
-        self.cfg, self.rank, self.world, self.run_dir, self.job = cfg, rank, world, run_dir, job
+    def __init__(self, job: TrainJob, rank: int, world: int) -> None:
+        self.cfg, self.rank, self.world, self.run_dir, self.job = job.cfg, rank, world, job.run_dir, job
         self.step_no, self.skipped = 0, 0
         self.metrics: dict[str, Any] = {}
         self.last_report, self.report_now, self.confirm_checkpoint = time.perf_counter(), False, False
@@ -101,7 +101,7 @@ class TrainRecipe:
         self.device = ray.train.torch.get_device() if use_gpu(cfg.run.use_gpu) else torch.device("cpu")
         enable_tf32(self.device)
         ckpt.seed_everything(cfg.run.seed)  # same init on every rank
-        self.encoder = load_dual_encoder(cfg.model, train_texts=self.job.get("tokenizer_texts"))
+        self.encoder = load_dual_encoder(cfg.model, train_texts=self.job.tokenizer_texts)
         # loss.distill's target, the starting encoder: copied before DeepSpeed partitions or casts it
         self.teacher = Teacher(self.encoder, self.device, cfg.deepspeed.precision, cfg.loss.chunk_size) \
             if cfg.loss.distill > 0 else None  # fmt: skip
@@ -126,10 +126,10 @@ class TrainRecipe:
         # in a seeded, order-preserving way), so a restarted worker re-reads exactly the same rows: the
         # resumed batch stream is exact, and no group can meet its parallel copy on another rank.
         ray.data.DataContext.get_current().enable_progress_bars = False
-        paths = self.job["shard_paths"]  # local paths or URIs: Ray Data reads either where it is
+        paths = self.job.shard_paths  # local paths or URIs: Ray Data reads either where it is
         sampler = HybridBatchSampler(
             cfg.sampler, shard_streams(paths, rank, world, seed=cfg.sampler.seed), rank, world,
-            self.job["lang_counts"], self.job["num_groups"], self.job.get("source_lang_counts"),
+            self.job.lang_counts, self.job.num_groups, self.job.source_lang_counts,
         )  # fmt: skip
         prepare = batch_preparer(self.encoder, cfg.loss.hard_negatives, pin=self.device.type == "cuda")
         self.batches = PrefetchedBatches(sampler, prepare, depth=cfg.run.prefetch_batches)
@@ -184,7 +184,7 @@ class TrainRecipe:
         cfg, world = self.cfg, self.world
         t0 = time.perf_counter()
         langs, strategies, prints, pairs = set(), [], [], 0
-        mix_langs, mix_sources = self.batches.sampler.langs, self.job.get("sources") or []
+        mix_langs, mix_sources = self.batches.sampler.langs, self.job.sources
         phase = dict.fromkeys(PHASES, 0.0)
         marks = accumulation_marks(self.engine)
         # this step's lr and fp16 loss scale, as DeepSpeed's update will use them (for a τ kept in fp32)
@@ -408,7 +408,7 @@ class TrainRecipe:
             shutil.rmtree(staging, ignore_errors=True)
             try:
                 export_from_state_dict(self.cfg.model, state_dict, staging, tokenizer=self.encoder.tokenizer,
-                                       train_texts=self.job.get("tokenizer_texts"))  # fmt: skip
+                                       train_texts=self.job.tokenizer_texts)  # fmt: skip
                 storage.publish_dir(staging, storage.join(self.run_dir, "model"))
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -425,16 +425,17 @@ def _add_time(phase: dict[str, float], key: str, since: float) -> float:
     return now
 
 
-def train_loop_per_worker(job: dict[str, Any]) -> None:
-    """Ray Train worker entry. ``job`` = ``{"cfg": to_dict(TrainConfig), "lang_counts", "num_groups",
-    "shard_paths", "run_dir", "tokenizer_texts"}`` (built by :func:`hbt_ray.train.driver.train`)."""
-    cfg = load_config(TrainConfig, None, base=job["cfg"])
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker entry: ``loop_config["job"]``, the :class:`TrainJob` built (and its config
+    validated) by :func:`hbt_ray.train.driver.train`."""
+    job: TrainJob = loop_config["job"]
+    cfg = job.cfg
     if not use_gpu(cfg.run.use_gpu):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     import ray.train
 
     ctx = ray.train.get_context()
-    recipe = TrainRecipe(cfg, ctx.get_world_rank(), ctx.get_world_size(), job["run_dir"], job)
+    recipe = TrainRecipe(job, ctx.get_world_rank(), ctx.get_world_size())
     recipe.setup()
     recipe.resume()
     while not recipe.done:
