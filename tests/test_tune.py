@@ -19,6 +19,7 @@ from hbt_ray.tune import (
     trial_train_config,
 )
 from hbt_ray.tune.__main__ import main as tune_main
+from hbt_ray.tune.progress import report_so_far
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,6 +189,17 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
     for path in logs.rglob("*"):
         if path.is_file():
             assert FAKE_KEY.encode() not in path.read_bytes(), path
+
+    # --report-only: the same table rebuilt from the trial records (what a sweep still running shows),
+    # saying how many trials ended; the best model and the trials' files stay
+    (out / "results.md").unlink()
+    report_dir, ended = report_so_far(cfg)
+    md_so_far = (report_dir / "results.md").read_text()
+    assert len(ended) == 4
+    assert "# Sweep ci (in progress: 4 of 4 trials ended)" in md_so_far and "- commit: `" in md_so_far
+    assert [line for line in md_so_far.splitlines() if line.startswith("|")] == table
+    assert (summary.best_model_dir / "modules.json").exists()
+    assert tune_main(["--report-only", *_overrides(tmp_path), "train.model.freeze_layers=0", "name=nosuch"]) == 2
 
 
 def test_optuna_with_asha_sweeps_on_intermediate_evaluations(tmp_path, ray_local):

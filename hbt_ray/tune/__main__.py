@@ -10,6 +10,7 @@ Examples::
     python -m hbt_ray.tune --space ratio_temperature train.model.name=intfloat/multilingual-e5-base \\
         train.run.num_workers=8 train.eval.max_paragraphs=null out_dir=s3://bucket/sweeps
     python -m hbt_ray.tune --space paper_grid num_samples=3       # 3 seeds per α
+    python -m hbt_ray.tune --config tune_recipe_round3.yaml --report-only   # a long sweep's ended trials so far
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--space", help="search space: a YAML file or a name in tune_spaces/ (default: the config's)")
     parser.add_argument("--config", help=f"base sweep config YAML (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("--resume", action="store_true", help="resume the sweep named by name=… (Tuner.restore)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="the table and plots of the trials the sweep named by name=… has ended so far; trains nothing")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.sampler.batch_size=16")
     args = parser.parse_intermixed_args(argv)  # key=value overrides before, between or after options
     overrides = list(args.overrides)
@@ -55,6 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # ConfigError included; one line, not argparse's usage + error
         return error_line(err)
 
+    if args.report_only:
+        from hbt_ray.tune.progress import report_so_far
+
+        try:
+            report_dir, rows = report_so_far(cfg)
+        except (ConfigError, DataError) as err:
+            return error_line(err)
+        print((report_dir / "results.md").read_text())
+        print(f"{len(rows)} trials ended; report in {report_dir}")
+        return 0
     try:
         # the keys given on the command line beat the space's fixed ones (hbt_ray.tune.checks)
         summary = run_sweep(cfg, command_line=[o.split("=", 1)[0].strip() for o in args.overrides if "=" in o])
