@@ -117,11 +117,20 @@ def test_hard_negatives_from_the_answers_paragraph_reach_the_sampler(shared_data
         for lang, pair in g.pairs.items():
             assert (pair.query, pair.passage) == (plain[g.group_id].pairs[lang].query, plain[g.group_id].pairs[lang].passage)
             assert len(pair.negatives) <= 2 and pair.passage not in pair.negatives
-    en = next(p for p in parse_lareqa_file(root / "en.json") if len(p.sentences) >= 4 and p.questions)
+    en = next(p for p in parse_lareqa_file(root / "en.json") if len(p.sentences) >= 4 and len(p.questions) == 1)
     q = en.questions[0]
     group = next(g for g in read_lareqa_pairs(root, langs=["en"], negatives=3) if g.group_id == q.link)
     near = sorted((i for i in range(len(en.sentences)) if i not in q.sentences), key=lambda i: (abs(i - q.sentences[0]), i))
     assert group.pairs["en"].negatives == tuple(en.sentences[i] for i in near[:3])
+    # no negative answers another question of its paragraph (it may share the batch: a false negative)
+    answers = {(p.pid, p.sentences[i]) for p in parse_lareqa_file(root / "en.json") for x in p.questions for i in x.sentences}
+    paragraph_of = {x.link: p.pid for p in parse_lareqa_file(root / "en.json") for x in p.questions}
+    shared = 0
+    for g in read_lareqa_pairs(root, langs=["en"], negatives=5):
+        negs = g.pairs["en"].negatives
+        assert not any((paragraph_of[g.group_id], s) in answers for s in negs), g.group_id
+        shared += len(negs)
+    assert shared > 1000
 
     data = DataConfig(train=["mlqa-r"], langs=["en", "de"], lareqa_negatives=2, rows_per_shard=500)
     data.validate()

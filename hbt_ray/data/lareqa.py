@@ -302,16 +302,18 @@ def read_lareqa_eval(
 
 
 def _paragraph_negatives(para: LareqaParagraph, q: LareqaQuestion, n: int) -> tuple[str, ...]:
-    """The ``n`` sentences of ``para`` nearest to ``q``'s answer that do not answer it (ties: the earlier).
+    """The ``n`` sentences of ``para`` nearest to ``q``'s answer that answer none of its questions (ties:
+    the earlier).
 
-    >>> p = LareqaParagraph("p", "", ["s0", "s1", "s2", "s3"], [])
-    >>> _paragraph_negatives(p, LareqaQuestion("q", "q", "?", (2,)), 3)
-    ('s1', 's3', 's0')
+    >>> q2, q3 = LareqaQuestion("a", "a", "?", (2,)), LareqaQuestion("b", "b", "?", (3,))
+    >>> p = LareqaParagraph("p", "", ["s0", "s1", "s2", "s3", "s4"], [q2, q3])
+    >>> _paragraph_negatives(p, q2, 3)
+    ('s1', 's0', 's4')
     """
     if n == 0:
         return ()
-    answer = q.sentences[0]
-    others = sorted((i for i in range(len(para.sentences)) if i not in q.sentences), key=lambda i: (abs(i - answer), i))
+    answer, answers = q.sentences[0], {i for other in para.questions for i in other.sentences}
+    others = sorted((i for i in range(len(para.sentences)) if i not in answers), key=lambda i: (abs(i - answer), i))
     return tuple(para.sentences[i] for i in others[:n])
 
 
@@ -329,7 +331,9 @@ def read_lareqa_pairs(
     Groups come in order of first appearance (languages sorted); a question present in one language
     only gives a one-language group. ``negatives`` (sentence passages only): up to that many other
     sentences of the answer's paragraph as the pair's hard negatives, nearest to the answer first — the
-    candidates LAReQA's own pools make hardest (same topic, same wording), and never relevant.
+    candidates LAReQA's own pools make hardest (same topic, same wording). Sentences that answer any
+    question of the paragraph are left out: another question of it may be in the same batch, and its
+    answer would then be a negative of its own query.
     """
     if passage not in ("sentence", "paragraph"):
         raise ValueError(f"passage must be 'sentence' or 'paragraph', got {passage!r}")

@@ -48,7 +48,9 @@ from hbt_ray.train.runfiles import (
 from hbt_ray.train.worker import train_loop_per_worker
 
 #: Bump when the shards' content for the same inputs changes (schema, reader behaviour).
-SHARD_FORMAT = 3  # 2: groups interleaved across sources (data.shards.interleave); 3: pairs per source and language
+#: 2: groups interleaved across sources (data.shards.interleave); 3: pairs per source and language;
+#: 4: LAReQA hard negatives leave out the sentences answering any question of the paragraph
+SHARD_FORMAT = 4
 
 
 def shard_fingerprint(data: DataConfig) -> dict[str, Any]:
