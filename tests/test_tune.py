@@ -19,6 +19,7 @@ from hbt_ray.tune import (
     trial_train_config,
 )
 from hbt_ray.tune.__main__ import main as tune_main
+from hbt_ray.tune.checks import check_sweep, check_unchanged, resolve_base_paths, sweep_record
 from hbt_ray.tune.progress import report_so_far
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,14 +193,23 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
 
     # --report-only: the same table rebuilt from the trial records (what a sweep still running shows),
     # saying how many trials ended; the best model and the trials' files stay
+    # (read with the settings the sweep recorded — here as an older hbt_ray wrote them, a setting scrubbed
+    # as if it were a secret — so only its name is given, and resuming it is not refused for that value)
+    record_file = out / "sweep_config.json"
+    record = json.loads(record_file.read_text())
+    record["train"]["run"]["balance_tokens"] = "<redacted>"
+    record_file.write_text(json.dumps(record))
+    check_unchanged(sweep_record(cfg, resolve_base_paths(check_sweep(cfg)[1], str(tmp_path / "sweeps")),
+                                 check_sweep(cfg)[0]), str(out))  # fmt: skip
     (out / "results.md").unlink()
+    assert tune_main(["--report-only", f"out_dir={tmp_path / 'sweeps'}", "name=ci"]) == 0
     report_dir, ended = report_so_far(cfg)
     md_so_far = (report_dir / "results.md").read_text()
     assert len(ended) == 4
     assert "# Sweep ci (in progress: 4 of 4 trials ended)" in md_so_far and "- commit: `" in md_so_far
     assert [line for line in md_so_far.splitlines() if line.startswith("|")] == table
     assert (summary.best_model_dir / "modules.json").exists()
-    assert tune_main(["--report-only", *_overrides(tmp_path), "train.model.freeze_layers=0", "name=nosuch"]) == 2
+    assert tune_main(["--report-only", f"out_dir={tmp_path / 'sweeps'}", "name=nosuch"]) == 2
 
 
 def test_optuna_with_asha_sweeps_on_intermediate_evaluations(tmp_path, ray_local):

@@ -10,7 +10,7 @@ Examples::
     python -m hbt_ray.tune --space ratio_temperature train.model.name=intfloat/multilingual-e5-base \\
         train.run.num_workers=8 train.eval.max_paragraphs=null out_dir=s3://bucket/sweeps
     python -m hbt_ray.tune --space paper_grid num_samples=3       # 3 seeds per α
-    python -m hbt_ray.tune --config tune_recipe_round3.yaml --report-only   # a long sweep's ended trials so far
+    python -m hbt_ray.tune --report-only name=recipe_round3          # a long sweep's ended trials so far
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help=f"base sweep config YAML (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("--resume", action="store_true", help="resume the sweep named by name=… (Tuner.restore)")
     parser.add_argument("--report-only", action="store_true",
-                        help="the table and plots of the trials the sweep named by name=… has ended so far; trains nothing")
+                        help="the table and plots of the trials the sweep name=… (in out_dir=…) has ended so far, read with the "
+                             "settings it was started with; trains nothing")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.sampler.batch_size=16")
     args = parser.parse_intermixed_args(argv)  # key=value overrides before, between or after options
     overrides = list(args.overrides)

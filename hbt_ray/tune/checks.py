@@ -151,7 +151,10 @@ def check_unchanged(record: dict[str, Any], out_dir: str) -> None:
     if not storage.exists(path):
         raise ConfigError(f"resume: {path} is missing: cannot tell what the sweep ran with; start a new sweep")
     then, now = flat(json.loads(storage.read_text(path))), flat(record)
-    changed = [k for k in differing_keys(then, now) if k not in RESUME_MAY_CHANGE and not k.startswith("wandb.")]
+    # a value scrubbed as a secret cannot be compared (sweeps recorded before run.balance_tokens was
+    # told apart from a token)
+    changed = [k for k in differing_keys(then, now)
+               if k not in RESUME_MAY_CHANGE and not k.startswith("wandb.") and then.get(k) != "<redacted>"]  # fmt: skip
     # the training keys first: the one a user changed, rather than the space's fixed list it left
     for key in sorted(changed, key=lambda k: not k.startswith("train."))[:1]:
         raise ConfigError(f"{key}: the sweep in {out_dir} ran with {then.get(key, '(unset)')!r}, now "

@@ -59,15 +59,22 @@ from hbt_ray.tune.config import WandbConfig
 
 log = logging.getLogger("hbt_ray.tune")
 
-SECRET_RE = re.compile(r"(api[_-]?key|secret|password|token)", re.I)
+#: A secret's key is one of these words as a whole part of its name (``wandb_api_key``, ``hf_token``), not any
+#: name that contains one (``run.balance_tokens`` is a setting, and the config it is in must load again).
+SECRET_RE = re.compile(r"(?:^|[_\-.])(api[_-]?key|apikey|secret|password|token)(?:$|[_\-.])", re.I)
+REDACTED = "<redacted>"
 #: Run-config key of a trial's end status.
 STATUS_KEY = "trial_status"
 
 
 def scrub_secrets(data: Any) -> Any:
-    """A copy with the values of secret-looking keys replaced, for logs and W&B configs."""
+    """A copy with the values of secret-looking keys replaced, for logs and W&B configs.
+
+    >>> scrub_secrets({"wandb_api_key": "k", "HF_TOKEN": "t", "run": {"balance_tokens": True, "secret": 1}})
+    {'wandb_api_key': '<redacted>', 'HF_TOKEN': '<redacted>', 'run': {'balance_tokens': True, 'secret': '<redacted>'}}
+    """
     if isinstance(data, dict):
-        return {k: ("<redacted>" if SECRET_RE.search(str(k)) else scrub_secrets(v)) for k, v in data.items()}
+        return {k: (REDACTED if SECRET_RE.search(str(k)) else scrub_secrets(v)) for k, v in data.items()}
     if isinstance(data, list):
         return [scrub_secrets(v) for v in data]
     return data
