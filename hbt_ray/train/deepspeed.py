@@ -83,6 +83,23 @@ def _scheduler(o: OptimConfig, max_steps: int) -> dict[str, Any]:
     # DeepSpeed's schedulers need warmup_num_steps >= 1: "no warmup" = one step that starts at the full lr
     warmup = max(o.warmup_steps, 1)
     warmup_start = o.lr if o.warmup_steps == 0 else 0.0
+    if o.schedule == "linear" and o.warmup_steps == 0:
+        # DeepSpeed's WarmupDecayLR decays toward warmup_min_lr, which is also where its warm-up (at least
+        # two steps) starts: a floor at lr would hold lr constant, a floor at 0 would waste the first
+        # updates at lr 0. Started past its warm-up instead (last_batch_iteration), it leaves the first
+        # update at the optimizer's own lr and decays linearly from the second: lr·(T+1-k)/(T-1) for
+        # update k ≥ 2 of T, the last one lr/(T-1).
+        return {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": max_steps + 1,
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": o.lr,
+                "warmup_num_steps": 2,
+                "warmup_type": "linear",
+                "last_batch_iteration": 1,
+            },
+        }
     if o.schedule == "linear":
         return {
             "type": "WarmupDecayLR",
@@ -92,6 +109,20 @@ def _scheduler(o: OptimConfig, max_steps: int) -> dict[str, Any]:
                 "warmup_max_lr": o.lr,
                 "warmup_num_steps": warmup,
                 "warmup_type": "linear",
+            },
+        }
+    if o.schedule == "cosine" and o.warmup_steps == 0:
+        # As for linear: DeepSpeed's scheduler would give the first update lr 0 (it has not "started");
+        # started one step in, the first update keeps lr and the cosine runs over the others.
+        return {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max_steps + 1,
+                "warmup_num_steps": 1,
+                "warmup_min_ratio": 1.0,
+                "cos_min_ratio": o.min_lr_ratio,
+                "warmup_type": "linear",
+                "last_batch_iteration": 0,
             },
         }
     if o.schedule == "cosine":
