@@ -51,3 +51,22 @@ def test_run_pairs_gives_runs_with_different_batch_sizes_the_same_pairs(tmp_path
         load_config(TrainConfig, None, ["run.pairs=0"])
     with pytest.raises(ConfigError, match=r"run\.pairs: 100 and epochs: 2 both set the run's length; set one"):
         load_config(TrainConfig, None, ["run.pairs=100", "run.epochs=2"])
+
+
+def test_max_steps_on_the_command_line_beats_the_configs_epochs(tmp_path):
+    from hbt_ray.train.__main__ import main, steps_from_the_command_line
+
+    base = tmp_path / "base.yaml"
+    base.write_text("run:\n  epochs: 8\n")
+    cfg = load_config(TrainConfig, base, ["run.max_steps=40"])
+    notice = steps_from_the_command_line(cfg, ["run.max_steps=40"])
+    assert notice == "run.max_steps=40 from the command line replaces the config's run.epochs=8"
+    assert (cfg.run.epochs, cfg.run.max_steps) == (None, 40)
+    pairs = load_config(TrainConfig, None, ["run.pairs=640", "run.max_steps=5"])
+    assert steps_from_the_command_line(pairs, ["run.max_steps=5"]) and pairs.run.pairs is None
+    untouched = load_config(TrainConfig, base, [])
+    assert steps_from_the_command_line(untouched, ["optim.lr=1e-4"]) is None and untouched.run.epochs == 8
+    both = ["run.max_steps=40", "run.epochs=2"]
+    with pytest.raises(ConfigError, match="run.max_steps and run.epochs both set the run's length"):
+        steps_from_the_command_line(load_config(TrainConfig, base, both), both)
+    assert main(["--config", str(base), *both]) == 2  # one error line, before Ray starts

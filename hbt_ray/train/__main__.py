@@ -20,6 +20,25 @@ def _keys_help() -> str:
     )
 
 
+def steps_from_the_command_line(cfg: TrainConfig, overrides: list[str]) -> str | None:
+    """``run.max_steps=N`` typed on the command line is the run's length, even where the config file sets
+    it in passes (``run.epochs``) or pairs (``run.pairs``), which would otherwise replace it on the driver
+    without a word; both set on the command line is an error. → the notice to print, if any
+    (``tests/test_train_length.py``)."""
+    given = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
+    if "run.max_steps" not in given:
+        return None
+    for key in ("epochs", "pairs"):
+        value = getattr(cfg.run, key)
+        if value is None:
+            continue
+        if f"run.{key}" in given:
+            raise ConfigError(f"run.max_steps and run.{key} both set the run's length on the command line: give one")
+        setattr(cfg.run, key, None)
+        return f"run.max_steps={cfg.run.max_steps} from the command line replaces the config's run.{key}={value:g}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m hbt_ray.train",
@@ -35,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
+        notice = steps_from_the_command_line(cfg, args.overrides)
+        if notice:
+            print(f"[hbt_ray.train] {notice}", file=sys.stderr)
         result = train(cfg, overwrite=args.overwrite)  # bad training data fails on this driver, while writing the shards
     except (ConfigError, DataError) as err:
         # a Ray task's error carries the remote traceback in its text; its cause is the error itself
