@@ -115,7 +115,7 @@ class TrainRecipe:
                   f"{cfg.deepspeed.zero_stage} (deepspeed.single_worker_stage)", flush=True)  # fmt: skip
         micro = cfg.sampler.batch_size // world
         chunks = num_chunks(micro, cfg.loss.chunk_size) if cfg.loss.grad_cache else 1
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
+        self.engine, _, _, _ = deepspeed.initialize(
             model=module,
             optimizer=build_optimizer(module, cfg.optim, cfg.deepspeed),
             config=deepspeed_config(cfg.optim, cfg.deepspeed, cfg.run.max_steps, math.ceil(micro / chunks), world,
@@ -267,8 +267,9 @@ class TrainRecipe:
             "step": self.step_no,
             "loss": sum(losses) / len(losses),
             "temperature": taus[-1],
-            # DeepSpeed's schedulers report the lr the update of this step used (warmup starts at 0)
-            "lr": float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else cfg.optim.lr,
+            # the lr this step's update used, read off the optimizer before it (the scheduler's last lr
+            # is the next update's)
+            "lr": float(lr),
             "pairs_per_s": pairs / dt,
             "step_time_s": dt,
             "strategy": ",".join(sorted(set(strategies))),
