@@ -43,6 +43,11 @@ def test_table_and_plots(tmp_path):
     md = md_path.read_text().splitlines()
     assert md[0].startswith("| trial | status | α | τ | mono mAP")
     assert len(md) == 2 + 7
+    # the other swept keys: a column each, after the status, named without their section
+    rows[0]["optim.lr"] = 3e-4
+    _, md_path = write_table(rows, tmp_path, swept=["sampler.alpha", "optim.lr", "loss.temperature"])
+    md = md_path.read_text().splitlines()
+    assert md[0].startswith("| trial | status | lr | α | τ | mono mAP") and "| 3.00e-04 |" in md[2]
     paths = plot_metrics_vs_alpha(rows, tmp_path)
     assert {p.name for p in paths} == {"mono_map_vs_alpha.png", "cross_map_vs_alpha.png",
                                       "multi_map_vs_alpha.png", "bias_vs_alpha.png"}

@@ -47,7 +47,7 @@ def report_so_far(cfg: TuneConfig) -> tuple[Path, list[dict[str, Any]]]:
               + provenance_lines(prov, describe_model(sweep.train.model.name))
               + f"\n- evaluation: {prov.get('eval_pool', '?')}")  # fmt: skip
     report_dir = local_report_dir(out_dir)
-    write_table(ended, report_dir, extra_columns=extra, untuned=untuned, header=header)
+    write_table(ended, report_dir, extra_columns=extra, untuned=untuned, header=header, swept=space.swept_keys)
     images = plot_metrics_vs_alpha(ended, report_dir, untuned)
     storage.publish_files(report_dir, out_dir, ["results.csv", "results.md", *(p.name for p in images)])
     return report_dir, ended

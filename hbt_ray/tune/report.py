@@ -103,6 +103,8 @@ def _fmt(value: Any) -> str:
         return str(value)
     if isinstance(value, int) or (abs(num) >= 100 and num.is_integer()):
         return f"{num:.0f}"
+    if 0 < abs(num) < 0.001:  # learning rates: their digits, not 0.0001
+        return f"{num:.2e}"
     return f"{num:.4f}" if abs(num) < 10 else f"{num:.1f}"
 
 
@@ -127,10 +129,12 @@ def pareto_front(rows: Sequence[dict], metrics: Sequence[str], modes: Sequence[s
 
 def write_table(
     rows: Sequence[dict], out_dir: Path, extra_columns: Sequence[str] = (), untuned: dict | None = None,
-    header: str = "",
+    header: str = "", swept: Sequence[str] = (),
 ) -> tuple[Path, Path]:
     """``results.csv`` (every key of every row) and ``results.md`` (the readable columns, after
-    ``header``); ``untuned`` (the model before training, its summary) is the first row of both."""
+    ``header``); ``untuned`` (the model before training, its summary) is the first row of both. The
+    ``swept`` training keys besides α and τ get a column each after the status, named without their
+    section (``sampler.batch_size`` → ``batch_size``), so a row says what its trial trained with."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if untuned is not None:
         rows = [{**r, "targets": missed_targets(r, untuned)} for r in rows]
@@ -145,6 +149,8 @@ def write_table(
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in keys})
     columns = [(k, label) for k, label in TABLE_COLUMNS if any(k in r for r in rows)]
+    params = [(k, k.split(".", 1)[-1]) for k in swept if k not in (ALPHA, TAU)]
+    columns = columns[:2] + params + columns[2:]
     columns += [(k, k) for k in extra_columns if k not in {c for c, _ in columns}]
     lines = ["| " + " | ".join(label for _, label in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:

@@ -391,7 +391,8 @@ def _summarize(
     wall_s = seconds_since(prov)  # the untuned model's evaluation and every trial, on this cluster
     header = (f"# Sweep {name}\n\n" + provenance_lines(prov, model) + f"\n- evaluation: {prov['eval_pool']}"
               f"\n- wall: {wall_s / 60:.0f} min for {len(rows)} trials, the untuned model's evaluation included")  # fmt: skip
-    write_table(rows, report_dir, extra_columns=extra, untuned=untuned, header=header)
+    write_table(rows, report_dir, extra_columns=extra, untuned=untuned, header=header,
+                swept=space.swept_keys)
     images = plot_metrics_vs_alpha(rows, report_dir, untuned)
     for metric in cfg.objectives:
         heat = plot_alpha_tau_heatmap(rows, metric, report_dir)
