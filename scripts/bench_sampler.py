@@ -54,6 +54,15 @@ def read_ddtp_rows(path: Path) -> list[dict]:
     return rows
 
 
+def write_row_shards(rows: list[dict], out: Path, rows_per_shard: int = 2000) -> list[Path]:
+    """``rows`` as Parquet pair shards of ``rows_per_shard`` rows in ``out``; → their paths."""
+    paths = []
+    for i in range(0, len(rows), rows_per_shard):
+        paths.append(out / f"part-{i // rows_per_shard:05d}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[i : i + rows_per_shard], schema=PAIR_SCHEMA), paths[-1])
+    return paths
+
+
 def naive_pairs(
     rows: list[dict], steps: int, batch_size: int, alpha: float, buffer_groups: int
 ) -> tuple[float, int]:
@@ -176,9 +185,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             subset = rows[: args.stream_groups]
-            for i in range(0, len(subset), 2000):
-                table = pa.Table.from_pylist(subset[i : i + 2000], schema=PAIR_SCHEMA)
-                pq.write_table(table, Path(tmp) / f"part-{i // 2000:05d}.parquet")
+            write_row_shards(subset, Path(tmp))
             counts, n = count_pairs(subset)
             stream = shard_streams(tmp, 0, 1, seed=0)
             t0 = time.perf_counter()

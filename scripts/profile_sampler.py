@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sampler import _Tee, read_ddtp_rows  # noqa: E402
+from bench_sampler import _Tee, read_ddtp_rows, write_row_shards  # noqa: E402
 
-from hbt_ray.data.records import PAIR_SCHEMA, data_dir  # noqa: E402
+from hbt_ray.data.records import data_dir  # noqa: E402
 from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs  # noqa: E402
 
 STRATEGIES = ["hybrid", "x-x-mono", "x-y", "x-x", "hybrid-sample"]
@@ -124,10 +123,7 @@ def rng_only(sampler: HybridBatchSampler, steps: int) -> float:
 def arrow_floor(rows: list[dict], rows_per_shard: int = 2000) -> tuple[float, float]:
     """(decode, to_pylist) µs per row of the rows written as Parquet shards (best of two passes)."""
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(0, len(rows), rows_per_shard):
-            table = pa.Table.from_pylist(rows[i : i + rows_per_shard], schema=PAIR_SCHEMA)
-            pq.write_table(table, Path(tmp) / f"part-{i // rows_per_shard:05d}.parquet")
-        files = sorted(Path(tmp).glob("*.parquet"))
+        files = write_row_shards(rows, Path(tmp), rows_per_shard)
         decode = convert = float("inf")
         for _ in range(2):
             t0 = time.process_time()
