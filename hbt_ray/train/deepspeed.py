@@ -79,50 +79,23 @@ def deepspeed_config(
 
 
 def _scheduler(o: OptimConfig, max_steps: int) -> dict[str, Any]:
-    total = max(max_steps, o.warmup_steps + 1)
-    # DeepSpeed's schedulers need warmup_num_steps >= 1: "no warmup" = one step that starts at the full lr
-    warmup = max(o.warmup_steps, 1)
-    warmup_start = o.lr if o.warmup_steps == 0 else 0.0
-    if o.schedule == "linear" and o.warmup_steps == 0:
-        # DeepSpeed's WarmupDecayLR decays toward warmup_min_lr, which is also where its warm-up (at least
-        # two steps) starts: a floor at lr would hold lr constant, a floor at 0 would waste the first
-        # updates at lr 0. Started past its warm-up instead (last_batch_iteration), it leaves the first
-        # update at the optimizer's own lr and decays linearly from the second: lr·(T+1-k)/(T-1) for
-        # update k ≥ 2 of T, the last one lr/(T-1).
-        return {
-            "type": "WarmupDecayLR",
-            "params": {
-                "total_num_steps": max_steps + 1,
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": o.lr,
-                "warmup_num_steps": 2,
-                "warmup_type": "linear",
-                "last_batch_iteration": 1,
-            },
-        }
+    # DeepSpeed's schedulers give the updates before their warm-up has "started" lr 0 and decay toward the
+    # warm-up's floor (a floor at lr would hold lr constant). Without warm-up, linear and cosine are started
+    # past it (last_batch_iteration; DeepSpeed's linear warm-up lasts at least two steps): the first update
+    # keeps the optimizer's lr and the decay runs over the others, one step longer so the last is above 0
+    # (linear: lr·(T+1-k)/(T-1) for update k ≥ 2 of T).
+    cold = o.warmup_steps == 0
+    total = max_steps + 1 if cold else max(max_steps, o.warmup_steps + 1)
     if o.schedule == "linear":
         return {
             "type": "WarmupDecayLR",
             "params": {
                 "total_num_steps": total,
-                "warmup_min_lr": warmup_start,
+                "warmup_min_lr": 0.0,
                 "warmup_max_lr": o.lr,
-                "warmup_num_steps": warmup,
+                "warmup_num_steps": 2 if cold else o.warmup_steps,
                 "warmup_type": "linear",
-            },
-        }
-    if o.schedule == "cosine" and o.warmup_steps == 0:
-        # As for linear: DeepSpeed's scheduler would give the first update lr 0 (it has not "started");
-        # started one step in, the first update keeps lr and the cosine runs over the others.
-        return {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max_steps + 1,
-                "warmup_num_steps": 1,
-                "warmup_min_ratio": 1.0,
-                "cos_min_ratio": o.min_lr_ratio,
-                "warmup_type": "linear",
-                "last_batch_iteration": 0,
+                **({"last_batch_iteration": 1} if cold else {}),
             },
         }
     if o.schedule == "cosine":
@@ -130,16 +103,18 @@ def _scheduler(o: OptimConfig, max_steps: int) -> dict[str, Any]:
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": total,
-                "warmup_num_steps": warmup,
-                "warmup_min_ratio": 1.0 if o.warmup_steps == 0 else 0.0,
+                "warmup_num_steps": max(o.warmup_steps, 1),
+                "warmup_min_ratio": 1.0 if cold else 0.0,
                 "cos_min_ratio": o.min_lr_ratio,
                 "warmup_type": "linear",
+                **({"last_batch_iteration": 0} if cold else {}),
             },
         }
+    # constant: DeepSpeed's WarmupLR needs warmup_num_steps >= 1; "no warm-up" = one that starts at lr
     return {
         "type": "WarmupLR",
-        "params": {"warmup_min_lr": warmup_start, "warmup_max_lr": o.lr, "warmup_num_steps": warmup,
-                   "warmup_type": "linear"},
+        "params": {"warmup_min_lr": o.lr if cold else 0.0, "warmup_max_lr": o.lr,
+                   "warmup_num_steps": max(o.warmup_steps, 1), "warmup_type": "linear"},
     }  # fmt: skip
 
 
