@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from one_rank import ONE_RANK
 
 from hbt_ray.train.checkpoint import rng_state, set_rng_state
 
@@ -90,21 +91,7 @@ def test_an_encoder_actor_uses_the_device_its_pool_reserved_not_any_it_can_see(m
     assert encode.actor_resources(0.0, 2.0) == (0.0, 2.0, "cpu")
 
 
-MIXED_PRECISION_SCRIPT = r'''
-import json, os, socket, sys
-
-os.environ["DS_ACCELERATOR"] = "cpu"
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                  LOCAL_WORLD_SIZE="1")
-import torch
-import torch.distributed as dist
-
-dist.init_process_group("gloo", rank=0, world_size=1)
-import deepspeed
-from deepspeed.utils import safe_get_full_fp32_param
+MIXED_PRECISION_SCRIPT = ONE_RANK + r'''from deepspeed.utils import safe_get_full_fp32_param
 
 from hbt_ray.loss import ContrastiveModule, LossConfig
 from hbt_ray.model import ModelConfig, load_dual_encoder
@@ -217,21 +204,7 @@ def test_batches_for_a_gpu_are_made_in_pinned_memory(monkeypatch, tmp_path):
     assert len(pinned) == 6 and sorted(pinned) == sorted(tuple(t.shape) for t in prepared[:6])
 
 
-CPU_ADAM_SCRIPT = r'''
-import json, os, socket
-
-os.environ["DS_ACCELERATOR"] = "cpu"
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                  LOCAL_WORLD_SIZE="1")
-import torch
-import torch.distributed as dist
-
-dist.init_process_group("gloo", rank=0, world_size=1)
-import deepspeed
-from deepspeed.ops.adam import DeepSpeedCPUAdam
+CPU_ADAM_SCRIPT = ONE_RANK + r'''from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 from hbt_ray.train.config import DeepSpeedConfig, OptimConfig
 from hbt_ray.train.deepspeed import build_optimizer, deepspeed_config

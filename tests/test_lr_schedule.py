@@ -10,20 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from one_rank import ONE_RANK
 
-SCRIPT = r"""
-import json, os, socket, sys
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                  LOCAL_WORLD_SIZE="1")
-import torch
-import torch.distributed as dist
-
-dist.init_process_group("gloo", rank=0, world_size=1)
-import deepspeed
-
+SCRIPT = ONE_RANK + r"""
 from hbt_ray.train.config import DeepSpeedConfig, OptimConfig
 from hbt_ray.train.deepspeed import build_optimizer, deepspeed_config
 
