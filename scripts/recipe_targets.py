@@ -90,6 +90,8 @@ def check_same_pool(untuned: dict[str, Any], tuned: dict[str, Any], what: str) -
     """Both evaluations scored the same pool, full XQuAD-R or Tatoeba's first 200 pairs (else exit 2)."""
     for key in POOL_KEYS:
         a, b = untuned["config"].get(key), tuned["config"].get(key)
+        if key.startswith("skip_"):  # older evaluations have no skip keys: they skipped nothing
+            a, b = a or 0, b or 0
         if a != b:
             fail(f"{what}: the evaluations differ in {key} ({a!r} vs {b!r}): not the same pool")
     if untuned.get("counts", {}).get("langs") != tuned.get("counts", {}).get("langs"):
@@ -154,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     command = "python scripts/recipe_targets.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report.say("# The recipe targets of issue 34: how close the candidate is")
-    report.say(provenance_lines(provenance(command), evals["xquad"]["config"].get("model_description", "")))
+    model = evals["xquad"]["config"].get("model_description") or evals["xquad"]["config"].get("model", "?")
+    start = evals["untuned_xquad"]["config"].get("model_description")
+    report.say(provenance_lines(provenance(command), f"{model}; the untuned model: {start}"))
     report.say("")
     report.say("From these evaluations:")
     for name, result in evals.items():
