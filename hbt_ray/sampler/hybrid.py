@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,25 @@ from .config import (
 )
 from .draw import Drawer
 from .stats import SamplerStats
+
+#: Allocations between two young-generation collections while the sampler works (Python's default is
+#: far lower). The buffer keeps thousands of freshly read rows (dicts of lists) alive: with the default,
+#: every few dozen rows read trigger a collection, and each older-generation one scans the whole buffer
+#: (scripts/bench_sampler.py's stream row measures what that costs per pair).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+@contextmanager
+def fewer_collections() -> Iterator[None]:
+    """Raise the collector's young-generation threshold to :data:`GC_YOUNG_THRESHOLD` (never lower it)
+    for the block, and restore the caller's thresholds after it: garbage is still collected, only less
+    often; the rows themselves hold no cycles and are freed by reference counting."""
+    old = gc.get_threshold()
+    gc.set_threshold(max(old[0], GC_YOUNG_THRESHOLD), *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
 
 
 class HybridBatchSampler:
@@ -127,6 +148,10 @@ class HybridBatchSampler:
         return self._drawer.step_decision(step)
 
     def next_batch(self) -> Batch:
+        with fewer_collections():
+            return self._next_batch()
+
+    def _next_batch(self) -> Batch:
         step, epoch, k = self.step, self.epoch, self.per_rank
         buf = self._buffer
         buf.refill()
