@@ -459,9 +459,9 @@ def test_stream_of_1m_generated_groups_bounded_memory(ray_local):
     assert growth < 150 * 2**20, f"RSS grew {growth / 2**20:.0f} MiB"
 
 
-def test_the_sampler_reads_its_stream_with_rare_collections_and_restores_the_thresholds(mlqa_rows):
-    """Rows are read (and batches made) under the raised young-generation threshold; the caller's
-    thresholds are back after every batch, an error included."""
+def test_an_open_sampler_collects_garbage_rarely_and_close_restores_the_thresholds(mlqa_rows):
+    """From its first batch until close(), rows are read under the raised young-generation threshold; a
+    caller's higher threshold is kept; close() puts back what the sampler replaced."""
     import gc
 
     from hbt_ray.sampler.hybrid import GC_YOUNG_THRESHOLD
@@ -476,23 +476,21 @@ def test_the_sampler_reads_its_stream_with_rare_collections_and_restores_the_thr
     counts, n = count_pairs(mlqa_rows)
     cfg = SamplerConfig(strategy="hybrid", alpha=0.5, batch_size=16, buffer_groups=256)
     before = gc.get_threshold()
-    gc.set_threshold(900, 7, 9)
     try:
-        sampler = HybridBatchSampler(cfg, stream, 0, 1, counts, num_groups=n)
-        for _ in sampler.batches(40):
-            assert gc.get_threshold() == (900, 7, 9)
-        assert seen and set(seen) == {GC_YOUNG_THRESHOLD}
-        gc.set_threshold(80_000, 7, 9)  # a caller's higher threshold is kept, not lowered
-        seen.clear()
-        sampler.next_batch()
-        assert set(seen) == {80_000} and gc.get_threshold() == (80_000, 7, 9)
-
-        def broken(_pass):
-            yield {"group_id": "g", "langs": ["en"], "queries": ["q"]}  # no passages
-
         gc.set_threshold(900, 7, 9)
-        with pytest.raises(DataError):
-            HybridBatchSampler(cfg, broken, 0, 1, counts, num_groups=n).next_batch()
+        sampler = HybridBatchSampler(cfg, stream, 0, 1, counts, num_groups=n)
+        assert gc.get_threshold() == (900, 7, 9)  # nothing changes before the first batch
+        for _ in sampler.batches(40):
+            assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 7, 9)
+        assert seen and set(seen) == {GC_YOUNG_THRESHOLD}
+        sampler.close()
         assert gc.get_threshold() == (900, 7, 9)
+
+        gc.set_threshold(80_000, 7, 9)  # a caller's higher threshold is kept, and stays after close
+        seen.clear()
+        sampler = HybridBatchSampler(cfg, stream, 0, 1, counts, num_groups=n)
+        sampler.next_batch()
+        sampler.close()
+        assert set(seen) == {80_000} and gc.get_threshold() == (80_000, 7, 9)
     finally:
         gc.set_threshold(*before)

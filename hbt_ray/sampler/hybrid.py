@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -27,23 +26,27 @@ from .config import (
 from .draw import Drawer
 from .stats import SamplerStats
 
-#: Allocations between two young-generation collections while the sampler works (Python's default is
+#: Allocations between two young-generation collections while a sampler is open (Python's default is
 #: far lower). The buffer keeps thousands of freshly read rows (dicts of lists) alive: with the default,
 #: every few dozen rows read trigger a collection, and each older-generation one scans the whole buffer
-#: (scripts/bench_sampler.py's stream row measures what that costs per pair).
+#: (scripts/bench_sampler.py's stream row measures what that costs per pair). Garbage is still
+#: collected, only less often; the rows hold no cycles and are freed by reference counting.
 GC_YOUNG_THRESHOLD = 50_000
 
 
-@contextmanager
-def fewer_collections() -> Iterator[None]:
-    """Raise the collector's young-generation threshold to :data:`GC_YOUNG_THRESHOLD` (never lower it)
-    for the block, and restore the caller's thresholds after it: garbage is still collected, only less
-    often; the rows themselves hold no cycles and are freed by reference counting."""
+def raise_gc_threshold() -> tuple[int, int, int] | None:
+    """Raise the collector's young-generation threshold to :data:`GC_YOUNG_THRESHOLD` (never lower it);
+    → the thresholds it replaced, or None when it was that high already."""
     old = gc.get_threshold()
-    gc.set_threshold(max(old[0], GC_YOUNG_THRESHOLD), *old[1:])
-    try:
-        yield
-    finally:
+    if old[0] >= GC_YOUNG_THRESHOLD:
+        return None
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *old[1:])
+    return old
+
+
+def restore_gc_threshold(old: tuple[int, int, int] | None) -> None:
+    """Put back what :func:`raise_gc_threshold` replaced, unless someone has set another value since."""
+    if old is not None and gc.get_threshold()[0] == GC_YOUNG_THRESHOLD:
         gc.set_threshold(*old)
 
 
@@ -119,6 +122,8 @@ class HybridBatchSampler:
             cfg, self._buffer, self._stats, rank, self.per_rank, self.steps_per_epoch, self.p, pair_w, p_src
         )
         self.step = 0
+        self._gc_raised = False
+        self._gc_old: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ iteration
     @property
@@ -135,8 +140,12 @@ class HybridBatchSampler:
         return self.steps_per_epoch
 
     def close(self) -> None:
-        """Close the open stream pass (and a prefetched one): Ray Data iterators hold resources."""
+        """Close the open stream pass (and a prefetched one): Ray Data iterators hold resources; and put
+        back the collector's thresholds (:data:`GC_YOUNG_THRESHOLD`)."""
         self._buffer.close()
+        if self._gc_raised:
+            restore_gc_threshold(self._gc_old)
+            self._gc_raised, self._gc_old = False, None
 
     def batches(self, num_steps: int) -> Iterator[Batch]:
         """``num_steps`` batches from the current position, across epoch boundaries."""
@@ -148,10 +157,8 @@ class HybridBatchSampler:
         return self._drawer.step_decision(step)
 
     def next_batch(self) -> Batch:
-        with fewer_collections():
-            return self._next_batch()
-
-    def _next_batch(self) -> Batch:
+        if not self._gc_raised:  # from the first batch until close(): once per open sampler, not per batch,
+            self._gc_raised, self._gc_old = True, raise_gc_threshold()  # whose restore would collect at once
         step, epoch, k = self.step, self.epoch, self.per_rank
         buf = self._buffer
         buf.refill()
