@@ -176,6 +176,12 @@ def main() -> None:
         if strategy == "hybrid":
             sampler_rate = rate
         print(f"{strategy:<14}{rate:>16,.0f}{naive_rate:>16,.0f}{rate / naive_rate:>8.1f}")
+    # a split just above the buffer (as a small training set meets a large buffer): at every pass
+    # boundary most rows read wait for their group to leave the buffer
+    small = rows[: args.buffer_groups + args.buffer_groups // 64]
+    cfg = SamplerConfig(alpha=args.alpha, batch_size=args.batch_size, buffer_groups=args.buffer_groups)
+    sec, pairs = run_sampler(small, cfg, args.steps)
+    print(f"hybrid on a split of {len(small):,} groups (rows wait at every pass boundary): {pairs / sec:,.0f} pairs/s")
 
     import ray
 

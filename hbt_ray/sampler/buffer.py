@@ -11,6 +11,7 @@ import numpy as np
 from hbt_ray.data.records import DataError, PairGroup
 
 from .config import RESERVOIR_MIN, SamplerConfig, StreamFactory
+from .deferred import DeferredRows
 from .reservoir import Reservoir
 from .stats import SamplerStats
 
@@ -58,7 +59,7 @@ class GroupBuffer:
         self.arrival = np.zeros(size, dtype=np.int64)
         self.in_buffer: set[str] = set()
         self.arrivals = 0
-        self.deferred: list[Any] = []  # stream rows whose group was still in the buffer
+        self.deferred = DeferredRows()  # stream rows whose group was still in the buffer
         self._pending: Any = None  # a row read by the fast path of refill, handed to _admit
         self.qs: list[Any] = [None] * size  # per slot: the row's queries / passages lists
         self.ps: list[Any] = [None] * size
@@ -165,11 +166,10 @@ class GroupBuffer:
         buffer) reading stops and None is returned."""
         deferred = self.deferred
         in_buffer = self.in_buffer
-        if deferred:
-            for i, row in enumerate(deferred):
-                if row["group_id"] not in in_buffer:
-                    del deferred[i]
-                    return row, self.lang_plan(row["langs"], row["group_id"])
+        if deferred.any_ready:
+            row = deferred.take(in_buffer)
+            if row is not None:
+                return row, self.lang_plan(row["langs"], row["group_id"])
         while len(deferred) <= self.cfg.buffer_groups:
             row, self._pending = self._pending, None
             if row is None:
@@ -199,15 +199,15 @@ class GroupBuffer:
                 self.stats.groups_skipped += 1  # no allowed language: skip the group
                 continue
             if gid in in_buffer:
-                deferred.append(row)
+                deferred.add(row)
                 self.stats.stream_waits += 1
                 continue
             return row, plan
         return None
 
     def refill(self) -> None:
-        """Fill the free slots. Hot loop (one iteration per group read): the common case (no deferred
-        rows, a known language tuple, a group not in the buffer) stays inline; the rest goes through
+        """Fill the free slots. Hot loop (one iteration per group read): the common case (no waiting row
+        ready, a known language tuple, a group not in the buffer) stays inline; the rest goes through
         :meth:`_admit`."""
         free = np.flatnonzero(~self.alive[: self.cfg.buffer_groups])  # the spare slots stay free
         if len(free) == 0:
@@ -217,12 +217,15 @@ class GroupBuffer:
         pids: list[int] = []
         filled: list[int] = []
         rows, ids, qs, ps, in_buffer = self.rows, self.ids, self.qs, self.ps, self.in_buffer
-        plans, deferred = self._plans, self.deferred
+        plans = self._plans
+        # the fast path reads the stream where _admit would: no waiting row is ready and reading is not
+        # paused (only _admit changes either during a refill)
+        fast_ok = self._fast_ok()
         fast = 0  # rows of the fast path not yet counted in the stream position and stats
         for slot in free.tolist():
             row = None
             stream = self.stream
-            if not deferred and stream is not None:
+            if fast_ok and stream is not None:
                 try:
                     row = next(stream)
                 except StopIteration:
@@ -256,6 +259,7 @@ class GroupBuffer:
                 admitted = self._admit()
                 if admitted is None:
                     break
+                fast_ok = self._fast_ok()
                 row, plan = admitted
                 gid, queries, passages = row["group_id"], row["queries"], row["passages"]
             pids.append(plan[2])
@@ -270,6 +274,10 @@ class GroupBuffer:
             self.arrival[filled] = np.arange(self.arrivals, self.arrivals + len(filled))
             self.arrivals += len(filled)
             self.index_slots(filled, pids)
+
+    def _fast_ok(self) -> bool:
+        deferred = self.deferred
+        return not deferred.any_ready and len(deferred) <= self.cfg.buffer_groups
 
     def _count_fast(self, n: int) -> int:
         """Count ``n`` rows admitted by the fast path of :meth:`refill` as read; → 0."""
@@ -316,6 +324,8 @@ class GroupBuffer:
                     [rows[i] for i in idx], [gids[i] for i in idx], [multi[i] for i in idx]
                 )
         self.in_buffer.difference_update(gids)
+        if self.deferred:
+            self.deferred.released(gids)
         self.alive[slots] = False
         self.cross_ok[slots] = False
         self.has[:, slots] = False

@@ -63,7 +63,7 @@ def state_dict(
         "stream_pos": buf.stream_pos,
         "arrivals": buf.arrivals,
         "buffer": [(s, int(buf.arrival[s]), _plain(dict(buf.rows[s]))) for s in slots],
-        "deferred": [_plain(dict(row)) for row in buf.deferred],
+        "deferred": [_plain(dict(row)) for row in buf.deferred.rows()],
         "reservoir_rows": reservoir_rows,
         "reservoirs": reservoirs,
         "stats": stats.state(),
@@ -91,7 +91,6 @@ def load_buffer(buf: GroupBuffer, state: dict[str, Any]) -> None:
     buf.release(np.arange(buf.alive.shape[0]), keep=False)
     buf.in_buffer.clear()
     buf.seek(int(state["stream_pass"]), int(state["stream_pos"]))
-    buf.deferred = list(state["deferred"])
     pids, filled = [], []
     for slot, arrival, row in state["buffer"]:
         pids.append(buf.lang_plan(row["langs"], row["group_id"])[2])
@@ -104,6 +103,7 @@ def load_buffer(buf: GroupBuffer, state: dict[str, Any]) -> None:
         filled.append(slot)
     buf.arrivals = int(state["arrivals"])
     buf.index_slots(filled, pids)
+    buf.deferred.load(state["deferred"], buf.in_buffer)
     rows = state.get("reservoir_rows", [])
     for res, idx in zip(buf.reservoir, state.get("reservoirs", [[] for _ in buf.reservoir])):
         res.load([rows[i] for i in idx], buf._usable)
