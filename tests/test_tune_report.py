@@ -85,6 +85,31 @@ def test_a_resumed_optuna_knows_the_finished_trials_and_continues_the_interrupte
     assert "_resume_run" not in search.suggest("t2")
 
 
+def test_a_resumed_optuna_does_not_propose_the_first_runs_trials_again():
+    """TPE starts with random draws from its seeded generator: a resume must not replay them (it did,
+    and round 3 of the recipe sweep ran two of its first trials twice)."""
+    from hbt_ray.config import load_config
+    from hbt_ray.tune import TuneConfig
+    from hbt_ray.tune.records import resume_plan
+    from hbt_ray.tune.space import parse_space
+    from hbt_ray.tune.sweep import make_search_alg
+
+    space = parse_space({"search": "optuna", "num_samples": 8,
+                         "params": {"sampler.alpha": {"type": "uniform", "low": 0.0, "high": 1.0},
+                                    "loss.temperature": {"type": "loguniform", "low": 0.003, "high": 0.01}}})  # fmt: skip
+    cfg = load_config(TuneConfig, None, ["objective=multi_map"])
+    first = make_search_alg(space, cfg)
+    assert first.set_search_properties(None, None, space.param_space())
+    first_run = [first.suggest(f"t{i}") for i in range(6)]
+    records = [{"trial": f"t{i}", "status": "TERMINATED", "params": params,
+                "metrics": {"final": 1, "eval/multi_map": 0.5 + i / 100}}
+               for i, params in enumerate(first_run[:4])]  # fmt: skip
+    resumed = make_search_alg(space, cfg, resume_plan(records, space, num_samples=8, seed=0))
+    assert resumed.set_search_properties(None, None, space.param_space())
+    proposed = [resumed.suggest(f"r{i}") for i in range(4)]
+    assert not any(p in first_run for p in proposed), (proposed, first_run)
+
+
 def test_a_resumed_random_sweep_continues_the_interrupted_trial_and_draws_only_the_rest():
     from hbt_ray.tune.records import resume_plan
     from hbt_ray.tune.space import parse_space

@@ -198,9 +198,12 @@ def make_search_alg(space: SearchSpace, cfg: TuneConfig, plan: ResumePlan | None
             return config
 
     points = [params for params, _ in rerun] or None
+    # TPE's first trials are random draws from its own seeded generator, whatever the study holds: with
+    # the first run's seed a resumed sweep would propose the first run's trials again
+    seed = cfg.seed + len(plan.done) + len(plan.running)
     if len(metrics) == 1:
-        return OptunaOnEvaluations(metric=metrics[0], mode=cfg.modes[0], seed=cfg.seed, points_to_evaluate=points)
-    return OptunaOnEvaluations(metric=metrics, mode=cfg.modes, seed=cfg.seed, points_to_evaluate=points)
+        return OptunaOnEvaluations(metric=metrics[0], mode=cfg.modes[0], seed=seed, points_to_evaluate=points)
+    return OptunaOnEvaluations(metric=metrics, mode=cfg.modes, seed=seed, points_to_evaluate=points)
 
 
 def make_scheduler(space: SearchSpace, cfg: TuneConfig) -> Any:
