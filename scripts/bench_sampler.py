@@ -5,7 +5,9 @@ sampler alone, and the bare Ray Data row stream (no sampler) for the streamed ca
 
     python scripts/bench_sampler.py [--steps 5000] [--batch-size 64] [--stream-groups 49790]
 
-Ends with ``RESULT sampler_pairs_per_s=<n> stream_pairs_per_s=<n>``. The sampler-alone rate is pairs per
+Ends with ``RESULT sampler_pairs_per_s=<n> stream_pairs_per_s=<n> stream_vs_default_gc=<x>``: the stream
+runs twice as shipped and twice, interleaved, with Python's default collector thresholds (what the
+sampler ran with before it raised them while open). The sampler-alone rate is pairs per
 second of this process's CPU time (one core: the sampler is single-threaded; CPU time is what counts
 on a shared machine); the stream rate is wall-clock (Ray Data runs in worker processes).
 """
@@ -13,6 +15,7 @@ on a shared machine); the stream rate is wall-clock (Ray Data runs in worker pro
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import random
@@ -28,7 +31,7 @@ from tqdm import tqdm
 
 from hbt_ray.data.records import PAIR_SCHEMA, data_dir
 from hbt_ray.data.streams import shard_streams
-from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs
+from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs, hybrid
 
 
 def read_ddtp_rows(path: Path) -> list[dict]:
@@ -105,6 +108,21 @@ def naive_pairs(
     return time.process_time() - t0, pairs
 
 
+def stream_run(shards: str, cfg: SamplerConfig, counts: dict, n: int, epochs: int) -> tuple[float, float, float, str]:
+    """One sampler on the Ray Data stream of ``shards`` for ``epochs`` passes: (pairs/s wall, pairs/s
+    after the first batch, seconds to the first batch, the sampler's stats line)."""
+    sampler = HybridBatchSampler(cfg, shard_streams(shards, 0, 1, seed=0), 0, 1, counts, num_groups=n)
+    t0 = time.perf_counter()
+    batches = sampler.batches(epochs * len(sampler))
+    first = len(next(batches))
+    t_first = time.perf_counter() - t0
+    rest = epochs * len(sampler) - 1
+    pairs = first + sum(len(b) for b in tqdm(batches, total=rest, desc="on stream", mininterval=2, leave=False))
+    total = time.perf_counter() - t0
+    sampler.close()
+    return pairs / total, (pairs - first) / (total - t_first), t_first, sampler.format_stats().splitlines()[0]
+
+
 def run_sampler(rows, cfg: SamplerConfig, steps: int) -> tuple[float, int]:
     """(CPU seconds, pairs) of ``steps`` batches, after the buffer is warm (setup not timed)."""
     counts, n = count_pairs(rows)
@@ -115,7 +133,9 @@ def run_sampler(rows, cfg: SamplerConfig, steps: int) -> tuple[float, int]:
     t0 = time.process_time()
     for batch in tqdm(sampler.batches(steps), total=steps, desc=cfg.strategy, mininterval=2, leave=False):
         pairs += len(batch)
-    return time.process_time() - t0, pairs
+    sec = time.process_time() - t0
+    sampler.close()
+    return sec, pairs
 
 
 class _Tee:
@@ -155,6 +175,7 @@ def main() -> None:
         sys.stdout = _Tee(sys.stdout, open(args.out, "w", encoding="utf-8"))
     from hbt_ray.provenance import provenance, provenance_lines
 
+    default_thresholds = gc.get_threshold()  # Python's, before any sampler raised them
     print("# scripts/bench_sampler.py: the hybrid batch sampler's pairs/s (one core) vs a naive buffer scan")
     print(provenance_lines(provenance()))
 
@@ -198,30 +219,35 @@ def main() -> None:
             raw = sum(1 for _ in tqdm(stream(0), total=n, desc="raw stream", mininterval=2, leave=False))
             raw_rate = raw / (time.perf_counter() - t0)
             stream.close()  # drop the pass it prefetched
-            stream = shard_streams(tmp, 0, 1, seed=0)
             cfg = SamplerConfig(
                 alpha=args.alpha, batch_size=args.batch_size, buffer_groups=args.buffer_groups
             )
-            sampler = HybridBatchSampler(cfg, stream, 0, 1, counts, num_groups=n)
-            t0 = time.perf_counter()
-            batches = sampler.batches(args.stream_epochs * len(sampler))
-            first = len(next(batches))
-            t_first = time.perf_counter() - t0
-            rest = args.stream_epochs * len(sampler) - 1
-            pairs = first + sum(len(b) for b in tqdm(batches, total=rest, desc="on stream", mininterval=2))
-            total = time.perf_counter() - t0
-            sampler.close()
-            stream_rate = pairs / total
-            steady = (pairs - first) / (total - t_first)
+            # side by side, interleaved: the sampler as shipped and with Python's default collector
+            # thresholds (what it ran with before it raised them; GC_YOUNG_THRESHOLD)
+            runs: dict[str, list[tuple[float, float, float, str]]] = {"shipped": [], "default gc": []}
+            shipped_threshold = hybrid.GC_YOUNG_THRESHOLD
+            for _ in range(2):
+                for side in ("default gc", "shipped"):
+                    gc.set_threshold(*default_thresholds)
+                    hybrid.GC_YOUNG_THRESHOLD = 0 if side == "default gc" else shipped_threshold
+                    runs[side].append(stream_run(tmp, cfg, counts, n, args.stream_epochs))
+                    sampler_stats = runs[side][-1][3]
+            hybrid.GC_YOUNG_THRESHOLD = shipped_threshold
             print(
-                f"{args.stream_epochs} epochs on shards    pairs/s (wall)  after 1st batch  raw rows/s (1 pass)"
+                f"{args.stream_epochs} epochs on shards    pairs/s (wall)  after 1st batch  first batch (s)   (2 runs each)"
             )
-            print(f"{'sampler + ray data':<22}{stream_rate:>16,.0f}{steady:>17,.0f}{raw_rate:>21,.0f}")
+            means = {}
+            for side, results in runs.items():
+                for rate, steady, t_first, _ in results:
+                    print(f"{'sampler + ray data, ' + side:<30}{rate:>10,.0f}{steady:>17,.0f}{t_first:>17.1f}")
+                means[side] = sum(r[0] for r in results) / len(results)
+            print(f"raw Ray Data rows/s (1 pass, no sampler): {raw_rate:,.0f}")
+            print(f"shipped vs default gc (mean of the runs): {means['shipped'] / means['default gc']:.2f}x")
+            print(sampler_stats)
             print(
-                f"first batch after {t_first:.1f} s (pipeline start + {args.buffer_groups} groups buffered)"
+                f"RESULT sampler_pairs_per_s={sampler_rate:.0f} stream_pairs_per_s={means['shipped']:.0f} "
+                f"stream_vs_default_gc={means['shipped'] / means['default gc']:.2f}"
             )
-            print(sampler.format_stats().splitlines()[0])
-            print(f"RESULT sampler_pairs_per_s={sampler_rate:.0f} stream_pairs_per_s={stream_rate:.0f}")
             sys.stdout.flush()
             time.sleep(2)  # let Ray Data's iterator threads of the closed passes wind down before shutdown
     finally:

@@ -1,5 +1,5 @@
-"""scripts/bench_sampler.py runs every strategy, the small split and the Ray Data stream, and ends with its
-RESULT line."""
+"""scripts/bench_sampler.py runs every strategy, the small split and the Ray Data stream (as shipped and with
+Python's default collector thresholds, interleaved), and ends with its RESULT line."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ def test_bench_sampler_smoke(tmp_path, shared_data):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out.read_text()
-    assert re.search(r"^RESULT sampler_pairs_per_s=\d+ stream_pairs_per_s=\d+$", report, re.M), report
+    assert re.search(r"^RESULT sampler_pairs_per_s=\d+ stream_pairs_per_s=\d+ stream_vs_default_gc=\d+\.\d\d$",
+                     report, re.M), report  # fmt: skip
+    for side in ("shipped", "default gc"):  # two interleaved stream runs each
+        assert len(re.findall(rf"^sampler \+ ray data, {side} +[\d,]+ +[\d,]+ +\d+\.\d$", report, re.M)) == 2, report
     for strategy in ("hybrid", "x-x-mono", "x-y", "x-x", "hybrid-sample"):
         assert re.search(rf"^{strategy} +[\d,]+ +[\d,]+ +\d+\.\d$", report, re.M), (strategy, report)
     assert re.search(r"^hybrid on a split of 520 groups \(rows wait at every pass boundary\): [\d,]+ pairs/s$",
