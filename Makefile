@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 EXTRAS ?= dev,offline,mteb
+# Test files run this many at a time (pytest-xdist), each file whole on one worker (a module's cluster
+# fixture starts once). Two keep a 2-core machine busy: most of an end-to-end test is waiting on Ray.
+TEST_WORKERS ?= 2
 
 .PHONY: install run test lint bench clean
 
@@ -26,7 +29,7 @@ lint: install
 	$(PY) -m ruff check hbt_ray tests scripts
 
 test: install lint
-	$(PY) -m pytest -q -x --durations=15 tests hbt_ray $(PYTEST_ARGS)
+	$(PY) -m pytest -q -x --durations=15 -n $(TEST_WORKERS) --dist loadfile tests hbt_ray $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -13,6 +13,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A driver a test starts (in this process or a child) joins this session's own Ray (``ray_local``: Ray
+# sets RAY_ADDRESS to the instance it starts) or, before that one starts, starts its own. Unset, Ray
+# would join the cluster `ray start` last started on this machine: another test's, run at the same time
+# by pytest-xdist, or a sweep someone runs beside the tests. A test that joins a cluster says which.
+os.environ["RAY_ADDRESS"] = "local"
 
 
 @pytest.fixture(scope="session")

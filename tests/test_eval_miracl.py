@@ -18,8 +18,8 @@ FIXTURES = ROOT / "tests" / "fixtures" / "miracl"
 
 
 def _evaluate(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    # a new local Ray of 1 CPU, whatever Ray this test session runs (RAY_ADDRESS is not passed on)
-    env = env or {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # a new local Ray of 1 CPU, whatever Ray this test session runs (Ray sets RAY_ADDRESS to the one it starts)
+    env = env or {**os.environ, "RAY_ADDRESS": "local"}
     return subprocess.run(
         [sys.executable, "-m", "hbt_ray.evaluate", "--model", "tiny", "--data", f"miracl:{FIXTURES}",
          "--out", str(out), "--num-cpus", "1", *args],

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -69,8 +70,11 @@ class TwoNodes:
         self.private = root / "private"  # the driver's: runs, shards, cache, temp — hidden from node 2
         self.shared = root / "shared"  # seen by both nodes, declared shared
         self.node2 = root / "node2"  # node 2's own cache and temp (a private tmpfs there)
-        for d in (self.private / "cache", self.private / "tmp", self.shared, self.node2, root / "ray"):
+        for d in (self.private / "cache", self.private / "tmp", self.shared, self.node2):
             d.mkdir(parents=True, exist_ok=True)
+        # Ray's sockets live in its temp dir and a socket's path has at most 107 bytes: pytest's folders
+        # (longer under pytest-xdist) are too deep for it
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="hbt-ray-", dir="/tmp"))
         self.port, self.gcs = _free_port(), _free_port()
         self.address = f"127.0.0.1:{self.gcs}"
         self.env = {
@@ -95,7 +99,7 @@ class TwoNodes:
         ray = str(BIN / "ray")
         self.procs.append(subprocess.Popen(
             [ray, "start", "--head", "--block", "--num-cpus=0", "--node-ip-address=127.0.0.1", f"--port={self.gcs}", "--include-dashboard=false",
-             f"--temp-dir={self.root / 'ray'}", "--object-store-memory=200000000", "--disable-usage-stats"],
+             f"--temp-dir={self.ray_tmp}", "--object-store-memory=200000000", "--disable-usage-stats"],
             stdout=log, stderr=log, start_new_session=True, env=self.driver_env))  # fmt: skip
         # Node 2: its own mount namespace; tmpfs over the driver's folders (empty there) and over its own.
         hide = " && ".join(f"mount -t tmpfs tmpfs {d}" for d in (self.private, self.node2))
@@ -117,10 +121,13 @@ class TwoNodes:
             except Exception:
                 return False
 
+        def two_nodes() -> bool:
+            if any(proc.poll() is not None for proc in self.procs):  # a node that failed to start never comes
+                raise RuntimeError(f"a cluster process exited: {(self.root / 'cluster.log').read_text()[-3000:]}")
+            return self.python("import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))").strip().endswith("2")
+
         _wait(bucket, 30, "moto server")
-        _wait(lambda: self.python("import ray; ray.init(); "
-                                  "print(sum(n['Alive'] for n in ray.nodes()))").strip().endswith("2"),
-              120, f"two Ray nodes ({(self.root / 'cluster.log').read_text()[-2000:]})")  # fmt: skip
+        _wait(two_nodes, 120, f"two Ray nodes ({(self.root / 'cluster.log').read_text()[-2000:]})")
 
     def python(self, code: str, timeout: float = 120) -> str:
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=self.driver_env, capture_output=True,
@@ -175,7 +182,8 @@ class TwoNodes:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         # Ray's own daemons of this cluster, wherever they were re-parented (named by its temp dir / port)
-        subprocess.run(["pkill", "-f", f"{self.root / 'ray'}|{self.address}"], check=False)
+        subprocess.run(["pkill", "-f", f"{self.ray_tmp}|{self.address}"], check=False)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
