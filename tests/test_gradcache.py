@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,11 +69,19 @@ def _engine(stage: int, chunks: int, cache_dir: str, offload: bool = False, prec
     return engine, module
 
 
-def _worker(rank: int, init_file: str, cache_dir: str, out_dir: str, stage: int, dropout: bool, offload: bool,
-            precision: str, distill: float) -> None:  # fmt: skip
-    import os
+#: (ZeRO stage, dropout, offload, precision, loss.distill) of each compared step.
+CASES = [(0, True, False, "fp32", 0.0), (0, False, False, "fp32", 0.0), (1, True, False, "fp32", 0.0),
+         (2, True, False, "fp32", 0.0), (3, True, False, "fp32", 0.0), (3, True, True, "fp32", 0.0),
+         (0, True, False, "bf16", 0.0), (2, True, False, "bf16", 0.0), (0, True, False, "fp32", 5.0),
+         (3, True, False, "fp32", 5.0)]  # fmt: skip
 
-    import deepspeed
+
+def _worker(rank: int, init_file: str, cache_dir: str, out_dir: str) -> None:
+    """Every case in one process group (starting the two processes costs more than a case's steps);
+    rank 0 writes ``result_<case>.pkl``, or ``error_<case>.txt`` when the case failed on it."""
+    import os
+    import traceback
+
     import torch.distributed as dist
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -80,63 +89,87 @@ def _worker(rank: int, init_file: str, cache_dir: str, out_dir: str, stage: int,
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))  # fmt: skip
     try:
-        results = {}
-        for side in ("plain", "cached"):
-            chunks = num_chunks(PAIRS, CHUNK) if side == "cached" else 1
-            engine, module = _engine(stage, chunks, cache_dir, offload, precision, distill)
-            module.train(dropout)
-            module.same_calls_every_rank = stage == 3
-            batch = _batch(module.encoder, rank)
-            teacher = _teacher(cache_dir).embed(*batch[:6]) if distill else None
-            torch.manual_seed(100 + rank)  # the dropout stream: the same on both sides
-            if side == "cached":
-                loss, replay = cached_step(engine, module, batch, CHUNK, teacher=teacher)
-                replay()
-            elif dropout:  # one graph over the chunks, run in GradCache's order from the same RNG state
-                q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, counts = batch
-                embs = []
-                for a, b, na, nb in chunk_bounds(PAIRS, CHUNK, counts):
-                    RngState()  # (the cached side saves the state here; saving does not move it)
-                    embs.append(module.embed(q_ids[a:b], q_mask[a:b], p_ids[a:b], p_mask[a:b], n_ids[na:nb],
-                                             n_mask[na:nb]))  # fmt: skip
-                negs = [n for _, _, n in embs if n is not None]
-                loss = module.loss(torch.cat([q for q, _, _ in embs]), torch.cat([p for _, p, _ in embs]),
-                                   torch.cat(negs) if negs else None, module.temperature(), teacher)  # fmt: skip
-                engine.backward(loss)
-                engine.step()
-            else:  # dropout off: the engine's one forward of the whole batch
-                loss, _ = engine(*batch[:6], teacher=teacher)
-                engine.backward(loss)
-                engine.step()
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):  # ZeRO-3 shards
-                results[side] = {"loss": float(loss.detach()),
-                                 "params": {k: v.detach().float().clone() for k, v in module.state_dict().items()}}
-        if rank == 0:
-            start = _module(1, cache_dir)  # the parameters both sides started from
-            results["start"] = {k: v.detach().clone() for k, v in start.state_dict().items()}
-            with open(f"{out_dir}/result.pkl", "wb") as fh:
-                pickle.dump(results, fh)
+        for i, case in enumerate(CASES):
+            try:
+                results = _case(rank, cache_dir, *case)
+            except Exception:
+                if rank == 0:
+                    with open(f"{out_dir}/error_{i}.txt", "w") as fh:
+                        fh.write(traceback.format_exc())
+                raise  # the other rank waits in a collective: the group cannot go on
+            if rank == 0:
+                with open(f"{out_dir}/result_{i}.pkl", "wb") as fh:
+                    pickle.dump(results, fh)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(
-    "stage, dropout, offload, precision, distill",
-    [(0, True, False, "fp32", 0.0), (0, False, False, "fp32", 0.0), (1, True, False, "fp32", 0.0),
-     (2, True, False, "fp32", 0.0), (3, True, False, "fp32", 0.0), (3, True, True, "fp32", 0.0),
-     (0, True, False, "bf16", 0.0), (2, True, False, "bf16", 0.0), (0, True, False, "fp32", 5.0),
-     (3, True, False, "fp32", 5.0)],
-)  # fmt: skip
-def test_grad_cache_step_equals_the_plain_full_batch_step(tmp_path, stage, dropout, offload, precision, distill):
+def _case(rank: int, cache_dir: str, stage: int, dropout: bool, offload: bool, precision: str,
+          distill: float) -> dict:  # fmt: skip
+    import deepspeed
+
+    results = {}
+    for side in ("plain", "cached"):
+        chunks = num_chunks(PAIRS, CHUNK) if side == "cached" else 1
+        engine, module = _engine(stage, chunks, cache_dir, offload, precision, distill)
+        module.train(dropout)
+        module.same_calls_every_rank = stage == 3
+        batch = _batch(module.encoder, rank)
+        teacher = _teacher(cache_dir).embed(*batch[:6]) if distill else None
+        torch.manual_seed(100 + rank)  # the dropout stream: the same on both sides
+        if side == "cached":
+            loss, replay = cached_step(engine, module, batch, CHUNK, teacher=teacher)
+            replay()
+        elif dropout:  # one graph over the chunks, run in GradCache's order from the same RNG state
+            q_ids, q_mask, p_ids, p_mask, n_ids, n_mask, counts = batch
+            embs = []
+            for a, b, na, nb in chunk_bounds(PAIRS, CHUNK, counts):
+                RngState()  # (the cached side saves the state here; saving does not move it)
+                embs.append(module.embed(q_ids[a:b], q_mask[a:b], p_ids[a:b], p_mask[a:b], n_ids[na:nb],
+                                         n_mask[na:nb]))  # fmt: skip
+            negs = [n for _, _, n in embs if n is not None]
+            loss = module.loss(torch.cat([q for q, _, _ in embs]), torch.cat([p for _, p, _ in embs]),
+                               torch.cat(negs) if negs else None, module.temperature(), teacher)  # fmt: skip
+            engine.backward(loss)
+            engine.step()
+        else:  # dropout off: the engine's one forward of the whole batch
+            loss, _ = engine(*batch[:6], teacher=teacher)
+            engine.backward(loss)
+            engine.step()
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):  # ZeRO-3 shards
+            results[side] = {"loss": float(loss.detach()),
+                             "params": {k: v.detach().float().clone() for k, v in module.state_dict().items()}}
+    if rank == 0:
+        start = _module(1, cache_dir)  # the parameters both sides started from
+        results["start"] = {k: v.detach().clone() for k, v in start.state_dict().items()}
+    return results
+
+
+@pytest.fixture(scope="module")
+def case_results(tmp_path_factory) -> Path:
+    """The folder where the one process group of :func:`_worker` left every case's result."""
+    out = tmp_path_factory.mktemp("gradcache")
+    cache = str(out / "cache")
+    load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache))  # builds and caches the tokenizer once
+    try:
+        torch.multiprocessing.spawn(_worker, args=(str(out / "pg"), cache, str(out)), nprocs=WORLD, join=True)
+    except Exception as err:  # a failed case: its own test reports it; the cases after it did not run
+        (out / "spawn_error.txt").write_text(str(err)[-3000:])
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: "-".join(map(str, CASES[i])))
+def test_grad_cache_step_equals_the_plain_full_batch_step(case_results, case):
     """(bf16: DeepSpeed's bf16 mode, weights and activations in bf16, fp32 master weights at ZeRO 1+: the
     steps agree to bf16's precision, not fp32's. distill: loss.distill toward another encoder's embeddings
     of the batch (hbt_ray.train.teacher), cached with InfoNCE.)"""
-    cache = str(tmp_path / "cache")
-    load_dual_encoder(ModelConfig(name="tiny", cache_dir=cache))  # builds and caches the tokenizer once
-    torch.multiprocessing.spawn(_worker, args=(str(tmp_path / "pg"), cache, str(tmp_path), stage, dropout, offload,
-                                               precision, distill),
-                                nprocs=WORLD, join=True)  # fmt: skip
-    res = pickle.loads((tmp_path / "result.pkl").read_bytes())
+    stage, _, _, precision, _ = CASES[case]
+    error = case_results / f"error_{case}.txt"
+    assert not error.exists(), error.read_text()[-3000:]
+    result = case_results / f"result_{case}.pkl"
+    spawn = case_results / "spawn_error.txt"
+    assert result.exists(), f"not run: an earlier case failed (see its test): {spawn.read_text() if spawn.exists() else ''}"
+    res = pickle.loads(result.read_bytes())
     bf16 = precision == "bf16"
     assert res["cached"]["loss"] == pytest.approx(res["plain"]["loss"], rel=1e-2 if bf16 else 1e-6)
     plain, cached, start = res["plain"]["params"], res["cached"]["params"], res["start"]
