@@ -20,6 +20,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["RAY_ADDRESS"] = "local"
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files with a slow test first, each file's own order kept: pytest-xdist hands out whole files in
+    this order, so the long ones start at once and the short ones fill the end (rather than one long
+    file running on its own while the other worker has nothing left)."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     root = data_dir()

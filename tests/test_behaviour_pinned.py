@@ -74,6 +74,7 @@ def test_batch_stream_of_two_ranks_is_unchanged(ray_local, shards, strategy):
     _check(f"batch_stream/{strategy}", digest.hexdigest())
 
 
+@pytest.mark.slow
 def test_losses_of_six_tiny_training_steps_are_unchanged(ray_local, shards, tmp_path):
     cfg = load_config(
         TrainConfig,

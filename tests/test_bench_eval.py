@@ -21,6 +21,7 @@ RESULT_KEYS = ("speedup_vs_st_encode_once", "speedup_vs_mteb_mono", "tatoeba_end
                "large_texts", "large_end_to_end_vs_encode_only")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bench_eval_sides_agree_and_result_parses(tmp_path, shared_data):
     out = tmp_path / "bench.txt"
     proc = subprocess.run(
@@ -53,6 +54,7 @@ def test_bench_eval_sides_agree_and_result_parses(tmp_path, shared_data):
     assert all(float(v) > 0 for v in result.values()), result
 
 
+@pytest.mark.slow
 def test_profile_eval_times_every_part_and_sorted_rows_pad_less(tmp_path, shared_data):
     out = tmp_path / "profile.txt"
     proc = subprocess.run(

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_sampler_smoke(tmp_path, shared_data):
     out = tmp_path / "bench.txt"
     proc = subprocess.run([sys.executable, "scripts/bench_sampler.py", "--steps", "30", "--buffer-groups", "512",

@@ -178,6 +178,7 @@ def test_the_hook_finds_ray_trains_report_logger_by_path():
     assert not context.logger.isEnabledFor(logging.INFO)
 
 
+@pytest.mark.slow
 def test_train_cli_on_a_new_local_ray_is_quiet(tmp_path, shared_data):
     """``python -m hbt_ray.train`` starts its own Ray (the user's path: no cluster to join): no
     PlacementGroupCleaner warnings, no TrainingReport dict per report; the progress and the result

@@ -36,6 +36,7 @@ def tiny():
     return load_dual_encoder(ModelConfig(name="tiny"))
 
 
+@pytest.mark.slow
 def test_ray_data_encoding_matches_in_process_and_is_cached(ray_local, xquad_slice, tiny, tmp_path):
     cfg = EvalConfig(concurrency=2, batch_size=32, cache_dir=str(tmp_path / "cache"), show_progress=False)
     assert not encodes_here(cfg)  # two actors: on Ray Data

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def test_without_a_gpu_the_script_says_so_and_exits_0():
     assert proc.stdout.startswith("no GPU") and "RESULT" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_every_check_runs_on_cpu_as_a_dry_run(tmp_path):
     out = tmp_path / "gpu_check.txt"
     proc = subprocess.run(

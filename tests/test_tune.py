@@ -112,6 +112,7 @@ def test_the_embedded_default_loads_with_its_eval_section_under_train():
     assert load_space(resolve_space_path(cfg.space)).params["sampler.alpha"].values == [0.0, 0.5, 1.0]
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     cfg = load_config(TuneConfig, None, _overrides(tmp_path))
@@ -212,6 +213,7 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
     assert tune_main(["--report-only", f"out_dir={tmp_path / 'sweeps'}", "name=nosuch"]) == 2
 
 
+@pytest.mark.slow
 def test_optuna_with_asha_sweeps_on_intermediate_evaluations(tmp_path, ray_local):
     """Optuna + ASHA as the recipe sweep runs them: step results without the metric between the
     evaluations (OptunaSearch indexed them: a KeyError ended the experiment at the first logged step)."""
@@ -307,6 +309,7 @@ def test_auto_mode_is_online_after_wandb_login_on_the_machine(tmp_path):
     assert initial_mode(WandbConfig(mode="offline"), env={"NETRC": str(netrc_file)}) == "offline"
 
 
+@pytest.mark.slow
 def test_trial_runs_without_a_key_log_offline_with_their_status(ray_local, monkeypatch, tmp_path):
     """Ray's own WandbLoggerCallback.setup raises without a key unless $WANDB_MODE says offline; ours
     runs offline, an online init that fails falls back to offline, and a failed trial says so."""
