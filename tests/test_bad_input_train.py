@@ -364,7 +364,10 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORL
 import torch
 import torch.distributed as dist
 
-dist.init_process_group("gloo", rank=0, world_size=1)
+# the group through a file: the port above (for DeepSpeed's environment checks) is never bound, so
+# another test's process (pytest-xdist) taking it in the meantime does no harm
+import tempfile
+dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "pg"), rank=0, world_size=1)
 import deepspeed
 
 from hbt_ray.train.checkpoint import load_deepspeed_state

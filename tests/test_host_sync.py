@@ -14,7 +14,6 @@ or exchanged over its NCCL group. Two checks stand in for a GPU profile:
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -119,13 +118,12 @@ class DeviceReads:
         return guarded
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
     from hbt_ray.loss import info_nce_loss
     from hbt_ray.train.batches import all_reduce_mean, deal_by_tokens
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    _init_group(rank, out_dir)
     try:
         encoder = load_dual_encoder(ModelConfig(name="tiny"), train_texts=TEXTS)
         DeviceReads().install()
@@ -148,14 +146,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _init_group(rank: int, out_dir: str) -> None:
+    """The gloo group through a file of the test's folder: a free TCP port found first can be taken by
+    another test's process (pytest-xdist) before the group binds it."""
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=WORLD)
 
 
 def test_the_loss_and_the_token_deal_read_nothing_that_went_through_the_devices_group(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     results = [(tmp_path / f"r{r}.txt").read_text() for r in range(WORLD)]
     assert all(r.startswith("ok") for r in results), results
     assert [r.split()[1] for r in results] == ["2", "3"]  # each rank keeps as many pairs as it drew
@@ -163,13 +161,12 @@ def test_the_loss_and_the_token_deal_read_nothing_that_went_through_the_devices_
 
 def test_the_watch_catches_a_host_read_of_a_gathered_value(tmp_path):
     """The check above can fail: the same watch on a read of the device group's result."""
-    mp.spawn(_read_gathered, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_read_gathered, args=(str(tmp_path),), nprocs=WORLD, join=True)
     assert "host read (item)" in (tmp_path / "r0.txt").read_text()
 
 
-def _read_gathered(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _read_gathered(rank: int, out_dir: str) -> None:
+    _init_group(rank, out_dir)
     try:
         DeviceReads().install()
         sizes = [torch.zeros(1, dtype=torch.long) for _ in range(WORLD)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -119,11 +118,11 @@ def _global_inputs(sizes, neg_counts):
     return q, p, neg
 
 
-def _worker(rank: int, port: int, sizes: tuple[int, int], symmetric: bool, neg_counts, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, sizes: tuple[int, int], symmetric: bool, neg_counts, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # through a file of the test's folder: a free TCP port found first can be taken by another test's
+    # process (pytest-xdist) before the group binds it
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=WORLD)
     try:
         q, p, neg = _global_inputs(sizes, neg_counts)
         start = sum(sizes[:rank])
@@ -145,17 +144,11 @@ def _worker(rank: int, port: int, sizes: tuple[int, int], symmetric: bool, neg_c
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     ("sizes", "symmetric", "neg_counts"), [((4, 4), False, (2, 2)), ((3, 5), True, (3, 0)), ((4, 4), False, (0, 0))]
 )
 def test_gathered_loss_across_two_gloo_workers_equals_single_process(tmp_path, sizes, symmetric, neg_counts):
-    args = (_free_port(), sizes, symmetric, neg_counts, str(tmp_path))
+    args = (sizes, symmetric, neg_counts, str(tmp_path))
     mp.spawn(_worker, args=args, nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"r{r}.pt") for r in range(WORLD)]
 
