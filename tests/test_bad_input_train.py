@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import ray.train
 import torch
+from one_rank import ONE_RANK
 
 from hbt_ray.config import ConfigError, load_config
 from hbt_ray.data.records import DataError
@@ -352,23 +353,8 @@ def test_rank_state_holding_a_pickle_is_refused_not_run(tmp_path):
     assert not marker.exists()
 
 
-DEEPSPEED_FILES_SCRIPT = r'''
-import os, pickle, socket, sys
+DEEPSPEED_FILES_SCRIPT = ONE_RANK + r'''import pickle
 from pathlib import Path
-
-os.environ["DS_ACCELERATOR"] = "cpu"
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-import torch
-import torch.distributed as dist
-
-# the group through a file: the port above (for DeepSpeed's environment checks) is never bound, so
-# another test's process (pytest-xdist) taking it in the meantime does no harm
-import tempfile
-dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "pg"), rank=0, world_size=1)
-import deepspeed
 
 from hbt_ray.train.checkpoint import load_deepspeed_state
 
