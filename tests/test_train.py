@@ -90,6 +90,10 @@ def test_config_errors_name_the_key():
         load_config(TrainConfig, None, ["run.nan_policy=ignore"])
     with pytest.raises(ConfigError, match=r"sampler\.batch_size"):
         load_config(TrainConfig, None, ["sampler.batch_size=33", "run.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"^run\.wise_ft: must be in \[0, 1\], got 1\.5$"):
+        load_config(TrainConfig, None, ["run.wise_ft=1.5"])
+    with pytest.raises(ConfigError, match=r"^run\.wise_ft: 0\.5 interpolates the exported model; it needs export"):
+        load_config(TrainConfig, None, ["run.wise_ft=0.5", "run.export=false"])
 
 
 def test_cli_help_lists_keys_and_rejects_bad_key(capsys):
@@ -346,6 +350,7 @@ def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard
         "run.checkpoint_every=0",
         "run.nan_policy=skip",
         "run.debug_nan_at_step=4",
+        "run.wise_ft=0.75",  # the run hands on the WiSE-FT model; the tuned weights stay in model/
     )
     result = train(cfg)
     assert result.steps == 20 and result.metrics["skipped_steps"] == 1
@@ -374,6 +379,17 @@ def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard
     trained = load_dual_encoder(ModelConfig(name=result.model_path))
     after = heldout_loss(trained, heldout_pairs)
     assert after < before - 0.2, (before, after)
+    # run.wise_ft: the model handed on is 0.75·tuned + 0.25·start, weight for weight
+    assert Path(result.model_path) == Path(result.run_dir) / "model_wise_0.75"
+    tuned = load_dual_encoder(ModelConfig(name=str(Path(result.run_dir) / "model"))).backbone.state_dict()
+    texts = tokenizer_texts(shard_dir, cfg.model.tiny_sample_records)
+    start = load_dual_encoder(cfg.model, train_texts=texts).backbone.state_dict()
+    moved = 0
+    for key, value in trained.backbone.state_dict().items():
+        if value.is_floating_point() and key in start:
+            assert torch.allclose(value, 0.75 * tuned[key] + 0.25 * start[key], atol=1e-6), key
+            moved += not torch.equal(tuned[key], start[key])
+    assert moved, "training changed no weight: the interpolation check above is vacuous"
 
     # The exported dir is a sentence-transformers model with the trained encoder's embeddings.
     from sentence_transformers import SentenceTransformer

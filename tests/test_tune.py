@@ -51,6 +51,7 @@ def _overrides(tmp_path: Path) -> list[str]:
         "train.eval.batch_size=64",
         "inject_failure_trial=3",  # the 4th trial (α=0.25) raises; the other three must finish
         "interpolate=[0.5]",  # WiSE-FT: each trial also evaluates the halfway weights
+        "train.run.wise_ft=0.25",  # and the recipe's own λ, from weights trained without it
         # a second eval set at the end of each trial (and for the untuned model): Tatoeba
         "extra_evals.tato.data=tatoeba", "extra_evals.tato.langs=[deu,kzj]", "extra_evals.tato.max_pairs=20",
         "extra_evals.tato.show_progress=false",
@@ -136,9 +137,10 @@ def test_sweep_end_to_end_tiny(tmp_path, ray_local, monkeypatch, capfd):
         run_dir = Path(rows[alpha]["export_dir"]).parent
         strategies = {json.loads(line)["strategy"] for line in (run_dir / "steps.jsonl").read_text().splitlines()}
         assert strategies <= allowed and strategies, (alpha, strategies)
-        # WiSE-FT: λ = 1 and λ = 0.5 evaluated; the row reports the better one
+        # WiSE-FT: λ = 1, the recipe's 0.25 and interpolate's 0.5 evaluated; the row reports the best one
         tried = json.loads((run_dir / "interpolate.json").read_text())
-        assert [t["interpolate"] for t in tried] == [1.0, 0.5]
+        assert [t["interpolate"] for t in tried] == [1.0, 0.25, 0.5]
+        assert Path(tried[0]["model"]).name == "model"  # λ = 1: the weights as trained, not interpolated
         assert rows[alpha]["interpolate"] == max(tried, key=lambda t: t["objective"])["interpolate"]
         assert rows[alpha]["fallback_share"] == 0.0
         assert 0.0 <= rows[alpha]["tato/tatoeba_outside_xlmr_acc"] <= 1.0

@@ -46,6 +46,17 @@ def interpolate_model(
     return export_from_state_dict(tuned.cfg, mixed, out_dir, backbone=tuned.backbone, tokenizer=tuned.tokenizer)
 
 
+def publish_interpolation(start: ModelConfig, tuned: str, lam: float, run_dir: str | Path) -> str:
+    """WiSE-FT's λ model of ``tuned`` written to ``run_dir/model_wise_<λ>`` → that location. ``run_dir``
+    and ``tuned`` may be in remote storage: the model is built on this node and published there."""
+    staging = Path(tempfile.mkdtemp(prefix="hbt_wise_"))
+    try:
+        interpolate_model(start, tuned, lam, staging / "model")
+        return storage.publish_dir(staging / "model", storage.join(run_dir, f"model_wise_{lam:g}"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def best_interpolation(
     start: ModelConfig,
     tuned: str,
@@ -61,12 +72,7 @@ def best_interpolation(
     published there, so whichever node evaluates it finds it."""
     tried = [(1.0, tuned, tuned_scores)]
     for lam in sorted(set(lams) - {1.0}):
-        staging = Path(tempfile.mkdtemp(prefix="hbt_wise_"))
-        try:
-            interpolate_model(start, tuned, lam, staging / "model")
-            out = storage.publish_dir(staging / "model", storage.join(run_dir, f"model_wise_{lam:g}"))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        out = publish_interpolation(start, tuned, lam, run_dir)
         tried.append((lam, out, evaluate(out)))
     storage.write_text(storage.join(run_dir, "interpolate.json"), json.dumps(
         [{"interpolate": lam, "model": path, **s} for lam, path, s in tried], indent=1, default=str))  # fmt: skip

@@ -167,6 +167,10 @@ class RunConfig:
     max_skipped_steps: int = 10  # nan_policy=skip: give up after this many
     eval_every: int = 0  # evaluate on the ``eval`` section every N steps; 0 = no intermediate evaluation
     export: bool = True  # write the consolidated model to <run dir>/model
+    #: WiSE-FT (Wortsman et al. 2022): below 1, the run's model is also written as λ·tuned + (1 − λ)·start
+    #: (<run dir>/model_wise_<λ>) and that is the model the run hands on (TrainResult.model_path); the
+    #: tuned weights stay in <run dir>/model. 1 = the tuned weights as trained.
+    wise_ft: float = 1.0
     progress: bool = True  # tqdm bar on rank 0
     #: intra-op threads per worker; 0 = what Ray sets (OMP_NUM_THREADS = the worker's CPUs, at least 1).
     #: On a small CPU box give the workers fractional CPUs (so Ray Data and evaluators fit) and the real threads here.
@@ -199,6 +203,10 @@ class RunConfig:
             raise ConfigError(f"pairs: {self.pairs} and epochs: {self.epochs:g} both set the run's length; set one")
         if not (math.isfinite(self.report_every_s) and self.report_every_s >= 0):
             raise ConfigError(f"report_every_s: must be finite and >= 0, got {self.report_every_s}")
+        if not 0.0 <= self.wise_ft <= 1.0:  # NaN fails this too
+            raise ConfigError(f"wise_ft: must be in [0, 1], got {self.wise_ft}")
+        if self.wise_ft < 1.0 and not self.export:
+            raise ConfigError(f"wise_ft: {self.wise_ft:g} interpolates the exported model; it needs export: true")
         if not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
             raise ConfigError(f"cpus_per_worker: must be finite and > 0, got {self.cpus_per_worker}")
 

@@ -321,6 +321,11 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None, overwrite: bool 
     if storage.exists(steps_log):
         history = [json.loads(line) for line in storage.read_text(steps_log).splitlines() if line.strip()]
     model_dir = storage.join(run_dir, "model")
+    model_path = model_dir if cfg.run.export and storage.exists(storage.join(model_dir, "config.json")) else None
+    if model_path is not None and cfg.run.wise_ft < 1.0 and not stopped:
+        from hbt_ray.model.interpolate import publish_interpolation
+
+        model_path = publish_interpolation(cfg.model, model_dir, cfg.run.wise_ft, run_dir)
     mix_file = storage.join(run_dir, MIX_FILE)
     return TrainResult(
         run_dir=run_dir,
@@ -328,7 +333,7 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None, overwrite: bool 
         stopped=stopped,
         metrics=dict(result.metrics or {}),
         checkpoint_path=_checkpoint_location(result.checkpoint, root),
-        model_path=model_dir if cfg.run.export and storage.exists(storage.join(model_dir, "config.json")) else None,
+        model_path=model_path,
         history=history,
         mix=json.loads(storage.read_text(mix_file)) if storage.exists(mix_file) else {},
         passes=passes,

@@ -72,8 +72,8 @@ class TuneConfig:
     ray_address: str = ""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     #: WiSE-FT: besides its fine-tuned weights (λ = 1), each trial evaluates λ·tuned + (1 − λ)·start for
-    #: these λ and reports the best under the objective (its ``interpolate`` column): an evaluation, not
-    #: a retraining, per λ
+    #: these λ and the recipe's own (``train.run.wise_ft``) and reports the best under the objective (its
+    #: ``interpolate`` column): an evaluation, not a retraining, per λ
     interpolate: list[float] = field(default_factory=list)
     #: more eval sets, scored at the end of each trial and for the untuned model (not in intermediate
     #: evaluations): ``{name: eval section}``; their metrics are ``<name>/<metric>`` (e.g.

@@ -127,20 +127,23 @@ def run_trial(params: dict[str, Any], cfg: TuneConfig) -> None:
     # and the OS clean up): the α = 0 and α = 1 models stay there to be compared after the sweep.
     train_cfg.run.storage_path = storage.join(cfg.out_dir, cfg.name, "trials")
     train_cfg.run.export = True
+    # the recipe's WiSE-FT λ is one more λ this trial evaluates (beside λ = 1), not a model in its place
+    lams = sorted({*cfg.interpolate, train_cfg.run.wise_ft} - {1.0})
+    train_cfg.run.wise_ft = 1.0
     start = time.time()
     result = train(train_cfg, callbacks=[TuneReportCallback()])
     if result.model_path is None:
         raise RuntimeError(f"trial {ctx.get_trial_name()}: training exported no model ({result.run_dir})")
     summary = evaluate_model(result.model_path, train_cfg.eval, cfg.objectives, cfg.extra_evals)
     lam, model_path = 1.0, result.model_path
-    if cfg.interpolate:
+    if lams:
         from hbt_ray.model.interpolate import best_interpolation
 
         # Each λ is ranked on train.eval alone unless the objective needs an extra evaluation (they are
         # the slow ones); the chosen λ then gets them too, so the row is complete for the model exported.
         ranked_on = cfg.extra_evals if any("/" in m for m in cfg.objectives) else None
         lam, model_path, summary = best_interpolation(
-            train_cfg.model, model_path, summary, cfg.interpolate, result.run_dir,
+            train_cfg.model, model_path, summary, lams, result.run_dir,
             lambda path: evaluate_model(path, train_cfg.eval, cfg.objectives, ranked_on),
         )  # fmt: skip
         if lam != 1.0 and cfg.extra_evals and ranked_on is None:
