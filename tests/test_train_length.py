@@ -53,20 +53,28 @@ def test_run_pairs_gives_runs_with_different_batch_sizes_the_same_pairs(tmp_path
         load_config(TrainConfig, None, ["run.pairs=100", "run.epochs=2"])
 
 
-def test_max_steps_on_the_command_line_beats_the_configs_epochs(tmp_path):
-    from hbt_ray.train.__main__ import main, steps_from_the_command_line
+def test_a_length_on_the_command_line_beats_the_configs_length(tmp_path):
+    from hbt_ray.train.__main__ import length_from_the_command_line, main
 
     base = tmp_path / "base.yaml"
     base.write_text("run:\n  epochs: 8\n")
-    cfg = load_config(TrainConfig, base, ["run.max_steps=40"])
-    notice = steps_from_the_command_line(cfg, ["run.max_steps=40"])
+    overrides, notice = length_from_the_command_line(str(base), ["run.max_steps=40"])
     assert notice == "run.max_steps=40 from the command line replaces the config's run.epochs=8"
+    cfg = load_config(TrainConfig, base, overrides)
     assert (cfg.run.epochs, cfg.run.max_steps) == (None, 40)
-    pairs = load_config(TrainConfig, None, ["run.pairs=640", "run.max_steps=5"])
-    assert steps_from_the_command_line(pairs, ["run.max_steps=5"]) and pairs.run.pairs is None
-    untouched = load_config(TrainConfig, base, [])
-    assert steps_from_the_command_line(untouched, ["optim.lr=1e-4"]) is None and untouched.run.epochs == 8
+    # pairs typed over a config's epochs (which validation would otherwise refuse as two lengths)
+    overrides, notice = length_from_the_command_line(str(base), ["run.pairs=640"])
+    cfg = load_config(TrainConfig, base, overrides)
+    assert (cfg.run.epochs, cfg.run.pairs) == (None, 640) and notice.endswith("run.epochs=8")
+    # the shipped e5-small config sets pairs: epochs typed replaces them
+    shipped = "hbt_ray/configs/train_e5_small.yaml"
+    overrides, notice = length_from_the_command_line(shipped, ["run.epochs=4"])
+    cfg = load_config(TrainConfig, shipped, overrides)
+    assert (cfg.run.epochs, cfg.run.pairs) == (4, None) and "replaces the config's run.pairs=" in notice
+    # nothing typed, or only a null: the file's length stands
+    assert length_from_the_command_line(str(base), ["optim.lr=1e-4"]) == (["optim.lr=1e-4"], None)
+    assert length_from_the_command_line(str(base), ["run.epochs=null", "run.max_steps=4"])[1]
     both = ["run.max_steps=40", "run.epochs=2"]
     with pytest.raises(ConfigError, match="run.max_steps and run.epochs both set the run's length"):
-        steps_from_the_command_line(load_config(TrainConfig, base, both), both)
+        length_from_the_command_line(str(base), both)
     assert main(["--config", str(base), *both]) == 2  # one error line, before Ray starts

@@ -20,23 +20,33 @@ def _keys_help() -> str:
     )
 
 
-def steps_from_the_command_line(cfg: TrainConfig, overrides: list[str]) -> str | None:
-    """``run.max_steps=N`` typed on the command line is the run's length, even where the config file sets
-    it in passes (``run.epochs``) or pairs (``run.pairs``), which would otherwise replace it on the driver
-    without a word; both set on the command line is an error. → the notice to print, if any
-    (``tests/test_train_length.py``)."""
-    given = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
-    if "run.max_steps" not in given:
-        return None
-    for key in ("epochs", "pairs"):
-        value = getattr(cfg.run, key)
-        if value is None:
-            continue
-        if f"run.{key}" in given:
-            raise ConfigError(f"run.max_steps and run.{key} both set the run's length on the command line: give one")
-        setattr(cfg.run, key, None)
-        return f"run.max_steps={cfg.run.max_steps} from the command line replaces the config's run.{key}={value:g}"
-    return None
+#: the keys that set a run's length; max_steps is used when the other two are unset
+LENGTH_KEYS = ("run.max_steps", "run.epochs", "run.pairs")
+
+
+def length_from_the_command_line(config: str | None, overrides: list[str]) -> tuple[list[str], str | None]:
+    """A run's length typed on the command line (``run.max_steps``, ``run.epochs`` or ``run.pairs``) is
+    the run's length, even where the config file sets it another way (which would otherwise refuse the
+    mix, or replace max_steps on the driver without a word); two typed is an error. → the overrides with
+    the file's other length cleared, and the notice to print, if any (``tests/test_train_length.py``)."""
+    typed = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() in LENGTH_KEYS and value.strip() not in ("null", "~", ""):
+            typed[key.strip()] = value.strip()
+    if len(typed) > 1:
+        first, second = list(typed)[:2]
+        raise ConfigError(f"{first} and {second} both set the run's length on the command line: give one")
+    if not typed:
+        return overrides, None
+    (key, value), = typed.items()
+    run = load_config(TrainConfig, config).run  # the file's own length
+    cleared = [k for k in LENGTH_KEYS[1:] if k != key and getattr(run, k.removeprefix("run.")) is not None]
+    if not cleared:
+        return overrides, None
+    was = getattr(run, cleared[0].removeprefix("run."))
+    notice = f"{key}={value} from the command line replaces the config's {cleared[0]}={was:g}"
+    return [*overrides, *(f"{k}=null" for k in cleared)], notice
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-5")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-        notice = steps_from_the_command_line(cfg, args.overrides)
+        overrides, notice = length_from_the_command_line(args.config, args.overrides)
+        cfg = load_config(TrainConfig, args.config, overrides)
         if notice:
             print(f"[hbt_ray.train] {notice}", file=sys.stderr)
         result = train(cfg, overwrite=args.overwrite)  # bad training data fails on this driver, while writing the shards
