@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_sweep import TINY_SWEEP as TINY
 
 from hbt_ray.tune.__main__ import main as tune_main
-
-TINY = ["train.model.name=tiny", "train.model.freeze_layers=0", "evaluate_untuned=false", "train.data.limit_groups=200"]
 
 
 def _space(tmp_path: Path, text: str) -> Path:

@@ -11,13 +11,12 @@ import pickle
 from pathlib import Path
 
 import pytest
+from tiny_sweep import TINY_SWEEP as TINY
 
 from hbt_ray.config import load_config
 from hbt_ray.tune import TuneConfig
 from hbt_ray.tune.__main__ import main as tune_main
 from hbt_ray.tune.checks import check_sweep
-
-TINY = ["train.model.name=tiny", "train.model.freeze_layers=0", "evaluate_untuned=false", "train.data.limit_groups=200"]
 
 
 def _space(tmp_path: Path) -> Path:
