@@ -350,7 +350,7 @@ def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard
         "run.checkpoint_every=0",
         "run.nan_policy=skip",
         "run.debug_nan_at_step=4",
-        "run.wise_ft=0.75",  # the run hands on the WiSE-FT model; the tuned weights stay in model/
+        "run.wise_ft=0.75",  # the run's model is WiSE-FT's; the tuned weights are kept in model_tuned/
     )
     result = train(cfg)
     assert result.steps == 20 and result.metrics["skipped_steps"] == 1
@@ -379,9 +379,9 @@ def test_zero2_lowers_loss_skips_nan_step_and_exports(ray_local, tmp_path, shard
     trained = load_dual_encoder(ModelConfig(name=result.model_path))
     after = heldout_loss(trained, heldout_pairs)
     assert after < before - 0.2, (before, after)
-    # run.wise_ft: the model handed on is 0.75·tuned + 0.25·start, weight for weight
-    assert Path(result.model_path) == Path(result.run_dir) / "model_wise_0.75"
-    tuned = load_dual_encoder(ModelConfig(name=str(Path(result.run_dir) / "model"))).backbone.state_dict()
+    # run.wise_ft: the run's model is 0.75·tuned + 0.25·start, weight for weight
+    assert Path(result.model_path) == Path(result.run_dir) / "model"
+    tuned = load_dual_encoder(ModelConfig(name=str(Path(result.run_dir) / "model_tuned"))).backbone.state_dict()
     texts = tokenizer_texts(shard_dir, cfg.model.tiny_sample_records)
     start = load_dual_encoder(cfg.model, train_texts=texts).backbone.state_dict()
     moved = 0

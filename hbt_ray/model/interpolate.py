@@ -57,6 +57,20 @@ def publish_interpolation(start: ModelConfig, tuned: str, lam: float, run_dir: s
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def wise_ft_run_model(start: ModelConfig, run_dir: str | Path, lam: float) -> str:
+    """A training run's model becomes WiSE-FT's λ model: the tuned weights are kept in
+    ``run_dir/model_tuned`` and ``run_dir/model`` is replaced by λ·tuned + (1 − λ)·start; → ``run_dir/model``.
+    Run again on a re-exported ``model`` (a resumed run that ended), it gives the same result."""
+    model, tuned = storage.join(run_dir, "model"), storage.join(run_dir, "model_tuned")
+    storage.copy_dir(model, tuned)
+    staging = Path(tempfile.mkdtemp(prefix="hbt_wise_"))
+    try:
+        interpolate_model(start, tuned, lam, staging / "model")
+        return storage.publish_dir(staging / "model", model)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def best_interpolation(
     start: ModelConfig,
     tuned: str,

@@ -167,9 +167,8 @@ class RunConfig:
     max_skipped_steps: int = 10  # nan_policy=skip: give up after this many
     eval_every: int = 0  # evaluate on the ``eval`` section every N steps; 0 = no intermediate evaluation
     export: bool = True  # write the consolidated model to <run dir>/model
-    #: WiSE-FT (Wortsman et al. 2022): below 1, the run's model is also written as λ·tuned + (1 − λ)·start
-    #: (<run dir>/model_wise_<λ>) and that is the model the run hands on (TrainResult.model_path); the
-    #: tuned weights stay in <run dir>/model. 1 = the tuned weights as trained.
+    #: WiSE-FT (Wortsman et al. 2022): below 1, the run's model (<run dir>/model) is λ·tuned + (1 − λ)·start
+    #: and the tuned weights are kept in <run dir>/model_tuned. 1 = the tuned weights as trained.
     wise_ft: float = 1.0
     progress: bool = True  # tqdm bar on rank 0
     #: intra-op threads per worker; 0 = what Ray sets (OMP_NUM_THREADS = the worker's CPUs, at least 1).

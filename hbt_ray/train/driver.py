@@ -323,9 +323,9 @@ def train(cfg: TrainConfig, callbacks: list[Any] | None = None, overwrite: bool 
     model_dir = storage.join(run_dir, "model")
     model_path = model_dir if cfg.run.export and storage.exists(storage.join(model_dir, "config.json")) else None
     if model_path is not None and cfg.run.wise_ft < 1.0 and not stopped:
-        from hbt_ray.model.interpolate import publish_interpolation
+        from hbt_ray.model.interpolate import wise_ft_run_model
 
-        model_path = publish_interpolation(cfg.model, model_dir, cfg.run.wise_ft, run_dir)
+        model_path = wise_ft_run_model(cfg.model, run_dir, cfg.run.wise_ft)
     mix_file = storage.join(run_dir, MIX_FILE)
     return TrainResult(
         run_dir=run_dir,
