@@ -74,6 +74,10 @@ def test_a_length_on_the_command_line_beats_the_configs_length(tmp_path):
     # nothing typed, or only a null: the file's length stands
     assert length_from_the_command_line(str(base), ["optim.lr=1e-4"]) == (["optim.lr=1e-4"], None)
     assert length_from_the_command_line(str(base), ["run.epochs=null", "run.max_steps=4"])[1]
+    # a later null takes an earlier length back (a command with test-sized settings appended)
+    overrides, _ = length_from_the_command_line(shipped, ["run.epochs=4", "run.epochs=null", "run.max_steps=4"])
+    cfg = load_config(TrainConfig, shipped, overrides)
+    assert (cfg.run.epochs, cfg.run.pairs, cfg.run.max_steps) == (None, None, 4)
     both = ["run.max_steps=40", "run.epochs=2"]
     with pytest.raises(ConfigError, match="run.max_steps and run.epochs both set the run's length"):
         length_from_the_command_line(str(base), both)

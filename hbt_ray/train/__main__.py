@@ -32,8 +32,10 @@ def length_from_the_command_line(config: str | None, overrides: list[str]) -> tu
     typed = {}
     for item in overrides:
         key, _, value = item.partition("=")
-        if key.strip() in LENGTH_KEYS and value.strip() not in ("null", "~", ""):
-            typed[key.strip()] = value.strip()
+        if key.strip() in LENGTH_KEYS:  # the last one typed counts: a later null takes an earlier one back
+            typed.pop(key.strip(), None)
+            if value.strip() not in ("null", "~", ""):
+                typed[key.strip()] = value.strip()
     if len(typed) > 1:
         first, second = list(typed)[:2]
         raise ConfigError(f"{first} and {second} both set the run's length on the command line: give one")
