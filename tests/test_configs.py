@@ -62,3 +62,11 @@ def test_a_base_is_merged_first_and_errors_name_the_file(tmp_path: Path):
     missing.write_text("train:\n  base: nowhere.yaml\n")
     with pytest.raises(ConfigError, match=r"nowhere\.yaml: no such config file"):
         load_config(TuneConfig, missing)
+
+
+def test_the_own_pairs_config_is_the_recipe_without_its_data_mix():
+    own = to_dict(load_config(TrainConfig, CONFIGS_DIR / "train_own_pairs.yaml"))
+    e5 = to_dict(load_config(TrainConfig, CONFIGS_DIR / "train_e5_small.yaml"))
+    differ = {f"{s}.{k}" for s in e5 for k in e5[s] if own[s][k] != e5[s][k]}
+    assert differ == {"sampler.source_weights", "sampler.min_lang_groups", "data.lareqa_negatives"}
+    assert own["sampler"]["source_weights"] is None and own["data"]["lareqa_negatives"] == 0

@@ -1,5 +1,5 @@
 """The README's "your own data in three commands" run as written (prepare, train, evaluate), on a small
-pairs file cut from the real DDTP data; only the model and the run's length are made test-sized."""
+pairs file cut from the real DDTP data; only the model, the batch and the run's length are made test-sized."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from hbt_ray.evaluate.__main__ import main as evaluate_main
 from hbt_ray.train.__main__ import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
-#: appended to the README's train command: the tiny model and a few steps, the rest as written
-TEST_SIZED = ["model.name=tiny", "model.freeze_layers=0", "run.epochs=null", "run.max_steps=4", "run.eval_every=2",
+#: appended to the README's train command: the tiny model, a batch the small file fills and a few steps,
+#: the rest as written
+TEST_SIZED = ["model.name=tiny", "model.freeze_layers=0", "sampler.batch_size=16", "run.epochs=null",
+              "run.max_steps=4", "run.eval_every=2",
               "run.num_workers=1", "run.checkpoint_every=0", "run.progress=false", "eval.show_progress=false"]  # fmt: skip
 
 
@@ -59,6 +61,7 @@ def test_the_readme_own_data_commands_work_as_written(tmp_path, monkeypatch, ray
     steps = [json.loads(x) for x in (tmp_path / "runs" / "mine" / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert (tmp_path / "runs" / "mine" / "model" / "modules.json").exists()
+    assert (tmp_path / "runs" / "mine" / "model_tuned" / "modules.json").exists()  # the recipe's WiSE-FT
     result = evaluate_main(evaluate)
     summary = json.loads((tmp_path / "runs" / "mine-eval" / "eval.json").read_text())["summary"]
     for key in ("mono_map", "cross_map", "multi_map", "bias"):
