@@ -262,7 +262,7 @@ def test_sweep_in_the_bucket(cluster):
     out = _ok(cluster.run(
         "hbt_ray.tune", "--space", str(space), f"out_dir=s3://{BUCKET}/sweeps", "name=s", "interpolate=[0.5]",
         "evaluate_untuned=false", "train.model.name=tiny", "train.model.freeze_layers=0",
-        "train.model.freeze_word_embeddings=false", "train.data.train=[ddtp]", "train.data.limit_groups=400",
+        "train.model.freeze_word_embeddings=false", "train.data.train=[ddtp]", "train.data.lareqa_negatives=0", "train.data.limit_groups=400",
         "train.sampler.source_weights=null", "train.sampler.min_lang_groups=null", "train.sampler.max_negatives=0",
         "train.loss.grad_cache=false", "train.run.wise_ft=1",
         "train.data.rows_per_shard=100", "train.sampler.batch_size=16", "train.sampler.buffer_groups=64",
