@@ -305,6 +305,32 @@ def test_same_seed_same_stream_and_exact_resume(mlqa_rows, strategy):
         _sampler(mlqa_rows, SamplerConfig(**{**cfg.__dict__, "seed": 5})).load_state_dict(state)
 
 
+@pytest.mark.parametrize("strategy", ["x-y", "hybrid-sample"])
+def test_the_reservoir_log_changes_no_batch(ddtp_rows, monkeypatch, strategy):
+    """Used groups reach the reservoirs through a log (flushed when full, read per language when a draw
+    recycles): a log of a few groups, flushed every step or two and checkpointed mid-way, gives the
+    batches and counters of the default one."""
+    import hbt_ray.sampler.buffer as buffer_mod
+
+    cfg = SamplerConfig(strategy=strategy, alpha=0.5, batch_size=32, buffer_groups=512, lang_temperature=2.0)
+    rows = ddtp_rows[:3000]
+
+    def key(b):
+        return (b.step, b.strategy, b.group_ids, b.query_langs, b.passage_langs)
+
+    default = _sampler(rows, cfg)
+    reference = [key(b) for b in default.batches(300)]
+    assert default.stats()["recycled_pairs"] > 0  # the reservoirs were read
+    monkeypatch.setattr(buffer_mod, "RESERVOIR_LOG", 40)
+    small = _sampler(rows, cfg)
+    got = [key(b) for b in small.batches(150)]
+    resumed = _sampler(rows, cfg)
+    resumed.load_state_dict(pickle.loads(pickle.dumps(small.state_dict())))
+    got += [key(b) for b in resumed.batches(150)]
+    assert got == reference
+    assert resumed.stats()["pairs_by_lang_pair"] == default.stats()["pairs_by_lang_pair"]
+
+
 def test_unshuffled_is_fifo(mlqa_rows):
     # every MLQA-R group holds English: English-only steps take the groups in stream order
     cfg = SamplerConfig(strategy="x-x-mono", languages=["en"], batch_size=8, buffer_groups=8, shuffle=False)

@@ -15,6 +15,9 @@ from .deferred import DeferredRows
 from .reservoir import Reservoir
 from .stats import SamplerStats
 
+#: Used groups logged before every reservoir takes its entries (:meth:`GroupBuffer.catch_up`).
+RESERVOIR_LOG = 4096
+
 #: (language indices, positions in the row lists, id of the plan's row in the plan table)
 Plan = tuple[tuple[int, ...], tuple[int, ...], int]
 
@@ -61,7 +64,8 @@ class GroupBuffer:
         self.arrivals = 0
         self.deferred = DeferredRows()  # stream rows whose group was still in the buffer
         self._pending: Any = None  # a row read by the fast path of refill, handed to _admit
-        self.qs: list[Any] = [None] * size  # per slot: the row's queries / passages lists
+        self.qs: list[Any] = [None] * size  # per slot: the row's queries / passages lists, its source
+        self.source_of: list[str] = [""] * size
         self.ps: list[Any] = [None] * size
         self._plans: dict[tuple, Plan] = {}
         # Per plan its slot row of lang_pos and whether it can give a cross pair: a slot is indexed by
@@ -69,6 +73,15 @@ class GroupBuffer:
         self._plan_pos = np.full((64, n_langs), -1, dtype=np.int16)
         self._plan_cross = np.zeros(64, dtype=bool)
         self.reservoir = [Reservoir(max(4 * per_rank, RESERVOIR_MIN)) for _ in langs]
+        # Used groups wait in a log until a language's reservoir is read or the log is full; the
+        # reservoir then takes its languages' entries in one slice, not one slice per step (a release
+        # touches most languages, a step's draws read a few reservoirs).
+        self._log_cap = max(RESERVOIR_LOG, per_rank)
+        self._log_present = np.zeros((self._log_cap, n_langs), dtype=bool)
+        self._log_rows: list[Any] = []
+        self._log_gids: list[Any] = []
+        self._log_multi: list[bool] = []
+        self._log_seen = np.zeros(n_langs, dtype=np.int64)  # per language: log entries in its reservoir
         self.stream: Any = None
         self.stream_pass = 0
         self.stream_pos = 0  # rows read from the current pass
@@ -298,9 +311,13 @@ class GroupBuffer:
         self.has[:, slots] = (pos >= 0).T
         self.alive[slots] = True
         self.cross_ok[slots] = self._plan_cross[pid]
+        rows, source_of = self.rows, self.source_of
+        for s in filled:
+            row = rows[s]
+            source_of[s] = row["source"] if "source" in row else ""
         if self.source_index is not None:
-            rows, index = self.rows, self.source_index
-            src = np.array([index.get(rows[s]["source"] if "source" in rows[s] else "", -1) for s in filled])
+            index = self.source_index
+            src = np.array([index.get(source_of[s], -1) for s in filled])
             self.from_source[src[src >= 0], slots[src >= 0]] = True
 
     def release(self, slots: np.ndarray, keep: bool = True) -> None:
@@ -310,19 +327,16 @@ class GroupBuffer:
         slot_list = slots.tolist()
         gids = [ids[s] for s in slot_list]
         if keep and slot_list:  # (every alive slot has a usable language)
-            # Every (language, slot) of a usable language, language by language, slots in release order.
             present = self.lang_pos[slots] >= 0
-            multi = (present.sum(axis=1) >= 2).tolist()
-            langs, which = np.nonzero(present.T)
-            bounds = (np.flatnonzero(np.diff(langs)) + 1).tolist()
-            starts, ends = [0, *bounds], [*bounds, len(langs)]
-            rows = [self.rows[s] for s in slot_list]
-            which_list = which.tolist()
-            for lang, start, end in zip(langs[starts].tolist(), starts, ends):
-                idx = which_list[start:end]
-                self.reservoir[lang].extend(
-                    [rows[i] for i in idx], [gids[i] for i in idx], [multi[i] for i in idx]
-                )
+            n, k = len(self._log_rows), len(slot_list)
+            if n + k > self._log_cap:
+                self.flush_log()
+                n = 0
+            self._log_present[n : n + k] = present
+            rows = self.rows
+            self._log_rows.extend([rows[s] for s in slot_list])
+            self._log_gids.extend(gids)
+            self._log_multi.extend((present.sum(axis=1) >= 2).tolist())
         self.in_buffer.difference_update(gids)
         if self.deferred:
             self.deferred.released(gids)
@@ -332,6 +346,29 @@ class GroupBuffer:
         self.from_source[:, slots] = False
         self.lang_pos[slots] = -1
 
+    def catch_up(self, lang: int) -> Reservoir:
+        """Language ``lang``'s reservoir, with the logged groups that hold it appended (in release order,
+        as if each release had appended them)."""
+        start, end = int(self._log_seen[lang]), len(self._log_rows)
+        res = self.reservoir[lang]
+        if end > start:
+            idx = (np.flatnonzero(self._log_present[start:end, lang]) + start).tolist()
+            if idx:
+                rows, gids, multi = self._log_rows, self._log_gids, self._log_multi
+                res.extend([rows[i] for i in idx], [gids[i] for i in idx], [multi[i] for i in idx])
+            self._log_seen[lang] = end
+        return res
+
+    def flush_log(self) -> None:
+        """Every reservoir takes its logged groups; the log starts empty."""
+        for lang in range(len(self.reservoir)):
+            self.catch_up(lang)
+        self.drop_log()
+
+    def drop_log(self) -> None:
+        self._log_rows, self._log_gids, self._log_multi = [], [], []
+        self._log_seen[:] = 0
+
     def recycle(
         self, rng: np.random.Generator, lang: int, n: int, taken: np.ndarray, other: int | None, source: int = -1
     ) -> np.ndarray:
@@ -340,7 +377,7 @@ class GroupBuffer:
         with the batch)."""
         in_buffer = self.in_buffer
         name = self.sources[source] if source >= 0 else None
-        rows = self.reservoir[lang].candidates(in_buffer, other, self._usable, name)
+        rows = self.catch_up(lang).candidates(in_buffer, other, self._usable, name)
         if not rows:
             return np.zeros(0, dtype=np.int64)
         if len(rows) > n:

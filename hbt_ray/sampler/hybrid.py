@@ -92,7 +92,6 @@ class HybridBatchSampler:
         counts, self.excluded_langs = select_languages(cfg, lang_counts)
         self.langs: list[str] = sorted(lang for lang, n in counts.items() if n > 0)
         self.lang_index = {lang: i for i, lang in enumerate(self.langs)}
-        self._langs_arr = np.array(self.langs, dtype=object)
         weights = lang_weights({lang: counts[lang] for lang in self.langs}, cfg.lang_temperature)
         self.p = np.array([weights[lang] for lang in self.langs])
         self.sources: list[str] = []
@@ -186,6 +185,7 @@ class HybridBatchSampler:
         slot_list = slots.tolist()
         queries = [qs[s][i] for s, i in zip(slot_list, qpos)]
         passages = [ps[s][i] for s, i in zip(slot_list, ppos)]
+        lang_of = langs.__getitem__
         max_neg = self.cfg.max_negatives
         if max_neg:
             negatives = []
@@ -202,12 +202,12 @@ class HybridBatchSampler:
             queries=queries,
             passages=passages,
             negatives=negatives,
-            query_langs=self._langs_arr[qlang].tolist(),
-            passage_langs=self._langs_arr[plang].tolist(),
-            group_ids=[ids[s] for s in slot_list],
+            query_langs=list(map(lang_of, qlang.tolist())),
+            passage_langs=list(map(lang_of, plang.tolist())),
+            group_ids=list(map(ids.__getitem__, slot_list)),
             rank=self.rank,
             fallback_pairs=fallback,
-            sources=[rows[s]["source"] if "source" in rows[s] else "" for s in slot_list],
+            sources=list(map(buf.source_of.__getitem__, slot_list)),
         )
 
     # ------------------------------------------------------------------ statistics and state

@@ -44,6 +44,7 @@ def state_dict(
     unique: dict[str, int] = {}  # a group is in the reservoir of each of its languages: stored once
     reservoir_rows: list[Any] = []
     reservoirs = []
+    buf.flush_log()
     for res in buf.reservoir:
         idx = []
         for row in res.rows:
@@ -104,6 +105,7 @@ def load_buffer(buf: GroupBuffer, state: dict[str, Any]) -> None:
     buf.arrivals = int(state["arrivals"])
     buf.index_slots(filled, pids)
     buf.deferred.load(state["deferred"], buf.in_buffer)
+    buf.drop_log()
     rows = state.get("reservoir_rows", [])
     for res, idx in zip(buf.reservoir, state.get("reservoirs", [[] for _ in buf.reservoir])):
         res.load([rows[i] for i in idx], buf._usable)

@@ -3,7 +3,7 @@ fallbacks, recycling and stream counters; checked against α, p(L) and ``max_fal
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ class SamplerStats:
         self.xx_fallback = 0
         self.recycled_pairs = 0
         self.source_shortfall = 0  # pairs whose drawn source had no group left: another source's
-        self.source_pairs: dict[str, int] = {}
+        self.source_pairs: Counter[str] = Counter()
         self.stream_waits = 0
         self.groups_read = 0
         self.groups_skipped = 0
@@ -41,9 +41,9 @@ class SamplerStats:
         self.steps_by_kind[kind] += 1
         if kind == "x-x-mono":
             self.mono_steps[lang] += 1
-        np.add.at(self.pair_counts, (qlang, plang), 1)
-        for source in sources:
-            self.source_pairs[source] = self.source_pairs.get(source, 0) + 1
+        n = len(self.langs)  # a bincount: numpy's add.at is slower at a batch's few dozen pairs
+        self.pair_counts += np.bincount(qlang * n + plang, minlength=n * n).reshape(n, n)
+        self.source_pairs.update(sources)
         self.step_log.append((step, kind, lang_name, fallback))
 
     def fallback_pairs(self) -> int:
@@ -139,7 +139,7 @@ class SamplerStats:
         self.xx_fallback = st.get("xx_fallback", 0)
         self.recycled_pairs = st.get("recycled_pairs", 0)
         self.source_shortfall = st.get("source_shortfall", 0)
-        self.source_pairs = dict(st.get("source_pairs", {}))
+        self.source_pairs = Counter(st.get("source_pairs", {}))
         self.stream_waits = st["stream_waits"]
         self.groups_read = st["groups_read"]
         self.groups_skipped = st["groups_skipped"]
