@@ -18,6 +18,7 @@ import argparse
 import gc
 import gzip
 import json
+import os
 import random
 import sys
 import tempfile
@@ -158,6 +159,10 @@ class _Tee:
         return getattr(self.streams[0], name)
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5000)
@@ -178,6 +183,7 @@ def main() -> None:
     default_thresholds = gc.get_threshold()  # Python's, before any sampler raised them
     print("# scripts/bench_sampler.py: the hybrid batch sampler's pairs/s (one core) vs a naive buffer scan")
     print(provenance_lines(provenance()))
+    print(f"- load average at start (1/5/15 min): {_load()} (other work on the box shows here)")
 
     rows = read_ddtp_rows(data_dir() / "ddtp" / "pairs.jsonl.gz")
     print(
@@ -243,6 +249,7 @@ def main() -> None:
             print(f"raw Ray Data rows/s (1 pass, no sampler): {raw_rate:,.0f}")
             print(f"shipped vs default gc (mean of the runs): {means['shipped'] / means['default gc']:.2f}x")
             print(runs["shipped"][-1][3])  # the stats line of the last run as shipped
+            print(f"- load average at end (1/5/15 min): {_load()}")
             print(
                 f"RESULT sampler_pairs_per_s={sampler_rate:.0f} stream_pairs_per_s={means['shipped']:.0f} "
                 f"stream_vs_default_gc={means['shipped'] / means['default gc']:.2f}"

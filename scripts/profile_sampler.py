@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import tempfile
 import time
@@ -120,6 +121,29 @@ def rng_only(sampler: HybridBatchSampler, steps: int) -> float:
     return best / steps * 1e6
 
 
+def rows_only(rows: list[dict], steps: int, k: int) -> float:
+    """µs per step of the least a sampler of Python row dicts does, whatever its draws: k rows taken from
+    the stream, each row's id, language, query and passage put into the batch's lists, its id into and
+    out of the set of buffered groups (best of three; rows in stream order, so kinder to the CPU caches
+    than a draw from a buffer of thousands)."""
+    best = float("inf")
+    for _ in range(3):
+        it = iter(rows * (1 + steps * k // len(rows)))
+        in_buffer: set = set()
+        t0 = time.process_time()
+        for _ in range(steps):
+            taken = [next(it) for _ in range(k)]
+            ids = [row["group_id"] for row in taken]
+            in_buffer.update(ids)
+            langs = [row["langs"][0] for row in taken]
+            queries = [row["queries"][0] for row in taken]
+            passages = [row["passages"][0] for row in taken]
+            in_buffer.difference_update(ids)
+        best = min(best, time.process_time() - t0)
+        del langs, queries, passages
+    return best / steps * 1e6
+
+
 def arrow_floor(rows: list[dict], rows_per_shard: int = 2000) -> tuple[float, float]:
     """(decode, to_pylist) µs per row of the rows written as Parquet shards (best of two passes), measured
     in a fresh process that holds nothing else: a process holding many Python objects pays the garbage
@@ -145,6 +169,10 @@ def _arrow_costs(files: list[str]) -> tuple[float, float]:
     return decode, convert
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000)
@@ -159,11 +187,13 @@ def main() -> None:
 
     print("# scripts/profile_sampler.py: where the batch sampler's time goes, and its floors")
     print(provenance_lines(provenance()))
+    print(f"- load average at start (1/5/15 min): {_load()} (other work on the box shows here)")
     rows = read_ddtp_rows(data_dir() / "ddtp" / "pairs.jsonl.gz")[: args.groups]
     print(f"DDTP: {len(rows)} groups; batch {args.batch_size}, buffer {args.buffer_groups}, {args.steps} steps; "
           f"CPU µs per step (one core); the phases are inclusive (picks and recycle are parts of draw)")  # fmt: skip
     target = args.batch_size / 200_000 * 1e6
-    head = ["strategy", "µs/step", "pairs/s", *PHASES, "RNG only"]
+    floor_rows = rows_only(rows, args.steps, args.batch_size)
+    head = ["strategy", "µs/step", "pairs/s", *PHASES, "RNG only", "floor", "floor pairs/s"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     result: dict[str, float] = {}
@@ -176,15 +206,19 @@ def main() -> None:
         parts = phases(_sampler(rows, strategy, args), args.steps)
         rng = rng_only(_sampler(rows, strategy, args), args.steps)
         cells = [strategy, f"{plain:.0f}", f"{args.batch_size / plain * 1e6:,.0f}", *(f"{parts[p]:.0f}" for p in PHASES),
-                 f"{rng:.0f}"]  # fmt: skip
+                 f"{rng:.0f}", f"{rng + floor_rows:.0f}", f"{args.batch_size / (rng + floor_rows) * 1e6:,.0f}"]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
         key = strategy.replace("-", "_")
         result[f"{key}_step_us"], result[f"{key}_rng_us"] = plain, rng
+    print(f"floor: the RNG calls of the stream plus the least row handling of a step ({floor_rows:.0f} µs: "
+          f"{args.batch_size} rows read, their ids, languages, queries and passages listed, ids into and out of a set)")  # fmt: skip
+    result["rows_only_us"] = floor_rows
     decode, convert = arrow_floor(rows)
     print(f"200k pairs/s at batch {args.batch_size} is {target:.0f} µs per step.")
     print(f"stream rows before Ray Data and the sampler: Parquet decode {decode:.1f} µs/row, to_pylist {convert:.1f} "
           f"µs/row: at most {1e6 / (decode + convert):,.0f} rows/s on one core")  # fmt: skip
     result["arrow_row_us"] = decode + convert
+    print(f"- load average at end (1/5/15 min): {_load()}")
     print("RESULT " + " ".join(f"{k}={v:.0f}" if k != "arrow_row_us" else f"{k}={v:.1f}" for k, v in result.items()))
 
 

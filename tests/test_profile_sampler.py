@@ -19,10 +19,11 @@ def test_profile_sampler_smoke(tmp_path, shared_data):
     report = out.read_text()
     strategies = ("hybrid", "x_x_mono", "x_y", "x_x", "hybrid_sample")
     fields = " ".join(rf"{s}_step_us=\d+ {s}_rng_us=\d+" for s in strategies)
-    assert re.search(rf"^RESULT {fields} arrow_row_us=\d+\.\d$", report, re.M), report
+    assert re.search(rf"^RESULT {fields} rows_only_us=\d+ arrow_row_us=\d+\.\d$", report, re.M), report
     rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| strategy")]
     assert [r.split(" | ")[0].removeprefix("| ") for r in rows] == ["hybrid", "x-x-mono", "x-y", "x-x", "hybrid-sample"]
-    for row in rows:  # the RNG calls alone cost less than the whole step
+    for row in rows:  # the RNG calls alone cost less than the floor, the floor less than the whole step
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert 0 < float(cells[-1]) < float(cells[1]), row
+        rng, floor = float(cells[-3]), float(cells[-2])
+        assert 0 < rng < floor < float(cells[1]), row
     assert "- commit: `" in report
