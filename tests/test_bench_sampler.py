@@ -21,7 +21,8 @@ def test_bench_sampler_smoke(tmp_path, shared_data):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out.read_text()
-    assert re.search(r"^RESULT sampler_pairs_per_s=\d+ stream_pairs_per_s=\d+ stream_vs_default_gc=\d+\.\d\d$",
+    assert re.search(r"^RESULT sampler_pairs_per_s=\d+ slowest_strategy_pairs_per_s=\d+ worst_ratio_vs_naive=\d+\.\d\d "
+                     r"stream_pairs_per_s=\d+ stream_vs_default_gc=\d+\.\d\d$",
                      report, re.M), report  # fmt: skip
     for side in ("shipped", "default gc"):  # two interleaved stream runs each
         assert len(re.findall(rf"^sampler \+ ray data, {side} +[\d,]+ +[\d,]+ +\d+\.\d$", report, re.M)) == 2, report
