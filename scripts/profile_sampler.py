@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sampler import _Tee, read_ddtp_rows, write_row_shards  # noqa: E402
+from bench_sampler import _load, _Tee, read_ddtp_rows, write_row_shards  # noqa: E402
 
 from hbt_ray.data.records import data_dir  # noqa: E402
 from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs  # noqa: E402
@@ -167,10 +166,6 @@ def _arrow_costs(files: list[str]) -> tuple[float, float]:
         decode, convert = min(decode, (t1 - t0) / n * 1e6), min(convert, (t2 - t1) / n * 1e6)
         del tables
     return decode, convert
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:

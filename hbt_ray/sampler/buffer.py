@@ -65,8 +65,8 @@ class GroupBuffer:
         self.deferred = DeferredRows()  # stream rows whose group was still in the buffer
         self._pending: Any = None  # a row read by the fast path of refill, handed to _admit
         self.qs: list[Any] = [None] * size  # per slot: the row's queries / passages lists, its source
-        self.source_of: list[str] = [""] * size
         self.ps: list[Any] = [None] * size
+        self.source_of: list[str] = [""] * size
         self._plans: dict[tuple, Plan] = {}
         # Per plan its slot row of lang_pos and whether it can give a cross pair: a slot is indexed by
         # copying its plan's rows, not language by language.
