@@ -75,6 +75,12 @@ def memory_gib() -> float | None:
     return None
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as a benchmark prints them beside its numbers (other work
+    on the box shows there)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def host_facts() -> dict[str, Any]:
     """Hostname, CPU, cores this process may use, torch's intra-op threads, memory, Python and torch
     versions."""

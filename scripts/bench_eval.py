@@ -399,14 +399,14 @@ def main() -> None:
     from hbt_ray.evaluate.mteb_tasks import require_mteb
     from hbt_ray.model import ModelConfig, load_dual_encoder
     from hbt_ray.model.names import describe_model
-    from hbt_ray.provenance import provenance, provenance_lines
+    from hbt_ray.provenance import load_average, provenance, provenance_lines
 
     require_mteb()
     t_import = time.perf_counter() - t_import
     say("# scripts/bench_eval.py: hbt_ray's evaluation vs sentence-transformers (encode once) and mteb")
     say(provenance_lines(provenance(), describe_model(args.model)))
     say(f"- imports (torch, faiss, ranx, ray, sentence-transformers, mteb, hbt_ray), untimed: {t_import:.1f} s")
-    say(f"- load average at start (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    say(f"- load average at start (1/5/15 min): {load_average()}")
     lang_list = args.langs.split(",")
     eval_set = load_eval_set(args.data, langs=lang_list, max_paragraphs=args.max_paragraphs)
     bitext = load_eval_set("tatoeba", langs=args.tatoeba_langs.split(","), max_pairs=args.max_pairs)
@@ -542,7 +542,7 @@ def main() -> None:
             + (" (hbt_ray's encode includes the model load, and an actor's start)" if key.startswith("hbt") else ""))  # fmt: skip
     agree = max(gaps) <= 1e-4
     say(f"metric values agree across sides to 1e-4: {'yes' if agree else 'NO'} (largest gap {max(gaps):.1e})")
-    say(f"- load average at end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    say(f"- load average at end (1/5/15 min): {load_average()}")
 
     speed_st = by_key["st"].median() / by_key["hbt"].median()
     speed_mteb = by_key["mteb_mono"].median() / by_key["hbt_mono"].median()

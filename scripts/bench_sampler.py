@@ -20,7 +20,6 @@ import argparse
 import gc
 import gzip
 import json
-import os
 import random
 import sys
 import tempfile
@@ -161,10 +160,6 @@ class _Tee:
         return getattr(self.streams[0], name)
 
 
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5000)
@@ -180,12 +175,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.out:
         sys.stdout = _Tee(sys.stdout, open(args.out, "w", encoding="utf-8"))
-    from hbt_ray.provenance import provenance, provenance_lines
+    from hbt_ray.provenance import load_average, provenance, provenance_lines
 
     default_thresholds = gc.get_threshold()  # Python's, before any sampler raised them
     print("# scripts/bench_sampler.py: the hybrid batch sampler's pairs/s (one core) vs a naive buffer scan")
     print(provenance_lines(provenance()))
-    print(f"- load average at start (1/5/15 min): {_load()} (other work on the box shows here)")
+    print(f"- load average at start (1/5/15 min): {load_average()} (other work on the box shows here)")
 
     rows = read_ddtp_rows(data_dir() / "ddtp" / "pairs.jsonl.gz")
     print(
@@ -260,7 +255,7 @@ def main() -> None:
             print(f"raw Ray Data rows/s (1 pass, no sampler): {raw_rate:,.0f}")
             print(f"shipped vs default gc (mean of the runs): {means['shipped'] / means['default gc']:.2f}x")
             print(runs["shipped"][-1][3])  # the stats line of the last run as shipped
-            print(f"- load average at end (1/5/15 min): {_load()}")
+            print(f"- load average at end (1/5/15 min): {load_average()}")
             print(
                 f"RESULT sampler_pairs_per_s={sampler_rate:.0f} slowest_strategy_pairs_per_s={slowest:.0f} "
                 f"worst_ratio_vs_naive={worst_ratio:.2f} stream_pairs_per_s={means['shipped']:.0f} "

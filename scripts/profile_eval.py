@@ -121,7 +121,7 @@ def main() -> None:
     from hbt_ray.evaluate.encode import _encode_by_kind, encode_texts_ray, load_encoder
     from hbt_ray.model import ModelConfig, load_dual_encoder
     from hbt_ray.model.names import describe_model
-    from hbt_ray.provenance import provenance, provenance_lines
+    from hbt_ray.provenance import load_average, provenance, provenance_lines
 
     pools = {
         "lareqa": lambda: load_eval_set("xquad-r", langs=["en", "de", "zh"], max_paragraphs=10),
@@ -132,7 +132,7 @@ def main() -> None:
     say("# scripts/profile_eval.py: where an evaluation's time goes")
     say(provenance_lines(provenance(), describe_model(args.model)))
     say(f"- batch size {args.batch_size}, {args.threads} torch threads; load average at start "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+        f"{load_average()}")  # fmt: skip
     rows: list[dict[str, Any]] = []
     rate = None  # texts/s of the last forward measured, for the estimates
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,7 +186,7 @@ def main() -> None:
     for key in keys[1:]:
         cells = [f"{r[key]:.2f}" if isinstance(r[key], float) else str(r[key]) for r in rows]
         say(f"| {key} | " + " | ".join(cells) + " |")
-    say(f"- load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    say(f"- load average at end {load_average()}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(_REPORT) + "\n", encoding="utf-8")

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sampler import _load, _Tee, read_ddtp_rows, write_row_shards  # noqa: E402
+from bench_sampler import _Tee, read_ddtp_rows, write_row_shards  # noqa: E402
 
 from hbt_ray.data.records import data_dir  # noqa: E402
 from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs  # noqa: E402
@@ -178,11 +178,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.out:
         sys.stdout = _Tee(sys.stdout, open(args.out, "w", encoding="utf-8"))
-    from hbt_ray.provenance import provenance, provenance_lines
+    from hbt_ray.provenance import load_average, provenance, provenance_lines
 
     print("# scripts/profile_sampler.py: where the batch sampler's time goes, and its floors")
     print(provenance_lines(provenance()))
-    print(f"- load average at start (1/5/15 min): {_load()} (other work on the box shows here)")
+    print(f"- load average at start (1/5/15 min): {load_average()} (other work on the box shows here)")
     rows = read_ddtp_rows(data_dir() / "ddtp" / "pairs.jsonl.gz")[: args.groups]
     print(f"DDTP: {len(rows)} groups; batch {args.batch_size}, buffer {args.buffer_groups}, {args.steps} steps; "
           f"CPU µs per step (one core); the phases are inclusive (picks and recycle are parts of draw)")  # fmt: skip
@@ -213,7 +213,7 @@ def main() -> None:
     print(f"stream rows before Ray Data and the sampler: Parquet decode {decode:.1f} µs/row, to_pylist {convert:.1f} "
           f"µs/row: at most {1e6 / (decode + convert):,.0f} rows/s on one core")  # fmt: skip
     result["arrow_row_us"] = decode + convert
-    print(f"- load average at end (1/5/15 min): {_load()}")
+    print(f"- load average at end (1/5/15 min): {load_average()}")
     print("RESULT " + " ".join(f"{k}={v:.0f}" if k != "arrow_row_us" else f"{k}={v:.1f}" for k, v in result.items()))
 
 
