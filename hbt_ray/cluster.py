@@ -77,13 +77,16 @@ def starts_new_instance(address: str | None) -> bool:
 
 
 def quiet_worker_logs() -> None:
-    """Ray worker setup hook for a new local instance. Two loggers talk every few seconds about things
-    that are not trouble there:
+    """Ray worker setup hook for a new local instance. Three loggers talk about things that are not
+    trouble there:
 
     - Ray Train's PlacementGroupCleaner (one detached actor per run) asks the State API, served by the
       dashboard we do not start, whether the run's controller is alive, and warns each time it cannot;
     - every Ray Train worker logs each ``ray.train.report`` with its whole ``TrainingReport`` at INFO
-      (per-step detail lives in ``steps.jsonl`` and the progress bar).
+      (per-step detail lives in ``steps.jsonl`` and the progress bar);
+    - Ray Train's controller tells the autoscaling coordinator what its workers need (no autoscaler
+      reads it on one machine) and, when the answer is late because the CPUs are busy (a sweep's trials
+      starting together on a small box), warns with a whole traceback.
 
     Their errors and warnings still show; the cleaner is also told its own cluster's address (see
     below). It runs in every worker process before its first task: it and
@@ -95,9 +98,8 @@ def quiet_worker_logs() -> None:
 
     import ray
 
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
-        logging.ERROR
-    )
+    for name in ("controller.placement_group_cleaner", "scaling_policy.autoscaling_coordinator_client"):
+        logging.getLogger(f"ray.train.v2._internal.execution.{name}").setLevel(logging.ERROR)
     context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
     logging.getLogger(context).setLevel(logging.WARNING)
     # The cleaner looks its cluster up by address None; with another Ray instance on this machine (a

@@ -178,6 +178,22 @@ def test_the_hook_finds_ray_trains_report_logger_by_path():
     assert not context.logger.isEnabledFor(logging.INFO)
 
 
+def test_the_hook_silences_the_autoscaling_requests_warning_of_a_busy_box():
+    """On one machine no autoscaler reads Ray Train's resource requests; a late answer (busy CPUs) was a
+    warning with a whole traceback in the run's output. Its errors still show."""
+    import logging
+
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+
+    from hbt_ray.cluster import quiet_worker_logs
+
+    quiet_worker_logs()
+    for module in (client, placement_group_cleaner):
+        assert not module.logger.isEnabledFor(logging.WARNING), module.logger.name
+        assert module.logger.isEnabledFor(logging.ERROR), module.logger.name
+
+
 @pytest.mark.slow
 def test_train_cli_on_a_new_local_ray_is_quiet(tmp_path, shared_data):
     """``python -m hbt_ray.train`` starts its own Ray (the user's path: no cluster to join): no
