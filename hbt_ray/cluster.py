@@ -88,9 +88,9 @@ def quiet_worker_logs() -> None:
       reads it on one machine) and, when the answer is late because the CPUs are busy (a sweep's trials
       starting together on a small box), warns with a whole traceback.
 
-    Their errors and warnings still show; the cleaner is also told its own cluster's address (see
-    below). It runs in every worker process before its first task: it and
-    this module must not import torch (that would fix torch's thread count before Ray sets
+    Their errors still show (the report logger's warnings too); the cleaner is also told its own
+    cluster's address (see below). It runs in every worker process before its first task: it and this
+    module must not import torch (that would fix torch's thread count before Ray sets
     ``OMP_NUM_THREADS`` for the worker's CPUs), so the report logger, named after its file, is found
     by path rather than by import."""
     import logging
