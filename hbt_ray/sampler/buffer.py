@@ -352,7 +352,8 @@ class GroupBuffer:
         start, end = int(self._log_seen[lang]), len(self._log_rows)
         res = self.reservoir[lang]
         if end > start:
-            idx = (np.flatnonzero(self._log_present[start:end, lang]) + start).tolist()
+            # the reservoir keeps its newest entries only: older ones would be dropped as they went in
+            idx = (np.flatnonzero(self._log_present[start:end, lang])[-res.size :] + start).tolist()
             if idx:
                 rows, gids, multi = self._log_rows, self._log_gids, self._log_multi
                 res.extend([rows[i] for i in idx], [gids[i] for i in idx], [multi[i] for i in idx])
