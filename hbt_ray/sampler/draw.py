@@ -14,6 +14,25 @@ from .stats import SamplerStats
 
 Part = tuple[np.ndarray, np.ndarray, np.ndarray]  # (slots, query languages, passage languages)
 
+_WORD = 2**32
+
+
+def seeded_rng(*words: int) -> np.random.Generator:
+    """``np.random.default_rng(list(words))``, the same generator built in a third of the time: a list of
+    ints each below 2**32 seeds its SeedSequence with exactly those uint32 words, and handing it the
+    array skips the per-int conversion (two generators per step are a visible share of a step). Other
+    ints take the list path.
+
+    >>> seeded_rng(3, 0, 5).random() == np.random.default_rng([3, 0, 5]).random()
+    True
+    >>> seeded_rng(3, 2**40, 5).random() == np.random.default_rng([3, 2**40, 5]).random()
+    True
+    """
+    if all(0 <= w < _WORD for w in words):
+        seq = np.random.SeedSequence(np.array(words, dtype=np.uint32))
+        return np.random.Generator(np.random.PCG64(seq))
+    return np.random.default_rng(list(words))
+
 
 class Drawer:
     """Draws one rank's slice of each step from its :class:`GroupBuffer`."""
@@ -47,7 +66,7 @@ class Drawer:
         """The rank-independent decision of ``step``: (kind, language index or -1, mono mask or None)."""
         cfg = self.cfg
         epoch = step // self.steps_per_epoch
-        rng = np.random.default_rng([cfg.seed, epoch, step])
+        rng = seeded_rng(cfg.seed, epoch, step)
         strategy = cfg.strategy
         if strategy == "hybrid":
             strategy = "x-x-mono" if rng.random() < cfg.alpha else "x-y"
@@ -67,7 +86,7 @@ class Drawer:
         pairs); the slots stay taken until the sampler releases them."""
         k = self.per_rank
         kind, lang, mono_mask = self.step_decision(step)
-        rng = np.random.default_rng([self.cfg.seed, epoch, step, 1 + self.rank])
+        rng = seeded_rng(self.cfg.seed, epoch, step, 1 + self.rank)
         taken = np.zeros(self.buffer.alive.shape[0], dtype=bool)
         parts: list[Part] = []
         fallback = 0
