@@ -222,7 +222,7 @@ class GroupBuffer:
         """Fill the free slots. Hot loop (one iteration per group read): the common case (no waiting row
         ready, a known language tuple, a group not in the buffer) stays inline; the rest goes through
         :meth:`_admit`."""
-        free = np.flatnonzero(~self.alive[: self.cfg.buffer_groups])  # the spare slots stay free
+        free = (~self.alive[: self.cfg.buffer_groups]).nonzero()[0]  # the spare slots stay free
         if len(free) == 0:
             return
         if len(self._plans) > 100_000:  # between refills: no plan id is held
@@ -353,7 +353,7 @@ class GroupBuffer:
         res = self.reservoir[lang]
         if end > start:
             # the reservoir keeps its newest entries only: older ones would be dropped as they went in
-            idx = (np.flatnonzero(self._log_present[start:end, lang])[-res.size :] + start).tolist()
+            idx = (self._log_present[start:end, lang].nonzero()[0][-res.size :] + start).tolist()
             if idx:
                 rows, gids, multi = self._log_rows, self._log_gids, self._log_multi
                 res.extend([rows[i] for i in idx], [gids[i] for i in idx], [multi[i] for i in idx])
@@ -386,7 +386,7 @@ class GroupBuffer:
                 rows = [rows[i] for i in sorted(rng.choice(len(rows), n, replace=False).tolist())]
             else:
                 rows = rows[:n]  # the least recently used first
-        spare = np.flatnonzero(~self.alive[self.cfg.buffer_groups :])[: len(rows)] + self.cfg.buffer_groups
+        spare = (~self.alive[self.cfg.buffer_groups :]).nonzero()[0][: len(rows)] + self.cfg.buffer_groups
         pids = []
         for slot, row in zip(spare.tolist(), rows):
             pids.append(self.lang_plan(row["langs"], row["group_id"])[2])

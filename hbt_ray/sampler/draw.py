@@ -72,7 +72,7 @@ class Drawer:
             strategy = "x-x-mono" if rng.random() < cfg.alpha else "x-y"
         if strategy == "x-x-mono":
             cum = self._p_cum
-            lang = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+            lang = int(cum.searchsorted(rng.random() * cum[-1], side="right"))
             return "x-x-mono", min(lang, self.n_langs - 1), None
         if strategy == "x-y":
             return "x-y", -1, None
@@ -120,7 +120,7 @@ class Drawer:
 
     def _pick(self, rng: np.random.Generator, eligible: np.ndarray, k: int, taken: np.ndarray) -> np.ndarray:
         """Up to k slots among ``eligible & ~taken`` (random, or oldest when not shuffling); marks them."""
-        candidates = np.flatnonzero(eligible & ~taken) if taken.any() else np.flatnonzero(eligible)
+        candidates = (eligible & ~taken).nonzero()[0]  # (1-D: nonzero is flatnonzero without its wrappers)
         if len(candidates) > k:
             if self.cfg.shuffle:
                 candidates = rng.choice(candidates, k, replace=False)
@@ -150,7 +150,7 @@ class Drawer:
     def _draw_from_p(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n language indices drawn ∝ p(L) over the data (not over what the buffer holds)."""
         u = rng.random(n) * self._p_cum[-1]
-        return np.minimum(np.searchsorted(self._p_cum, u, side="right"), self.n_langs - 1)
+        return np.minimum(self._p_cum.searchsorted(u, side="right"), self.n_langs - 1)
 
     def _pick_lang(
         self, rng: np.random.Generator, lang: int, n: int, taken: np.ndarray, other: int | None = None
@@ -176,7 +176,7 @@ class Drawer:
         often than the stream brings it); a source with neither leaves its pairs to the language's other
         sources (counted as ``source_shortfall``): the language's share comes before the source's."""
         cum = self._src_cum[lang]
-        drawn = np.minimum(np.searchsorted(cum, rng.random(n) * cum[-1], side="right"), len(cum) - 1)
+        drawn = np.minimum(cum.searchsorted(rng.random(n) * cum[-1], side="right"), len(cum) - 1)
         picked = []
         for src, need in self._needs(drawn, len(cum)):
             got = self._pick(rng, eligible & self.buffer.from_source[src], need, taken)
@@ -192,7 +192,7 @@ class Drawer:
     def _needs(self, drawn: np.ndarray, n: int) -> list[tuple[int, int]]:
         """(value, how often drawn) of the values in ``drawn`` (all < n), ascending."""
         counts = np.bincount(drawn, minlength=n)
-        values = np.flatnonzero(counts)
+        values = counts.nonzero()[0]
         return list(zip(values.tolist(), counts[values].tolist()))
 
     def _xx_part(self, rng: np.random.Generator, k: int, taken: np.ndarray) -> tuple[list, int]:
@@ -231,7 +231,7 @@ class Drawer:
         else:
             flat_w = self._pair_w.reshape(-1)
             cum = np.cumsum(flat_w)
-            drawn = np.minimum(np.searchsorted(cum, rng.random(k) * cum[-1], side="right"), len(flat_w) - 1)
+            drawn = np.minimum(cum.searchsorted(rng.random(k) * cum[-1], side="right"), len(flat_w) - 1)
             for pair, need in self._needs(drawn, len(flat_w)):
                 q, p = divmod(pair, n_langs)
                 slots = self._pick_lang(rng, q, need, taken, other=p)
