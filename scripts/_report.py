@@ -18,4 +18,5 @@ class Report:
 
     def save(self, path: str | None) -> None:
         if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(self._text.getvalue(), encoding="utf-8")

@@ -84,6 +84,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import Report  # noqa: E402  (scripts/, beside this file)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -92,13 +95,8 @@ DEFAULT_TATOEBA = "deu,fra,rus,jpn,ara,arz,cbk,yue,nds,kzj"  # 5 inside XLM-R, 5
 LAREQA_METRICS = ("mono_map", "cross_map", "multi_map", "bias")
 TATOEBA_METRICS = ("to_eng_f1", "to_eng_accuracy")
 
-_REPORT: list[str] = []
-
-
-def say(line: str = "") -> None:
-    """Print a report line and keep it for ``--out``."""
-    print(line, flush=True)
-    _REPORT.append(line)
+_REPORT = Report()
+say = _REPORT.say  # print a report line and keep it for --out
 
 
 @dataclass
@@ -560,8 +558,7 @@ def main() -> None:
         f"tatoeba_overhead={enc / e2e:.2f} tatoeba_end_to_end_vs_encode_only={e2e / enc:.2f} "
         f"large_texts={n_large} large_end_to_end_vs_encode_only={large_ratio:.2f}")  # fmt: skip
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(_REPORT) + "\n", encoding="utf-8")
+        _REPORT.save(args.out)
         print(f"(report written to {args.out})", file=sys.stderr)
 
 

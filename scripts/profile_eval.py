@@ -35,15 +35,14 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import Report  # noqa: E402  (scripts/, beside this file)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-_REPORT: list[str] = []
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-    _REPORT.append(line)
+_REPORT = Report()
+say = _REPORT.say  # print a report line and keep it for --out
 
 
 def flat_texts(data: Any) -> tuple[list[str], list[str]]:
@@ -188,8 +187,7 @@ def main() -> None:
         say(f"| {key} | " + " | ".join(cells) + " |")
     say(f"- load average at end {load_average()}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(_REPORT) + "\n", encoding="utf-8")
+        _REPORT.save(args.out)
         print(f"(report written to {args.out})", file=sys.stderr)
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sampler import _Tee, read_ddtp_rows, write_row_shards  # noqa: E402
 
 from hbt_ray.data.records import data_dir  # noqa: E402
-from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs  # noqa: E402
+from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs, draw  # noqa: E402
 
 STRATEGIES = ["hybrid", "x-x-mono", "x-y", "x-x", "hybrid-sample"]
 PHASES = ["refill", "draw", "picks", "recycle", "batch", "stats", "release"]
@@ -84,12 +84,12 @@ def rng_only(sampler: HybridBatchSampler, steps: int) -> float:
     """µs per step of the stream's random-number calls alone: recorded while the sampler runs ``steps``
     steps, then replayed (best of three)."""
     log: list[tuple] = []
-    real = np.random.default_rng
+    real = draw.seeded_rng
 
     class Recording:
-        def __init__(self, seed: Any) -> None:
-            self.g = real(seed)
-            log.append(("new", seed))
+        def __init__(self, *words: int) -> None:
+            self.g = real(*words)
+            log.append(("new", words))
 
         def random(self, *a: Any) -> Any:
             log.append(("random", a))
@@ -99,19 +99,19 @@ def rng_only(sampler: HybridBatchSampler, steps: int) -> float:
             log.append(("choice", (a if isinstance(a, int) else np.array(a), *rest), kw))
             return self.g.choice(a, *rest, **kw)
 
-    np.random.default_rng = Recording  # the sampler's draw module reads it from numpy at each step
+    draw.seeded_rng = Recording  # the sampler's draw module looks it up at each step
     try:
         for _ in sampler.batches(steps):
             pass
     finally:
-        np.random.default_rng = real
+        draw.seeded_rng = real
     best = float("inf")
     for _ in range(3):
         t0 = time.process_time()
         g: Any = None
         for entry in log:
             if entry[0] == "new":
-                g = real(entry[1])
+                g = real(*entry[1])
             elif entry[0] == "random":
                 g.random(*entry[1])
             else:
