@@ -7,6 +7,7 @@ about Ray. See ``hbt_ray.sampler`` for why not ``streaming_split``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import zlib
@@ -101,18 +102,36 @@ def shard_streams(
 
 
 class PrefetchingPasses:
-    """A stream factory that starts pass n+1 in a background thread when pass n is opened.
+    """A stream factory that starts pass n+1 in a background thread before pass n ends.
 
     A Ray Data pipeline takes seconds to deliver its first row; started early, the next pass is ready
     when the sampler wraps around, so no rank stalls at a pass boundary (bounded: one primed row plus
-    Ray Data's own backpressured blocks).
+    Ray Data's own backpressured blocks). Started too early, it reads ahead while the current pass still
+    reads, on the same cores: so once a whole pass has been counted (every pass of a rank has the same
+    rows), pass n+1 starts when pass n has ``lead`` rows left — a quarter of the pass, at least
+    ``lead_rows`` — and only the first pass starts its successor at once.
+
+    >>> passes = PrefetchingPasses(lambda n: iter(range(10 * n, 10 * n + 8)), lead_rows=3)
+    >>> first = passes(0)
+    >>> next(first), passes._primed[0]  # the first pass primes its successor at once
+    (0, 1)
+    >>> 1 + sum(1 for _ in first), passes.pass_rows
+    (8, 8)
+    >>> second = passes(1)
+    >>> rows = [next(second) for _ in range(4)]
+    >>> passes._primed is None, next(second), passes._primed[0]  # primed with 3 rows left
+    (True, 14, 2)
     """
 
-    def __init__(self, read_pass: Callable[[int], Iterator[Any]]):
+    def __init__(self, read_pass: Callable[[int], Iterator[Any]], lead_rows: int = 4096):
         self._read_pass = read_pass
         self._primed: tuple[int, threading.Thread, list] | None = None
+        self._lead_rows = lead_rows
+        self.pass_rows: int | None = None  # rows of a whole pass, once one has been read to its end
 
     def _prime(self, n_pass: int) -> None:
+        if self._primed is not None:
+            return
         box: list = []
 
         def run() -> None:
@@ -139,8 +158,28 @@ class PrefetchingPasses:
             if primed is not None:
                 _close_primed(primed)
             it, head = iter(self._read_pass(n_pass)), []
-        self._prime(n_pass + 1)
-        return _chain_closeable(head, it)
+        known = self.pass_rows
+        prime_at = 0 if known is None else max(0, known - max(known // 4, self._lead_rows))
+        return self._counted(n_pass, head, it, prime_at)
+
+    def _counted(self, n_pass: int, head: list, it: Iterator[Any], prime_at: int) -> Iterator[Any]:
+        """The pass's rows; pass n+1 is primed as the ``prime_at``-th is handed out, and the pass's
+        length is kept when it is read to its end."""
+        count = 0
+        if prime_at == 0:
+            self._prime(n_pass + 1)
+        try:
+            for row in itertools.chain(head, it):
+                count += 1
+                if count == prime_at:
+                    self._prime(n_pass + 1)
+                yield row
+            self.pass_rows = count
+            self._prime(n_pass + 1)  # a pass shorter than the last one: primed at its end
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
     def close(self) -> None:
         primed, self._primed = self._primed, None
@@ -153,13 +192,3 @@ def _close_primed(primed: tuple[int, threading.Thread, list]) -> None:
     close = getattr(primed[2][0][0], "close", None)
     if close is not None:
         close()
-
-
-def _chain_closeable(head: list, it: Iterator[Any]) -> Iterator[Any]:
-    try:
-        yield from head
-        yield from it
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
