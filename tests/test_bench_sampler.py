@@ -1,5 +1,6 @@
-"""scripts/bench_sampler.py runs every strategy, the small split and the Ray Data stream (as shipped and with
-Python's default collector thresholds, interleaved), and ends with its RESULT line."""
+"""scripts/bench_sampler.py runs every strategy, the small split and the Ray Data stream (as shipped, with
+Python's default collector thresholds and with the next pass started at once, interleaved), and ends with
+its RESULT line."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ def test_bench_sampler_smoke(tmp_path, shared_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out.read_text()
     assert re.search(r"^RESULT sampler_pairs_per_s=\d+ slowest_strategy_pairs_per_s=\d+ worst_ratio_vs_naive=\d+\.\d\d "
-                     r"stream_pairs_per_s=\d+ stream_vs_default_gc=\d+\.\d\d$",
+                     r"stream_pairs_per_s=\d+ stream_vs_default_gc=\d+\.\d\d stream_vs_prime_at_open=\d+\.\d\d$",
                      report, re.M), report  # fmt: skip
-    for side in ("shipped", "default gc"):  # two interleaved stream runs each
+    for side in ("shipped", "default gc", "prime at open"):  # two interleaved stream runs each
         assert len(re.findall(rf"^sampler \+ ray data, {side} +[\d,]+ +[\d,]+ +\d+\.\d$", report, re.M)) == 2, report
     for strategy in ("hybrid", "x-x-mono", "x-y", "x-x", "hybrid-sample"):
         assert re.search(rf"^{strategy} +[\d,]+ +[\d,]+ +\d+\.\d$", report, re.M), (strategy, report)

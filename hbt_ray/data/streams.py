@@ -101,6 +101,12 @@ def shard_streams(
     return PrefetchingPasses(read_pass) if prefetch_next_pass else read_pass
 
 
+#: Rows left in the current pass when the next one starts (or a quarter of the pass, if more): enough
+#: for a Ray Data pipeline to deliver its first rows. ``scripts/bench_sampler.py`` runs the stream beside
+#: one that starts the next pass as soon as the current one opens (this set beyond any pass's length).
+PRIME_LEAD_ROWS = 4096
+
+
 class PrefetchingPasses:
     """A stream factory that starts pass n+1 in a background thread before pass n ends.
 
@@ -108,8 +114,8 @@ class PrefetchingPasses:
     when the sampler wraps around, so no rank stalls at a pass boundary (bounded: one primed row plus
     Ray Data's own backpressured blocks). Started too early, it reads ahead while the current pass still
     reads, on the same cores: so once a whole pass has been counted (every pass of a rank has the same
-    rows), pass n+1 starts when pass n has ``lead`` rows left — a quarter of the pass, at least
-    ``lead_rows`` — and only the first pass starts its successor at once.
+    rows), pass n+1 starts when pass n has a quarter of its rows left, at least ``lead_rows``
+    (:data:`PRIME_LEAD_ROWS`), and only the first pass starts its successor at once.
 
     >>> passes = PrefetchingPasses(lambda n: iter(range(10 * n, 10 * n + 8)), lead_rows=3)
     >>> first = passes(0)
@@ -123,7 +129,7 @@ class PrefetchingPasses:
     (True, 14, 2)
     """
 
-    def __init__(self, read_pass: Callable[[int], Iterator[Any]], lead_rows: int = 4096):
+    def __init__(self, read_pass: Callable[[int], Iterator[Any]], lead_rows: int | None = None):
         self._read_pass = read_pass
         self._primed: tuple[int, threading.Thread, list] | None = None
         self._lead_rows = lead_rows
@@ -159,7 +165,8 @@ class PrefetchingPasses:
                 _close_primed(primed)
             it, head = iter(self._read_pass(n_pass)), []
         known = self.pass_rows
-        prime_at = 0 if known is None else max(0, known - max(known // 4, self._lead_rows))
+        lead = PRIME_LEAD_ROWS if self._lead_rows is None else self._lead_rows
+        prime_at = 0 if known is None else max(0, known - max(known // 4, lead))
         return self._counted(n_pass, head, it, prime_at)
 
     def _counted(self, n_pass: int, head: list, it: Iterator[Any], prime_at: int) -> Iterator[Any]:
