@@ -250,12 +250,13 @@ def main() -> None:
                     runs[side].append(stream_run(tmp, cfg, counts, n, args.stream_epochs))
             hybrid.GC_YOUNG_THRESHOLD, streams.PRIME_LEAD_ROWS = shipped_threshold, shipped_lead
             print(
-                f"{args.stream_epochs} epochs on shards    pairs/s (wall)  after 1st batch  first batch (s)   (2 runs each)"
+                f"{f'{args.stream_epochs} epochs on shards':<34}pairs/s (wall)  after 1st batch  first batch (s)"
+                "   (2 runs each)"
             )
             means = {}
             for side, results in runs.items():
                 for rate, steady, t_first, _ in results:
-                    print(f"{'sampler + ray data, ' + side:<30}{rate:>10,.0f}{steady:>17,.0f}{t_first:>17.1f}")
+                    print(f"{'sampler + ray data, ' + side:<34}{rate:>14,.0f}{steady:>17,.0f}{t_first:>17.1f}")
                 means[side] = sum(r[0] for r in results) / len(results)
             print(f"raw Ray Data rows/s (1 pass, no sampler): {raw_rate:,.0f}")
             print(f"shipped vs default gc (mean of the runs): {means['shipped'] / means['default gc']:.2f}x")
