@@ -29,7 +29,7 @@ lint: install
 	$(PY) -m ruff check hbt_ray tests scripts
 
 test: install lint
-	$(PY) -m pytest -q -x --durations=15 -n $(TEST_WORKERS) --dist loadfile tests hbt_ray $(PYTEST_ARGS)
+	$(PY) -m pytest -q -x --durations=30 -n $(TEST_WORKERS) --dist loadfile tests hbt_ray $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
