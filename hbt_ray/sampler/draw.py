@@ -18,10 +18,10 @@ _WORD = 2**32
 
 
 def seeded_rng(*words: int) -> np.random.Generator:
-    """``np.random.default_rng(list(words))``, the same generator built in a third of the time: a list of
-    ints each below 2**32 seeds its SeedSequence with exactly those uint32 words, and handing it the
-    array skips the per-int conversion (two generators per step are a visible share of a step). Other
-    ints take the list path.
+    """``np.random.default_rng(list(words))``, the same generator built faster: a list of ints each below
+    2**32 seeds its SeedSequence with exactly those uint32 words, and handing it the array skips the
+    per-int conversion (two generators per step are a visible share of a step). Other ints take the
+    list path.
 
     >>> seeded_rng(3, 0, 5).random() == np.random.default_rng([3, 0, 5]).random()
     True
