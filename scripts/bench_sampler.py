@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 from hbt_ray.data import streams
 from hbt_ray.data.records import PAIR_SCHEMA, data_dir
-from hbt_ray.data.streams import shard_streams
 from hbt_ray.sampler import HybridBatchSampler, SamplerConfig, count_pairs, hybrid
 
 
@@ -115,7 +114,7 @@ def naive_pairs(
 def stream_run(shards: str, cfg: SamplerConfig, counts: dict, n: int, epochs: int) -> tuple[float, float, float, str]:
     """One sampler on the Ray Data stream of ``shards`` for ``epochs`` passes: (pairs/s wall, pairs/s
     after the first batch, seconds to the first batch, the sampler's stats line)."""
-    sampler = HybridBatchSampler(cfg, shard_streams(shards, 0, 1, seed=0), 0, 1, counts, num_groups=n)
+    sampler = HybridBatchSampler(cfg, streams.shard_streams(shards, 0, 1, seed=0), 0, 1, counts, num_groups=n)
     t0 = time.perf_counter()
     batches = sampler.batches(epochs * len(sampler))
     first = len(next(batches))
@@ -228,7 +227,7 @@ def main() -> None:
             subset = rows[: args.stream_groups]
             write_row_shards(subset, Path(tmp))
             counts, n = count_pairs(subset)
-            stream = shard_streams(tmp, 0, 1, seed=0)
+            stream = streams.shard_streams(tmp, 0, 1, seed=0)
             t0 = time.perf_counter()
             raw = sum(1 for _ in tqdm(stream(0), total=n, desc="raw stream", mininterval=2, leave=False))
             raw_rate = raw / (time.perf_counter() - t0)

@@ -353,7 +353,7 @@ class GroupBuffer:
         res = self.reservoir[lang]
         if end > start:
             # the reservoir keeps its newest entries only: older ones would be dropped as they went in
-            idx = (self._log_present[start:end, lang].nonzero()[0][-res.size :] + start).tolist()
+            idx = (self._log_present[start:end, lang].nonzero()[0][-res.rows.maxlen :] + start).tolist()
             if idx:
                 rows, gids, multi = self._log_rows, self._log_gids, self._log_multi
                 res.extend([rows[i] for i in idx], [gids[i] for i in idx], [multi[i] for i in idx])

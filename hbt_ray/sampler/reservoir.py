@@ -15,7 +15,6 @@ class Reservoir:
     holds a second usable language kept beside it, so a draw filters them without touching the rows."""
 
     def __init__(self, size: int) -> None:
-        self.size = size
         self.rows: deque = deque(maxlen=size)
         self._gids: deque = deque(maxlen=size)
         self._multi: deque = deque(maxlen=size)
