@@ -58,8 +58,8 @@ def shard_streams(
     keeps the groups with ``crc32(group_id) % world_size == r``), so the ranks' streams are disjoint in
     **every** pass. Pass n reads the files in an order shuffled by ``(seed, rank, n)`` and keeps row
     order within it (``preserve_order``), so a pass is reproducible and resume is exact. Blocks are
-    at most ``block_bytes``; with ``prefetch_next_pass`` pass n+1 starts when pass n is opened
-    (:class:`PrefetchingPasses`). In a training worker::
+    at most ``block_bytes``; with ``prefetch_next_pass`` pass n+1 starts in the background before pass
+    n ends (:class:`PrefetchingPasses` says when). In a training worker::
 
         factory = shard_streams("shards/", rank, world_size, seed=cfg.seed)
         rows = factory(0)  # an iterator of pair rows (dicts): this rank's first pass
