@@ -8,9 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 EXTRAS ?= dev,offline,mteb
 # Test files run this many at a time (pytest-xdist), each file whole on one worker (a module's cluster
-# fixture starts once). Three keep a 2-core machine busy: with two, the cores idle while an end-to-end
-# test waits on Ray (processes starting, actors handing over) and when one worker runs a long file alone.
-TEST_WORKERS ?= 3
+# fixture starts once). Two keep a 2-core machine busy: most of an end-to-end test is waiting on Ray.
+TEST_WORKERS ?= 2
 
 .PHONY: install run test lint bench clean
 
